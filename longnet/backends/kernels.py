@@ -1,0 +1,116 @@
+"""Dense attention primitives that return (out, lse), and their exact backward.
+
+Layout everywhere: q, k, v, out, grads are (Z, H, L, D) with any strides whose
+last dimension is contiguous (so strided views of a larger (B, N, H, D)
+tensor can be passed without copies). lse is (Z, H, L), float32 (float64 for
+float64 inputs).
+
+Which kernel runs:
+- CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
+  (fp64, fp32, bf16, fp16).
+- CUDA, fp16/bf16, head dim <= 256 and a multiple of 8:
+  ``aten._scaled_dot_product_flash_attention`` and its backward.
+- Anything else: a query-chunked math implementation (``math_fwd``/``math_bwd``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+aten = torch.ops.aten
+
+# Query rows per chunk in the math path: bounds its (chunk x L) score matrix.
+_MATH_CHUNK = 1024
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def math_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """Reference-quality (out, lse) for (Z, H, L, D) inputs, computed in fp32/fp64."""
+    acc = lse_dtype(q.dtype)
+    L, S = q.shape[-2], k.shape[-2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
+    kf, vf = k.to(acc), v.to(acc)
+    for i in range(0, L, _MATH_CHUNK):
+        j = min(i + _MATH_CHUNK, L)
+        s = torch.matmul(q[..., i:j, :].to(acc), kf.transpose(-1, -2)) * scale
+        if causal:
+            rows = torch.arange(i, j, device=q.device)[:, None]
+            cols = torch.arange(S, device=q.device)[None, :]
+            s = s.masked_fill(cols > rows, float("-inf"))
+        m = torch.logsumexp(s, dim=-1)
+        lse[..., i:j] = m
+        out[..., i:j, :] = torch.matmul(torch.exp(s - m[..., None]), vf).to(q.dtype)
+    return out, lse
+
+
+def math_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradient of attention given the (possibly merged) out and lse; see SPEC.md §7."""
+    acc = lse_dtype(q.dtype)
+    L, S = q.shape[-2], k.shape[-2]
+    kf, vf = k.to(acc), v.to(acc)
+    dq = torch.empty(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=q.device)
+    for i in range(0, L, _MATH_CHUNK):
+        j = min(i + _MATH_CHUNK, L)
+        qi = q[..., i:j, :].to(acc)
+        doi = do[..., i:j, :].to(acc)
+        s = torch.matmul(qi, kf.transpose(-1, -2)) * scale
+        if causal:
+            rows = torch.arange(i, j, device=q.device)[:, None]
+            cols = torch.arange(S, device=q.device)[None, :]
+            s = s.masked_fill(cols > rows, float("-inf"))
+        p = torch.exp(s - lse[..., i:j, None].to(acc))
+        dv += torch.matmul(p.transpose(-1, -2), doi)
+        dp = torch.matmul(doi, vf.transpose(-1, -2))
+        delta = (doi * out[..., i:j, :].to(acc)).sum(-1, keepdim=True)
+        ds = p * (dp - delta) * scale
+        dq[..., i:j, :] = torch.matmul(ds, kf)
+        dk += torch.matmul(ds.transpose(-1, -2), qi)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _cuda_flash_ok(q: Tensor) -> bool:
+    d = q.shape[-1]
+    return q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0
+
+
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+             force_math: bool = False) -> Tuple[Tensor, Tensor]:
+    """(out (Z, H, L, D), lse (Z, H, L)) of softmax(q k^T * scale [+ causal mask]) v."""
+    if not force_math:
+        if q.device.type == "cpu":
+            return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        if q.device.type == "cuda" and _cuda_flash_ok(q):
+            res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            return res[0], res[1]
+    return math_fwd(q, k, v, causal, scale)
+
+
+def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+             causal: bool, scale: float, force_math: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) for ``attn_fwd``, given the out and lse to differentiate at.
+
+    Passing a *merged* out and lse yields this partial's share of the exact
+    gradient of the merged attention (SPEC.md §7).
+    """
+    if not force_math:
+        if q.device.type == "cpu":
+            return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do, q, k, v, out, lse.to(lse_dtype(q.dtype)).contiguous(), 0.0, causal, scale=scale)
+        if q.device.type == "cuda" and _cuda_flash_ok(q):
+            L, S = q.shape[-2], k.shape[-2]
+            empty = torch.empty(0, device=q.device)
+            zero = torch.zeros((), dtype=torch.int64, device=q.device)
+            return aten._scaled_dot_product_flash_attention_backward(
+                do, q, k, v, out, lse.float().contiguous(), empty, empty, L, S, 0.0, causal,
+                zero, zero, scale=scale)
+    return math_bwd(do, q, k, v, out, lse, causal, scale)

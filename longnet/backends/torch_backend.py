@@ -1,0 +1,178 @@
+"""The fast path: strided views of each pattern's kept rows, a flash kernel, an exact merge.
+
+No gather copies are made: for a pattern (w, r) and head offset s, the kept
+rows of all segments and of all heads with ``h mod r == s`` form the strided
+view ``x.view(B, nseg, w, H, D)[:, :, s::r, s::r]``, which PyTorch's flash
+kernels read directly. Partial outputs are merged into one output buffer
+with the stable update of SPEC.md §7, and the backward calls each partial's
+flash backward with the merged out and lse, which is the exact gradient of
+the mixture (weights included). Saved for backward: q, k, v, out, lse.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+__all__ = ["dilated_attention_torch", "iter_units", "unit_view"]
+
+
+class Unit(NamedTuple):
+    """A group of equally long segments and one head offset of one pattern.
+
+    Rows [start, start + nseg * seg_len) cut into ``nseg`` segments of
+    ``seg_len``; heads ``offset::rate`` keep rows ``offset::rate`` of each.
+    ``batch`` is None for all batch items at once, else one index (used when
+    batch and segments cannot share one strided dimension).
+    """
+
+    pattern: int
+    start: int
+    nseg: int
+    seg_len: int
+    offset: int
+    rate: int
+    kept: int
+    batch: Optional[int]
+
+
+def iter_units(batch: int, n: int, num_heads: int, segment_lengths: Sequence[int],
+               dilation_rates: Sequence[int]) -> Iterator[Unit]:
+    """Every (pattern, segment group, head offset) unit, the r = 1 patterns first.
+
+    r = 1 patterns cover every row, so running them first lets the merge start
+    from a plain copy.
+    """
+    order = sorted(range(len(segment_lengths)), key=lambda i: dilation_rates[i] != 1)
+    for i in order:
+        w, r = min(segment_lengths[i], n), dilation_rates[i]
+        n_full, tail = divmod(n, w)
+        groups = [(0, n_full, w)] if n_full else []
+        if tail:
+            groups.append((n_full * w, 1, tail))
+        for start, nseg, seg_len in groups:
+            # Batch and segment dims merge into one strided dim only if nothing lies between.
+            mergeable = batch == 1 or nseg * seg_len == n
+            for s in range(min(r, num_heads)):
+                if s >= seg_len:
+                    continue
+                kept = (seg_len - s + r - 1) // r
+                if mergeable:
+                    yield Unit(i, start, nseg, seg_len, s, r, kept, None)
+                else:
+                    for b in range(batch):
+                        yield Unit(i, start, nseg, seg_len, s, r, kept, b)
+
+
+def unit_view(x: Tensor, u: Unit) -> Tensor:
+    """View of x (B, N, H, *rest) for unit u, as (Z, H_u, kept, *rest); no copy."""
+    if u.batch is not None:
+        x = x[u.batch:u.batch + 1]
+    x = x[:, u.start:u.start + u.nseg * u.seg_len]
+    x = x.unflatten(1, (u.nseg, u.seg_len))[:, :, u.offset::u.rate, u.offset::u.rate]
+    x = x.flatten(0, 1) if x.shape[0] == 1 or x.shape[1] == 1 else _merge01(x)
+    return x.transpose(1, 2)
+
+
+def _merge01(x: Tensor) -> Tensor:
+    # view() raises rather than copies, so a wrong stride assumption cannot go unnoticed.
+    return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def forward_merged(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates,
+                   causal: bool, scale: float, force_math: bool = False) -> Tuple[Tensor, Tensor]:
+    """(out (B, N, H, D) in q's dtype, lse (B, N, H)) of the mixture; no autograd."""
+    b, n, h, d = q.shape
+    acc = _acc_dtype(q.dtype)
+    units = list(iter_units(b, n, h, segment_lengths, dilation_rates))
+    copy_pattern = units[0].pattern if units[0].rate == 1 else None
+    # An r = 1 pattern writes every row, so its units can copy into an uninitialised buffer.
+    alloc = torch.empty if copy_pattern is not None else torch.zeros
+    out = alloc(b, n, h, d, dtype=acc, device=q.device)
+    lse = torch.full((b, n, h), float("-inf"), dtype=kernels.lse_dtype(q.dtype), device=q.device) \
+        if copy_pattern is None else torch.empty((b, n, h), dtype=kernels.lse_dtype(q.dtype),
+                                                 device=q.device)
+    for u in units:
+        o_p, l_p = kernels.attn_fwd(unit_view(q, u), unit_view(k, u), unit_view(v, u), causal, scale,
+                                    force_math)
+        ov, lv = unit_view(out, u), unit_view(lse, u)
+        if u.pattern == copy_pattern:
+            ov.copy_(o_p)
+            lv.copy_(l_p)
+            continue
+        new = torch.logaddexp(lv, l_p)
+        # out <- out + sigmoid(l_p - lse) (o_p - out); exact when lse = -inf (weight 1).
+        ov.lerp_(o_p.to(acc), torch.sigmoid(l_p - lv).unsqueeze(-1).to(acc))
+        lv.copy_(new)
+    return out.to(q.dtype), lse
+
+
+def backward_merged(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                    segment_lengths, dilation_rates, causal: bool, scale: float,
+                    force_math: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Exact (dq, dk, dv) of the mixture, summing each partial's flash backward."""
+    b, n, h, d = q.shape
+    acc = _acc_dtype(q.dtype)
+    units = list(iter_units(b, n, h, segment_lengths, dilation_rates))
+    copy_pattern = units[0].pattern if units[0].rate == 1 else None
+    alloc = torch.empty if copy_pattern is not None else torch.zeros
+    grads = [alloc(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+    for u in units:
+        parts = kernels.attn_bwd(unit_view(do, u), unit_view(q, u), unit_view(k, u), unit_view(v, u),
+                                 unit_view(out, u), unit_view(lse, u), causal, scale, force_math)
+        for g, p in zip(grads, parts):
+            if u.pattern == copy_pattern:
+                unit_view(g, u).copy_(p)
+            else:
+                unit_view(g, u).add_(p)
+    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+
+
+class _DilatedAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, segment_lengths, dilation_rates, causal, scale, force_math):
+        out, lse = forward_merged(q, k, v, segment_lengths, dilation_rates, causal, scale, force_math)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (segment_lengths, dilation_rates, causal, scale, force_math)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        segment_lengths, dilation_rates, causal, scale, force_math = ctx.args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None:
+            # d lse_p / d s_pj = P_pj, so an lse gradient adds P * dlse to dS. Append a column of
+            # ones to v (dP gains dlse) and of zeros to out (the row term D is unchanged): the
+            # same exact partial-by-partial backward then carries it.
+            def pad(x, value):
+                return torch.cat([x, torch.full_like(x[..., :1], value)], -1)
+            # q and k get a zero column so all head dims agree and the scores are unchanged.
+            dq, dk, dv = backward_merged(
+                torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], -1),
+                pad(q, 0.0), pad(k, 0.0), pad(v, 1.0), pad(out, 0.0),
+                lse, segment_lengths, dilation_rates, causal, scale, force_math)
+            dq, dk = dq[..., :-1], dk[..., :-1]
+            dv = dv[..., :-1]
+        else:
+            dq, dk, dv = backward_merged(dout.contiguous(), q, k, v, out, lse, segment_lengths,
+                                         dilation_rates, causal, scale, force_math)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def dilated_attention_torch(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, *,
+                            is_causal: bool = False, scale: float, force_math: bool = False
+                            ) -> Tuple[Tensor, Tensor]:
+    """(out (B, N, H, D), lse (B, N, H)); see the module docstring."""
+    return _DilatedAttentionFn.apply(q, k, v, tuple(segment_lengths), tuple(dilation_rates),
+                                     bool(is_causal), float(scale), bool(force_math))

@@ -1,0 +1,41 @@
+"""``longnet`` command line: one subcommand per module, imported only when used."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# subcommand -> (module, one-line help). Each module defines
+# ``add_arguments(parser)`` and ``run(args) -> int``.
+COMMANDS = {
+    "train": ("longnet.train", "train a LongNet language model (default: tiny preset, built-in corpus)"),
+    "eval": ("longnet.evaluate", "bits-per-byte of a checkpoint on valid/test data"),
+    "generate": ("longnet.generate", "sample text from a checkpoint"),
+    "bench": ("longnet.bench", "time and memory of dilated vs dense attention"),
+    "viz": ("longnet.viz", "draw dilation patterns, count matrices and reach"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="longnet", description="LongNet: dilated attention for long sequences")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
+    module = importlib.import_module(COMMANDS[name][0])
+    sub_parser = argparse.ArgumentParser(prog=f"longnet {name}", description=COMMANDS[name][1])
+    module.add_arguments(sub_parser)
+    args = sub_parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
