@@ -1,0 +1,233 @@
+"""nn.Modules around :func:`longnet.dilated_attention`: they project, normalise and reshape.
+
+Layouts: module inputs and outputs are (B, N, E) with E = embed_dim; inside,
+q, k, v are (B, N, H, D) with D = E / H.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import dilated_attention
+from .patterns import validate_pattern
+
+__all__ = ["XPOS", "RelativePositionBias", "MultiheadDilatedAttention", "DilatedAttention"]
+
+
+class XPOS(nn.Module):
+    """XPOS relative positions (Sun et al. 2022): rotary rotation plus an exponential decay.
+
+    For position p, q is rotated by p and scaled by ``zeta^((p - c) / scale_base)``,
+    k is rotated by p and scaled by ``zeta^(-(p - c) / scale_base)``; q.k then
+    depends only on p_q - p_k, for any centre c. Callers pick c: the middle of
+    the positions for a full forward (keeps exponents small), the query position
+    when decoding from a cache (every factor is then <= 1).
+    """
+
+    def __init__(self, head_dim: int, scale_base: float = 512.0, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"XPOS needs an even head dim, got head_dim={head_dim}")
+        self.head_dim = head_dim
+        self.scale_base = float(scale_base)
+        half = torch.arange(0, head_dim, 2, dtype=torch.float32)
+        self.register_buffer("inv_freq", 1.0 / theta ** (half / head_dim), persistent=False)
+        self.register_buffer("zeta", (half + 0.4 * head_dim) / (1.4 * head_dim), persistent=False)
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotary rotation of x (B, N, H, D) by positions (N,)."""
+        ang = positions.to(torch.float32)[:, None] * self.inv_freq  # (N, D/2)
+        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+    def decay(self, positions: Tensor, center: Union[float, Tensor]) -> Tensor:
+        """(N, D) factor zeta^((p - center) / scale_base); q is multiplied, k divided."""
+        expo = (positions.to(torch.float64) - center) / self.scale_base
+        worst = float(expo.abs().max()) * float(-self.zeta.min().log()) if expo.numel() else 0.0
+        if worst > 80.0:
+            raise ValueError(
+                f"XPOS decay overflows float32 for positions {int(positions.min())}..{int(positions.max())} "
+                f"around centre {float(center):.0f} with scale_base={self.scale_base}: |p - c| must stay "
+                f"below {int(80.0 / float(-self.zeta.min().log()) * self.scale_base)}; raise xpos_scale_base "
+                "or use xpos=False for longer sequences")
+        f = self.zeta.double()[None, :] ** expo[:, None]
+        return f.repeat_interleave(2, dim=-1).float()
+
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor, center=None):
+        """Apply to q, k (B, N, H, D) at positions (N,). Returns (q, k)."""
+        if center is None:
+            center = (float(positions[0]) + float(positions[-1])) / 2 if positions.numel() else 0.0
+        f = self.decay(positions, center).to(q.device)[None, :, None, :]
+        q = (self.rotate(q, positions).float() * f).to(q.dtype)
+        k = (self.rotate(k, positions).float() / f).to(k.dtype)
+        return q, k
+
+
+class RelativePositionBias(nn.Module):
+    """T5-style bucketed relative-position bias per head, on original positions.
+
+    ``forward(rel)`` maps differences ``rel = pos_q - pos_k`` (any shape) to a
+    bias of shape (H, *rel.shape).
+    """
+
+    def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128,
+                 causal: bool = False):
+        super().__init__()
+        self.num_buckets, self.max_distance, self.causal = num_buckets, max_distance, causal
+        self.embedding = nn.Embedding(num_buckets, num_heads)
+        nn.init.zeros_(self.embedding.weight)
+
+    def bucket(self, rel: Tensor) -> Tensor:
+        n = -rel  # T5 convention: distance to the key
+        nb = self.num_buckets
+        ret = torch.zeros_like(n)
+        if not self.causal:
+            nb //= 2
+            ret = ret + (n < 0).long() * nb
+            n = n.abs()
+        else:
+            n = n.clamp(min=0)
+        max_exact = nb // 2
+        large = max_exact + (
+            torch.log(n.float().clamp(min=1) / max_exact) / math.log(self.max_distance / max_exact)
+            * (nb - max_exact)).long()
+        large = large.clamp(max=nb - 1)
+        return ret + torch.where(n < max_exact, n, large)
+
+    def forward(self, rel: Tensor) -> Tensor:
+        return self.embedding(self.bucket(rel)).movedim(-1, 0)
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """Multi-head dilated self-attention: x (B, N, E) -> (B, N, E).
+
+    q/k/v projections -> optional qk-norm and XPOS -> :func:`dilated_attention`
+    -> dropout -> optional sub-LayerNorm (MAGNETO) -> output projection.
+
+    ``dropout`` applies to the attention output (the op itself is dropout-free,
+    so its backward stays exact). ``attention_fn`` and ``position_offset`` are
+    the hooks that sequence parallelism sets from outside (see
+    :mod:`longnet.distributed`); ``xpos_center`` fixes XPOS's centre (None:
+    the middle of this call's positions).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Union[int, Sequence[int]],
+                 dilation_rates: Union[int, Sequence[int]], *, dropout: float = 0.0, bias: bool = True,
+                 causal: bool = False, qk_norm: bool = False, sub_layernorm: bool = True,
+                 xpos: bool = False, xpos_scale_base: float = 512.0, layer_norm_eps: float = 1e-5,
+                 backend: Optional[str] = None, magneto_gain: float = 1.0,
+                 device=None, dtype=None):
+        super().__init__()
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.segment_lengths, self.dilation_rates = validate_pattern(segment_lengths, dilation_rates)
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.causal, self.backend, self.dropout = causal, backend, dropout
+        fk = dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=layer_norm_eps, **fk) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=layer_norm_eps, **fk) if qk_norm else None
+        self.sub_ln = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **fk) if sub_layernorm else None
+        self.xpos = XPOS(self.head_dim, xpos_scale_base) if xpos else None
+        self.attention_fn: Callable = dilated_attention
+        self.position_offset: int = 0
+        self.xpos_center: Optional[float] = None
+        self.magneto_gain = magneto_gain
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # MAGNETO: q/k/v Xavier with gain 2^-1/2, out Xavier; v and out scaled by the
+        # depth-dependent gain sqrt(log 2L) that the model passes in.
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(lin.weight, gain=2 ** -0.5)
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        with torch.no_grad():
+            self.v_proj.weight.mul_(self.magneto_gain)
+            self.out_proj.weight.mul_(self.magneto_gain)
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+    def project(self, x: Tensor, positions: Optional[Tensor] = None, xpos_center=None):
+        """x (B, N, E) -> q, k, v (B, N, H, D), with qk-norm and XPOS applied.
+
+        ``positions`` (N,) defaults to ``position_offset + arange(N)``.
+        """
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.xpos is not None:
+            if positions is None:
+                positions = torch.arange(n, device=x.device) + self.position_offset
+            center = xpos_center if xpos_center is not None else self.xpos_center
+            q, k = self.xpos(q, k, positions, center)
+        return q, k, v
+
+    def finish(self, attn: Tensor) -> Tensor:
+        """Attention output (B, N, H, D) -> module output (B, N, E)."""
+        b, n = attn.shape[:2]
+        attn = F.dropout(attn.reshape(b, n, self.embed_dim), self.dropout, self.training)
+        if self.sub_ln is not None:
+            attn = self.sub_ln(attn)
+        return self.out_proj(attn)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return self.attention_fn(q, k, v, self.segment_lengths, self.dilation_rates,
+                                 is_causal=self.causal, backend=self.backend)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
+        q, k, v = self.project(x)
+        return self.finish(self.attend(q, k, v))
+
+
+class DilatedAttention(MultiheadDilatedAttention):
+    """The seed ``longnet`` package's API with correct math: x (B, N, dim) -> (B, N, dim).
+
+    ``dilation_rate`` and ``segment_size`` take an int or a sequence.
+    ``use_rel_pos_bias=True`` adds a T5-style bucketed bias per head on
+    original positions and runs the slower pure-PyTorch path
+    (:mod:`longnet.backends.biased`), which materialises each segment's scores.
+    """
+
+    def __init__(self, dim: int, heads: int, dilation_rate: Union[int, Sequence[int]] = 2,
+                 segment_size: Union[int, Sequence[int]] = 64, dropout: float = 0.0,
+                 causal: bool = False, use_xpos: bool = False, use_rel_pos_bias: bool = False,
+                 qk_norm: bool = False, **kwargs):
+        rates = (dilation_rate,) if isinstance(dilation_rate, int) else tuple(dilation_rate)
+        sizes = (segment_size,) if isinstance(segment_size, int) else tuple(segment_size)
+        if len(rates) == 1 and len(sizes) > 1:
+            rates = rates * len(sizes)
+        if len(sizes) == 1 and len(rates) > 1:
+            sizes = sizes * len(rates)
+        super().__init__(dim, heads, sizes, rates, dropout=dropout, causal=causal, qk_norm=qk_norm,
+                         xpos=use_xpos, **kwargs)
+        self.rel_pos_bias = RelativePositionBias(heads, causal=causal) if use_rel_pos_bias else None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.rel_pos_bias is None:
+            return super().attend(q, k, v)
+        from .backends.biased import dilated_attention_biased
+        out, _ = dilated_attention_biased(q, k, v, self.segment_lengths, self.dilation_rates,
+                                          is_causal=self.causal, scale=self.head_dim ** -0.5,
+                                          bias_fn=self.rel_pos_bias)
+        return out
