@@ -1,0 +1,130 @@
+"""Module tests: shapes, causality, seed-name API, XPOS, relative position bias."""
+
+import pytest
+import torch
+
+import longnet
+from longnet.backends.biased import dilated_attention_biased
+from longnet.backends.reference import dilated_attention_reference
+from longnet.modules import XPOS, RelativePositionBias
+
+
+@pytest.mark.parametrize("xpos", [False, True])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_multihead_shapes(xpos, qk_norm):
+    m = longnet.MultiheadDilatedAttention(64, 4, [8, 16], [1, 2], causal=True, xpos=xpos, qk_norm=qk_norm)
+    x = torch.randn(2, 37, 64)
+    y = m(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(xpos=True),
+    dict(qk_norm=True, xpos=True),
+])
+def test_multihead_causality(kwargs):
+    torch.manual_seed(0)
+    m = longnet.MultiheadDilatedAttention(32, 4, [4, 8, 16], [1, 2, 4], causal=True, **kwargs).double()
+    x = torch.randn(1, 30, 32, dtype=torch.float64)
+    y = m(x)
+    for t in (0, 7, 15, 22):
+        x2 = x.clone()
+        x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
+        y2 = m(x2)
+        torch.testing.assert_close(y2[:, :t + 1], y[:, :t + 1])
+        assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])
+
+
+def test_seed_name_api_keeps_shape():
+    # The seed package returned N/r rows; ours keeps (B, N, dim).
+    m = longnet.DilatedAttention(64, 8, 2, 16)
+    x = torch.randn(2, 50, 64)
+    assert m(x).shape == (2, 50, 64)
+    m = longnet.DilatedAttention(64, 8, dilation_rate=[1, 2, 4], segment_size=[8, 16, 32], causal=True,
+                                 use_xpos=True, qk_norm=True, dropout=0.1)
+    assert m(x).shape == (2, 50, 64)
+    m = longnet.DilatedAttention(64, 8, dilation_rate=2, segment_size=[16, 32])  # int broadcast
+    assert m.dilation_rates == (2, 2)
+
+
+def test_seed_name_api_causal_does_not_crash_and_is_causal():
+    torch.manual_seed(1)
+    m = longnet.DilatedAttention(32, 4, 2, 8, causal=True, use_rel_pos_bias=True).double()
+    torch.nn.init.normal_(m.rel_pos_bias.embedding.weight)
+    x = torch.randn(1, 20, 32, dtype=torch.float64)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 11:] += 1.0
+    torch.testing.assert_close(m(x2)[:, :11], y[:, :11])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_rel_pos_bias_path_matches_reference(causal):
+    torch.manual_seed(2)
+    b, n, h, d, w, r = 2, 37, 3, 4, (8, 20), (2, 5)
+    rb = RelativePositionBias(h, causal=causal).double()
+    torch.nn.init.normal_(rb.embedding.weight)
+    q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out, lse = dilated_attention_biased(q, k, v, w, r, is_causal=causal, scale=0.5, bias_fn=rb)
+    pos = torch.arange(n)
+    r_out, r_lse = dilated_attention_reference(q, k, v, w, r, is_causal=causal, scale=0.5,
+                                               score_bias=rb(pos[:, None] - pos[None, :]))
+    torch.testing.assert_close(out, r_out)
+    torch.testing.assert_close(lse.nan_to_num(neginf=0), r_lse.nan_to_num(neginf=0))
+    do = torch.randn_like(out)
+    g = torch.autograd.grad((out * do).sum(), (q, k, v, rb.embedding.weight))
+    rg = torch.autograd.grad((r_out * do).sum(), (q, k, v, rb.embedding.weight))
+    for a, e in zip(g, rg):
+        torch.testing.assert_close(a, e)
+
+
+def test_xpos_is_relative():
+    torch.manual_seed(3)
+    xp = XPOS(16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(pq, pk, center):
+        qq, _ = xp(q, q, torch.tensor([pq]), center)
+        _, kk = xp(k, k, torch.tensor([pk]), center)
+        return (qq * kk).sum()
+
+    s1 = score(10, 3, center=0.0)
+    s2 = score(110, 103, center=50.0)
+    s3 = score(1010, 1003, center=1005.0)
+    torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s1, s3, atol=1e-4, rtol=1e-4)
+
+
+def test_xpos_overflow_is_a_clear_error():
+    xp = XPOS(16)
+    with pytest.raises(ValueError, match="XPOS decay overflows"):
+        xp.decay(torch.arange(0, 200000), 0.0)
+
+
+def test_sub_layernorm_and_magneto_gain():
+    m = longnet.MultiheadDilatedAttention(32, 4, [8], [1], sub_layernorm=True, magneto_gain=2.0)
+    ref = longnet.MultiheadDilatedAttention(32, 4, [8], [1], sub_layernorm=False)
+    assert m.sub_ln is not None and ref.sub_ln is None
+    assert m.v_proj.weight.std() > 1.5 * ref.v_proj.weight.std()
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(embed_dim=30, num_heads=4), "divisible"),
+    (dict(embed_dim=32, num_heads=0), "num_heads"),
+    (dict(embed_dim=32, num_heads=4, dropout=1.5), "dropout"),
+    (dict(embed_dim=32, num_heads=4, dilation_rates=[9]), "dilation_rates"),
+])
+def test_module_bad_args(kwargs, words):
+    args = dict(segment_lengths=[8], dilation_rates=[1])
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=words):
+        longnet.MultiheadDilatedAttention(**args)
+
+
+def test_module_bad_input_shape():
+    m = longnet.MultiheadDilatedAttention(32, 4, [8], [1])
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, 32\)"):
+        m(torch.randn(2, 10, 16))
