@@ -78,6 +78,15 @@ def unit_view(x: Tensor, u: Unit) -> Tensor:
     return x.transpose(1, 2)
 
 
+def _gathered(x: Tensor, u: Unit) -> Tensor:
+    """Contiguous (Z, H_u, kept, D) copy of x's kept rows for unit u.
+
+    The CPU flash kernel runs markedly faster on contiguous head-major blocks
+    than on rows strided by r * H * D; the copy costs less than it saves.
+    """
+    return unit_view(x, u).contiguous()
+
+
 def _merge01(x: Tensor) -> Tensor:
     # view() raises rather than copies, so a wrong stride assumption cannot go unnoticed.
     return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
@@ -101,7 +110,7 @@ def forward_merged(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
         if copy_pattern is None else torch.empty((b, n, h), dtype=kernels.lse_dtype(q.dtype),
                                                  device=q.device)
     for u in units:
-        o_p, l_p = kernels.attn_fwd(unit_view(q, u), unit_view(k, u), unit_view(v, u), causal, scale,
+        o_p, l_p = kernels.attn_fwd(_gathered(q, u), _gathered(k, u), _gathered(v, u), causal, scale,
                                     force_math)
         ov, lv = unit_view(out, u), unit_view(lse, u)
         if u.pattern == copy_pattern:
@@ -126,8 +135,8 @@ def backward_merged(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     alloc = torch.empty if copy_pattern is not None else torch.zeros
     grads = [alloc(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
     for u in units:
-        parts = kernels.attn_bwd(unit_view(do, u), unit_view(q, u), unit_view(k, u), unit_view(v, u),
-                                 unit_view(out, u), unit_view(lse, u), causal, scale, force_math)
+        parts = kernels.attn_bwd(_gathered(do, u), _gathered(q, u), _gathered(k, u), _gathered(v, u),
+                                 _gathered(out, u), unit_view(lse, u), causal, scale, force_math)
         for g, p in zip(grads, parts):
             if u.pattern == copy_pattern:
                 unit_view(g, u).copy_(p)

@@ -1,0 +1,284 @@
+"""GPU benchmark of the fused Triton backend (issue 5): one command, one CSV.
+
+    python -m longnet.backends.triton_bench --csv triton_bench.csv
+
+For the paper pattern (w = 2048..32768, r = 1, 2, 4, 6, 12), B = 1, bf16 and
+H x D in ``--dims`` (default 12x64 and 16x128, i.e. H*D = 768 and 2048), it
+times forward and forward+backward of
+
+- ``dilated_attention(..., backend="triton")``,
+- ``dilated_attention(..., backend="torch")`` (strided views + flash kernels),
+- dense ``F.scaled_dot_product_attention`` (flash), up to ``--dense-max-n``,
+
+and reports achieved TFLOP/s by SPEC.md §3's count
+(:func:`longnet.patterns.dilated_flops` / ``dense_flops``), triton's fraction
+of dense SDPA's TFLOP/s (issue target >= 0.70), its speed-up over the torch
+backend (target > 1 at every N >= 16K), and with ``--max-n`` the largest N
+whose forward+backward fits (B=1, H=12, D=64; target >= 1M tokens).
+``--sweep`` times a few tile configurations (set the winner with
+``LONGNET_TRITON_CONFIG``). CSV columns: see :data:`FIELDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import dilated_attention
+from ..patterns import DilatedPattern, dense_flops, dilated_flops
+
+FIELDS = ("gpu", "backend", "heads", "head_dim", "n", "causal", "mode", "ms", "tflops",
+          "frac_of_dense", "speedup_vs_torch", "note")
+
+SWEEP_CONFIGS = (
+    "128,64,8,3;128,32,8,3;128,32,8,3",
+    "128,64,4,3;128,32,4,3;128,32,4,3",
+    "128,128,8,3;128,64,8,3;128,64,8,3",
+    "64,64,4,3;64,32,4,3;64,32,4,3",
+    "64,32,8,2;64,32,8,2;32,32,4,2",
+    "64,64,8,2;64,32,8,1;64,32,8,1",
+)
+
+
+def _size(text: str) -> int:
+    t = text.strip().lower()
+    mult = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
+    return int(t[:-1] if mult > 1 else t) * mult
+
+
+def _dims(text: str) -> List[Tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        h, d = item.lower().split("x")
+        out.append((int(h), int(d)))
+    return out
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m longnet.backends.triton_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--csv", default="triton_bench.csv", help="output CSV path (written atomically)")
+    p.add_argument("--dims", type=_dims, default=_dims("12x64,16x128"), help="HxD list, e.g. 12x64,16x128")
+    p.add_argument("--seq-lens", type=lambda s: [_size(x) for x in s.split(",")],
+                   default=[_size(x) for x in "16k,32k,64k,128k,256k,512k,1M".split(",")],
+                   help="sequence lengths, e.g. 16k,32k,1M")
+    p.add_argument("--backends", default="triton,torch,sdpa", help="subset of triton,torch,sdpa")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="subset of fwd,fwdbwd")
+    p.add_argument("--causal", choices=("yes", "no", "both"), default="both")
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--dense-max-n", type=_size, default=_size("32k"),
+                   help="largest N for dense SDPA (its cost is quadratic)")
+    p.add_argument("--torch-max-n", type=_size, default=_size("1M"), help="largest N for the torch backend")
+    p.add_argument("--max-n", action="store_true",
+                   help="also search the largest N for triton fwd+bwd (B=1, H=12, D=64)")
+    p.add_argument("--max-n-cap", type=_size, default=_size("16M"))
+    p.add_argument("--sweep", action="store_true", help="time tile configs at N=--sweep-n and print them")
+    p.add_argument("--sweep-n", type=_size, default=_size("128k"))
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    args = p.parse_args(argv)
+    args.backends = [b for b in args.backends.split(",") if b]
+    args.modes = [m for m in args.modes.split(",") if m]
+    for b in args.backends:
+        if b not in ("triton", "torch", "sdpa"):
+            p.error(f"--backends: unknown backend {b!r}, expected triton, torch or sdpa")
+    for m in args.modes:
+        if m not in ("fwd", "fwdbwd"):
+            p.error(f"--modes: unknown mode {m!r}, expected fwd or fwdbwd")
+    return args
+
+
+def _bench_ms(fn: Callable[[], None], warmup: int, rep: int) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _make_fn(backend: str, mode: str, q, k, v, do, pattern: DilatedPattern, causal: bool):
+    if backend == "sdpa":
+        qt, kt, vt, dot = (x.transpose(1, 2) for x in (q, k, v, do))
+
+        def attn(a, b, c):
+            return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
+        args = (qt, kt, vt)
+        grad = dot
+    else:
+        def attn(a, b, c):
+            return dilated_attention(a, b, c, pattern.segment_lengths, pattern.dilation_rates,
+                                     is_causal=causal, backend=backend)
+        args = (q, k, v)
+        grad = do
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                attn(*args)
+        return fn
+    leaves = [x.detach().requires_grad_() for x in args]
+
+    def fn():
+        for x in leaves:
+            x.grad = None
+        attn(*leaves).backward(grad)
+    return fn
+
+
+def measure(backend: str, mode: str, n: int, heads: int, head_dim: int, causal: bool, dtype,
+            pattern: DilatedPattern, warmup: int, rep: int) -> Dict:
+    """One timing: {'ms', 'tflops'} or {'note': 'oom'}; B = 1."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, n, heads, head_dim)
+    try:
+        q, k, v, do = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
+        fn = _make_fn(backend, mode, q, k, v, do, pattern, causal)
+        ms = _bench_ms(fn, warmup, rep)
+    except torch.cuda.OutOfMemoryError:
+        return {"ms": float("nan"), "tflops": float("nan"), "note": "oom"}
+    finally:
+        torch.cuda.empty_cache()
+    bwd = mode == "fwdbwd"
+    if backend == "sdpa":
+        flops = dense_flops(n, heads, head_dim, causal=causal, backward=bwd)
+    else:
+        flops = dilated_flops(n, heads, head_dim, pattern.segment_lengths, pattern.dilation_rates,
+                              causal=causal, backward=bwd)
+    return {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12, "note": ""}
+
+
+def _fits(n: int, dtype, pattern: DilatedPattern) -> bool:
+    try:
+        q, k, v, do = (torch.randn(1, n, 12, 64, device="cuda", dtype=dtype) for _ in range(4))
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        dilated_attention(*leaves, pattern.segment_lengths, pattern.dilation_rates, is_causal=True,
+                          backend="triton").backward(do)
+        torch.cuda.synchronize()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        q = k = v = do = leaves = None  # noqa: F841  (free before empty_cache)
+        torch.cuda.empty_cache()
+
+
+def largest_n(dtype, pattern: DilatedPattern, cap: int, start: int = 1 << 18, step: int = 1 << 16) -> int:
+    """Largest N (multiple of ``step``) whose causal fwd+bwd fits: doubling, then bisection."""
+    lo, hi = 0, None
+    n = start
+    while n <= cap:
+        if _fits(n, dtype, pattern):
+            lo, n = n, n * 2
+        else:
+            hi = n
+            break
+    if hi is None:
+        return lo
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid <= lo:
+            break
+        lo, hi = (mid, hi) if _fits(mid, dtype, pattern) else (lo, mid)
+    return lo
+
+
+def write_csv(rows: List[Dict], path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in FIELDS})
+    os.replace(tmp, path)
+
+
+def sweep(args, dtype, pattern: DilatedPattern) -> None:
+    """Time each tile config of SWEEP_CONFIGS for triton fwd and fwd+bwd."""
+    from . import triton_backend as tb
+    old = os.environ.get("LONGNET_TRITON_CONFIG")
+    try:
+        for heads, head_dim in args.dims:
+            print(f"\nsweep H={heads} D={head_dim} N={args.sweep_n} (LONGNET_TRITON_CONFIG values)")
+            for cfg in (None,) + SWEEP_CONFIGS:
+                if cfg is None:
+                    os.environ.pop("LONGNET_TRITON_CONFIG", None)
+                    label = f"default {tb.default_config(head_dim)}"
+                else:
+                    os.environ["LONGNET_TRITON_CONFIG"] = cfg
+                    label = cfg
+                res = []
+                for mode in ("fwd", "fwdbwd"):
+                    try:
+                        m = measure("triton", mode, args.sweep_n, heads, head_dim, True, dtype, pattern,
+                                    args.warmup, args.rep)
+                        res.append(f"{mode} {m['ms']:.2f} ms {m['tflops']:.0f} TF/s {m['note']}")
+                    except Exception as e:  # a config may not fit in shared memory
+                        res.append(f"{mode} failed: {type(e).__name__}: {str(e)[:80]}")
+                print(f"  {label}: " + " | ".join(res), flush=True)
+    finally:
+        if old is None:
+            os.environ.pop("LONGNET_TRITON_CONFIG", None)
+        else:
+            os.environ["LONGNET_TRITON_CONFIG"] = old
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("triton_bench needs a CUDA GPU (torch.cuda.is_available() is False)")
+    from . import triton_backend as tb
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    pattern = DilatedPattern.paper()
+    gpu = torch.cuda.get_device_name()
+    print(f"{gpu}, torch {torch.__version__}, triton {tb.TRITON_VERSION}, {args.dtype}, paper pattern, B=1")
+    if args.sweep:
+        sweep(args, dtype, pattern)
+    causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
+    rows: List[Dict] = []
+    for heads, head_dim in args.dims:
+        for causal in causals:
+            for mode in args.modes:
+                dense_best = float("nan")
+                for n in args.seq_lens:
+                    res = {}
+                    for backend in args.backends:
+                        if (backend == "sdpa" and n > args.dense_max_n) or \
+                                (backend == "torch" and n > args.torch_max_n):
+                            continue
+                        res[backend] = measure(backend, mode, n, heads, head_dim, causal, dtype, pattern,
+                                               args.warmup, args.rep)
+                    if "sdpa" in res and res["sdpa"]["tflops"] == res["sdpa"]["tflops"]:
+                        dense_best = max(res["sdpa"]["tflops"], dense_best) \
+                            if dense_best == dense_best else res["sdpa"]["tflops"]
+                    for backend, m in res.items():
+                        row = dict(gpu=gpu, backend=backend, heads=heads, head_dim=head_dim, n=n,
+                                   causal=causal, mode=mode, ms=round(m["ms"], 4),
+                                   tflops=round(m["tflops"], 2), note=m["note"])
+                        if backend != "sdpa" and dense_best == dense_best:
+                            # Dense TFLOP/s is flat in N once N >> tile size: compare with its best so far.
+                            row["frac_of_dense"] = round(m["tflops"] / dense_best, 3)
+                        if backend == "triton" and "torch" in res:
+                            row["speedup_vs_torch"] = round(res["torch"]["ms"] / m["ms"], 3)
+                        rows.append(row)
+                        print(f"{backend:>7} H={heads:<3} D={head_dim:<4} N={n:<8} causal={int(causal)} "
+                              f"{mode:<6} {m['ms']:9.3f} ms {m['tflops']:7.1f} TF/s "
+                              f"frac_dense={row.get('frac_of_dense', '')} "
+                              f"vs_torch={row.get('speedup_vs_torch', '')} {m['note']}", flush=True)
+                write_csv(rows, args.csv)
+    if args.max_n:
+        n_max = largest_n(dtype, pattern, args.max_n_cap)
+        print(f"largest N for triton causal fwd+bwd (B=1, H=12, D=64): {n_max}")
+        rows.append(dict(gpu=gpu, backend="triton", heads=12, head_dim=64, n=n_max, causal=True,
+                         mode="max_n_fwdbwd", note=f"largest fitting N (cap {args.max_n_cap})"))
+    write_csv(rows, args.csv)
+    print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
