@@ -31,6 +31,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from {', '.join(COMMANDS)}")
     module = importlib.import_module(COMMANDS[name][0])
+    if hasattr(module, "cli_main"):  # a command that routes its own argv (e.g. bench --sequence-parallel)
+        return int(module.cli_main(argv[1:]) or 0)
     sub_parser = argparse.ArgumentParser(prog=f"longnet {name}", description=COMMANDS[name][1])
     module.add_arguments(sub_parser)
     args = sub_parser.parse_args(argv[1:])

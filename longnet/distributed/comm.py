@@ -1,0 +1,175 @@
+"""Collectives of the sequence-parallel op, their byte accounting, and segment sub-groups.
+
+Byte convention: what one rank puts on the wire and takes off it, for the
+ring algorithms gloo and NCCL use. An all-gather of a c-byte chunk among m
+ranks sends (m - 1) * c and receives (m - 1) * c bytes per rank; a
+reduce-scatter whose output is c bytes does the same. A collective among one
+rank is skipped and costs nothing. These are the bytes the algorithm must
+move; transport headers are not counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["CommStats", "comm_stats", "global_comm_stats", "segment_group", "all_gather_chunks",
+           "reduce_scatter_chunks"]
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank sent and received, and the number of collectives it ran.
+
+    ``by_phase`` splits the same three numbers by phase ("forward",
+    "backward") as ``{phase: [bytes_sent, bytes_received, calls]}``.
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    calls: int = 0
+    by_phase: Dict[str, List[int]] = field(default_factory=dict)
+
+    def record(self, phase: str, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self.calls += 1
+        row = self.by_phase.setdefault(phase, [0, 0, 0])
+        row[0] += sent
+        row[1] += received
+        row[2] += 1
+
+    def reset(self) -> None:
+        self.bytes_sent = self.bytes_received = self.calls = 0
+        self.by_phase.clear()
+
+
+_GLOBAL = CommStats()
+_ACTIVE: List[CommStats] = []
+_LOCK = threading.Lock()
+
+
+def global_comm_stats() -> CommStats:
+    """The running total of this process since import (call ``.reset()`` to zero it)."""
+    return _GLOBAL
+
+
+@contextlib.contextmanager
+def comm_stats() -> Iterator[CommStats]:
+    """Count the traffic of the sequence-parallel collectives run inside the block.
+
+    >>> with comm_stats() as stats:          # doctest: +SKIP
+    ...     out = dilated_attention(q, k, v, w, r, group=g)
+    ...     out.sum().backward()
+    >>> stats.bytes_sent, stats.by_phase["backward"]  # doctest: +SKIP
+
+    Blocks nest; each sees everything run while it is open.
+    """
+    stats = CommStats()
+    with _LOCK:
+        _ACTIVE.append(stats)
+    try:
+        yield stats
+    finally:
+        with _LOCK:
+            _ACTIVE.remove(stats)
+
+
+def _record(phase: str, sent: int, received: int) -> None:
+    with _LOCK:
+        _GLOBAL.record(phase, sent, received)
+        for s in _ACTIVE:
+            s.record(phase, sent, received)
+
+
+# ---------------------------------------------------------------- sub-groups
+
+# Keyed by the sorted global ranks: ``new_group(use_local_synchronization=True)`` names a group by
+# a hash of its ranks, so creating the same rank set twice in one process would clash.
+_SUBGROUPS: Dict[Tuple[int, ...], object] = {}
+
+
+def segment_group(group, first: int, count: int):
+    """The process group of ranks ``first .. first + count - 1`` of ``group`` (group ranks).
+
+    Returns ``(pg, order)``: ``order[j]`` is the position inside the segment
+    (0 .. count - 1) of the rank with rank j in ``pg``. When the segment is
+    the whole ``group``, ``group`` itself is returned. Otherwise a sub-group is
+    created once and cached; it is created with ``use_local_synchronization``
+    so that only its members take part, which lets different data-parallel
+    replicas (or different segments) create their own sub-groups at the same
+    time without a world-wide collective.
+    """
+    size = dist.get_world_size(group)
+    if first == 0 and count == size:
+        return group, list(range(count))
+    parent = dist.get_process_group_ranks(group)
+    members = [parent[first + j] for j in range(count)]
+    key = tuple(sorted(members))
+    pg = _SUBGROUPS.get(key)
+    if pg is None:
+        pg = dist.new_group(list(key), use_local_synchronization=True)
+        _SUBGROUPS[key] = pg
+    sub_ranks = dist.get_process_group_ranks(pg)
+    order = [members.index(g) for g in sub_ranks]
+    return pg, order
+
+
+# ---------------------------------------------------------------- collectives
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _Pending:
+    """An async collective and the reordering to apply once it is done."""
+
+    def __init__(self, work, result: Tensor, order: Sequence[int], gathered: bool):
+        self.work, self.result, self.order, self.gathered = work, result, list(order), gathered
+
+    def wait(self) -> Tensor:
+        if self.work is not None:
+            self.work.wait()
+        if self.gathered and self.order != sorted(self.order):
+            # recv chunk j came from segment position order[j]; put chunks in position order.
+            inv = [self.order.index(p) for p in range(len(self.order))]
+            return self.result[inv]
+        return self.result
+
+
+def all_gather_chunks(chunk: Tensor, pg, order: Sequence[int], phase: str = "forward") -> _Pending:
+    """Start gathering ``chunk`` from every rank of ``pg``; ``.wait()`` gives (m, *chunk.shape)
+    with chunks in segment-position order."""
+    m = len(order)
+    if m == 1:
+        return _Pending(None, chunk.unsqueeze(0), order, True)
+    chunk = chunk.contiguous()
+    # Flat buffers: gloo only accepts the concatenated (not the stacked) output form.
+    out = torch.empty((m, *chunk.shape), dtype=chunk.dtype, device=chunk.device)
+    work = _all_gather(out.view(-1), chunk.view(-1), group=pg, async_op=True)
+    nbytes = chunk.numel() * chunk.element_size()
+    _record(phase, (m - 1) * nbytes, (m - 1) * nbytes)
+    return _Pending(work, out, order, True)
+
+
+def reduce_scatter_chunks(chunks: Tensor, pg, order: Sequence[int], phase: str = "backward") -> _Pending:
+    """Start summing ``chunks`` (m, ...) over the ranks of ``pg``; the rank at segment position
+    p gets the sum of every rank's ``chunks[p]`` from ``.wait()``."""
+    m = len(order)
+    if m == 1:
+        return _Pending(None, chunks[0], order, False)
+    if list(order) != list(range(m)):
+        # input slot j goes to the rank with rank j in pg, i.e. to position order[j].
+        chunks = chunks[list(order)]
+    chunks = chunks.contiguous()
+    out = torch.empty(chunks.shape[1:], dtype=chunks.dtype, device=chunks.device)
+    work = _reduce_scatter(out.view(-1), chunks.view(-1), group=pg, async_op=True)
+    nbytes = out.numel() * out.element_size()
+    _record(phase, (m - 1) * nbytes, (m - 1) * nbytes)
+    return _Pending(work, out, order, False)
