@@ -67,13 +67,18 @@ def shard_sequence(tensor: Tensor, mesh_or_group, dim: int = 1) -> Tensor:
     return tensor.narrow(dim, rank * (n // size), n // size)
 
 
-def _set_offset_hook(rank: int, seq_dim: int):
+def _set_offset_hook(rank: int, size: int, seq_dim: int):
     def hook(module, args, kwargs):
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if x is not None:
             # The block length is read from each call's input, so the offset follows the sequence
             # length (training and evaluation lengths can differ).
-            module.position_offset = rank * x.shape[seq_dim]
+            block = x.shape[seq_dim]
+            module.position_offset = rank * block
+            # XPOS scales q and k around a centre; q.k is relative only if every rank uses the
+            # same one, so it is the middle of the global sequence rather than of this block.
+            if hasattr(module, "xpos_center"):
+                module.xpos_center = (size * block - 1) / 2
     return hook
 
 
@@ -84,12 +89,13 @@ def apply_sequence_parallel(model: nn.Module, mesh_or_group, *, seq_dim: int = 1
     with :func:`longnet.dilated_attention`'s signature) and ``position_offset``
     (int, the global position of its first row, used by XPOS). Each gets
     ``attention_fn = functools.partial(attention_fn, group=<sp group>)`` and a
-    forward pre-hook that sets ``position_offset = sp_rank * L``, L being the
-    length of the first tensor input along ``seq_dim`` (its input is
+    forward pre-hook that sets ``position_offset = sp_rank * L`` and (if the
+    module has one) ``xpos_center`` to the middle of the global sequence, L
+    being the length of the first tensor input along ``seq_dim`` (its input is
     (B, L, E), this rank's block). Applying twice is an error.
     """
     group = sequence_group(mesh_or_group)
-    rank = dist.get_rank(group)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
     changed = 0
     for module in model.modules():
         if not (hasattr(module, "attention_fn") and hasattr(module, "position_offset")):
@@ -97,7 +103,7 @@ def apply_sequence_parallel(model: nn.Module, mesh_or_group, *, seq_dim: int = 1
         if getattr(module, "_longnet_sp_applied", False):
             raise ValueError(f"sequence parallelism is already applied to {type(module).__name__}")
         module.attention_fn = functools.partial(module.attention_fn, group=group)
-        module.register_forward_pre_hook(_set_offset_hook(rank, seq_dim), with_kwargs=True)
+        module.register_forward_pre_hook(_set_offset_hook(rank, size, seq_dim), with_kwargs=True)
         module._longnet_sp_applied = True
         changed += 1
     if changed == 0:
