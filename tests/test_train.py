@@ -1,0 +1,227 @@
+"""Checkpoints, resume, and the train / eval / generate commands end to end (in-process, micro configs)."""
+
+import csv
+import json
+import os
+import random
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import longnet.train as train_mod
+from longnet.checkpoint import (CheckpointError, load_checkpoint, load_model, load_trainer_state,
+                                resolve_checkpoint, save_checkpoint)
+from longnet.cli import main
+from longnet.config import TrainConfig, preset
+from longnet.model import LongNetLM
+
+MICRO = ["--set", "model.n_layers=2", "--set", "d_model=32", "--set", "n_heads=4", "--set", "d_ffn=64",
+         "--set", "segment_lengths=8,16", "--set", "dilation_rates=1,2", "--set", "seq_len=32",
+         "--set", "batch_size=2", "--set", "eval_windows=2", "--set", "eval_interval=2",
+         "--set", "sample_tokens=8", "--set", "warmup_steps=2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    words = "def class return self import for in if else while yield lambda print value".split()
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(800))
+    (d / "code.txt").write_text(text)
+    return f"text:{d / 'code.txt'}", str(d / "cache")
+
+
+def _train(out, corpus, *extra):
+    spec, cache = corpus
+    return main(["train", "--data", spec, "--cache-dir", cache, "--out", str(out), *MICRO, *extra])
+
+
+def _train_losses(out):
+    with open(os.path.join(out, "log.csv")) as f:
+        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = LongNetLM(n_layers=2, d_model=32, n_heads=4, d_ffn=64, segment_lengths=(8,), dilation_rates=(1,))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.loss(torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 9))).backward()
+    opt.step()
+    tcfg = TrainConfig(max_steps=5)
+    for step in (1, 2, 3):
+        path = save_checkpoint(str(tmp_path), model=model, train_config=tcfg, data_spec="builtin", step=step,
+                               optimizer=opt, data_state={"kind": "x", "step": step}, keep=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002", "step_00000003"]
+    assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_00000003"
+    assert resolve_checkpoint(str(tmp_path)) == path
+    info = load_checkpoint(str(tmp_path))
+    assert info["step"] == 3 and info["data"] == "builtin" and info["model_config"] == model.config
+    assert info["train_config"] == tcfg
+    loaded = load_model(str(tmp_path))
+    assert loaded.lm_head.weight is loaded.embed.weight  # tying survives
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = torch.randint(0, 256, (1, 20))
+    torch.testing.assert_close(loaded(x), model.eval()(x), atol=0, rtol=0)
+    state, data_state = load_trainer_state(path)
+    assert data_state == {"kind": "x", "step": 3}
+    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
+    opt2.load_state_dict(state["optimizer"])
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # Tied weights are stored once; nothing temporary is left behind.
+    assert "lm_head.weight" not in load_file(os.path.join(path, "model.safetensors"))
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".")]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope"))
+    with pytest.raises(CheckpointError, match="no checkpoint in"):
+        load_checkpoint(str(tmp_path))
+    d = tmp_path / "fake"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"")
+    (d / "config.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(CheckpointError, match="not a longnet checkpoint"):
+        load_checkpoint(str(d))
+
+
+# ----------------------------------------------------------------------------- train CLI
+
+
+def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--max-steps", "4") == 0
+    text = capsys.readouterr().out
+    assert "final val bpb" in text and "sample" in text
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [r["step"] for r in rows if r["split"] == "train"] == ["1", "2", "3", "4"]
+    assert [r["step"] for r in rows if r["split"] == "valid"] == ["2", "4"]
+    info = load_checkpoint(str(out))
+    assert info["step"] == 4 and info["metrics"]["val_bpb"] > 0 and info["model_config"].n_layers == 2
+
+    spec, cache = corpus
+    assert main(["eval", "--checkpoint", str(out), "--cache-dir", cache, "--split", "test", "--context", "48",
+                 "--max-windows", "3", "--prompt-lengths", "8,32", "--suffix-length", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "test: bpb" in text and "perplexity" in text and "3 windows of 48" in text
+    assert "suffix against prompt length" in text
+
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def f(", "--max-new-tokens", "12",
+                 "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("def f(")
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def f(", "--max-new-tokens", "12",
+                 "--temperature", "0", "--no-cache"]) == 0
+    assert capsys.readouterr().out == greedy
+
+
+def test_resume_follows_the_uninterrupted_run(tmp_path, corpus, monkeypatch, capsys):
+    # Dropout and gradient accumulation make the RNG and sampler state matter.
+    extra = ["--max-steps", "6", "--set", "dropout=0.1", "--set", "grad_accum=2"]
+    straight, pieces = tmp_path / "straight", tmp_path / "pieces"
+    assert _train(straight, corpus, *extra) == 0
+
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "_after_step", interrupt)
+    assert _train(pieces, corpus, *extra) == 130
+    assert "interrupted; saved step 3" in capsys.readouterr().err
+    assert load_checkpoint(str(pieces))["step"] == 3
+    monkeypatch.setattr(train_mod, "_after_step", lambda step: None)
+    assert main(["train", "--resume", "--out", str(pieces), "--no-progress"]) == 0
+    a, b = _train_losses(straight), _train_losses(pieces)
+    assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6]
+    assert a == b
+    wa = load_file(os.path.join(resolve_checkpoint(str(straight)), "model.safetensors"))
+    wb = load_file(os.path.join(resolve_checkpoint(str(pieces)), "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_stops_after_the_step_and_saves(tmp_path, corpus, monkeypatch, capsys):
+    def send_sigint(step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(train_mod, "_after_step", send_sigint)
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--max-steps", "5") == 130
+    err = capsys.readouterr().err
+    assert "Ctrl-C" in err and "--resume" in err
+    assert load_checkpoint(str(out))["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_passkey_training_reports_accuracy(tmp_path, capsys):
+    out = tmp_path / "pk"
+    args = ["train", "--data", "passkey", "--out", str(out), "--max-steps", "2", "--set", "seq_len=128",
+            "--set", "eval_windows=4", *MICRO[:12], "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "passkey accuracy" in text and "passkey example" in text
+    assert main(["eval", "--checkpoint", str(out), "--data", "passkey", "--max-windows", "4"]) == 0
+    assert "passkey (seq_len 128" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--set", "n_layer=2"], "unknown config field 'n_layer'"),
+    (["train", "--set", "lr=fast"], "train.lr='fast': expected a number"),
+    (["train", "--set", "n_heads=5"], "divisible by n_heads"),
+    (["train", "--set", "noequals"], "KEY=VALUE"),
+    (["train", "--max-steps", "0"], "--max-steps must be a positive integer"),
+    (["train", "--resume"], "--resume needs --out"),
+    (["train", "--device", "tpu:7"], "--device"),
+    (["train", "--data", "nosuch:thing"], "unknown data spec"),
+    (["train", "--data", "text:/nonexistent/path"], "nonexistent"),
+    (["eval", "--checkpoint", "/nonexistent/run"], "does not exist"),
+    (["generate", "--checkpoint", "/nonexistent/run", "--prompt", "x"], "does not exist"),
+])
+def test_bad_cli_input_gives_clear_error(argv, match, capsys, tmp_path):
+    assert main(argv) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_resume_and_out_conflicts(tmp_path, corpus, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", "--resume", "--out", str(empty)]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--max-steps", "1", "--set", "sample_tokens=0") == 0
+    capsys.readouterr()
+    assert _train(out, corpus, "--max-steps", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(out), "--set", "d_model=64"]) == 2
+    assert "cannot change model fields ['d_model']" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(out), "--prompt", ""]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(out), "--temperature", "-1"])
+
+
+def test_default_command_is_tiny_on_builtin():
+    import argparse
+    p = argparse.ArgumentParser()
+    train_mod.add_arguments(p)
+    args = p.parse_args([])
+    assert args.preset == "tiny" and args.data is None and args.overrides == [] and args.device == "auto"
+    m, t = preset("tiny")
+    assert t.seq_len * t.batch_size * t.max_steps > 0 and m.n_layers == 4
+
+
+@pytest.mark.slow
+def test_default_run_reaches_3_bpb(tmp_path, capsys):
+    """The README command: `longnet train` with no options (about 4-5 minutes on 2 cores)."""
+    assert main(["train", "--out", str(tmp_path / "default"), "--no-progress"]) == 0
+    info = load_checkpoint(str(tmp_path / "default"))
+    assert info["metrics"]["val_bpb"] < 3.0
