@@ -73,21 +73,24 @@ def test_gradient_through_lse(seed, causal, b, n, h, d, w, r):
     _compare("torch", b, n, h, d, w, r, causal, torch.float64, lse_grad=True)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.data(),
-    n=st.integers(1, 70),
-    h=st.integers(1, 5),
-    d=st.integers(1, 9),
-    b=st.integers(1, 2),
+    n=st.integers(1, 90),
+    h=st.integers(1, 6),
+    d=st.integers(1, 12),
+    b=st.integers(1, 3),
     causal=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    backend=st.sampled_from(FAST),
 )
-def test_hypothesis_sweep(data, n, h, d, b, causal):
-    k_pat = data.draw(st.integers(1, 4), label="num_patterns")
-    w = [data.draw(st.integers(1, 80), label=f"w{i}") for i in range(k_pat)]
-    r = [data.draw(st.integers(1, wi), label=f"r{i}") for i, wi in enumerate(w)]
+def test_hypothesis_sweep(data, n, h, d, b, causal, dtype, backend):
+    k_pat = data.draw(st.integers(1, 5), label="num_patterns")
+    w = [data.draw(st.integers(1, 100), label=f"w{i}") for i in range(k_pat)]
+    r = [data.draw(st.integers(1, min(wi, 12)), label=f"r{i}") for i, wi in enumerate(w)]
     torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-    _compare("torch", b, n, h, d, tuple(w), tuple(r), causal, torch.float64)
+    _compare(backend, b, n, h, d, tuple(w), tuple(r), causal, dtype,
+             lse_grad=data.draw(st.booleans(), label="lse_grad"))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
