@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from .argtypes import positive_int, positive_int_list
 
 __all__ = ["evaluate_lm", "evaluate_passkey", "prompt_length_curve", "add_arguments", "run",
            "autocast_context", "pick_device"]
@@ -157,24 +158,8 @@ def prompt_length_curve(model, data: np.ndarray, prompt_lengths: Sequence[int], 
 # ----------------------------------------------------------------------------- CLI
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        vals = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 128,256,512, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,14 +168,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, metavar="SPEC",
                         help="builtin, enwik8:PATH, text:PATH or passkey (default: the data it was trained on)")
     parser.add_argument("--split", default="valid", choices=("valid", "test"), help="which split (default valid)")
-    parser.add_argument("--context", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--context", type=positive_int, default=None, metavar="N",
                         help="window length in bytes (default: the training seq_len)")
-    parser.add_argument("--max-windows", type=_positive_int, default=None, metavar="K",
+    parser.add_argument("--max-windows", type=positive_int, default=None, metavar="K",
                         help="evaluate at most K windows (default: the whole split; passkey: 256 sequences)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward (default 8)")
-    parser.add_argument("--prompt-lengths", type=_int_list, default=None, metavar="L1,L2,...",
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default 8)")
+    parser.add_argument("--prompt-lengths", type=positive_int_list, default=None, metavar="L1,L2,...",
                         help="also print the loss of a fixed suffix given prefixes of these lengths")
-    parser.add_argument("--suffix-length", type=_positive_int, default=128, metavar="S",
+    parser.add_argument("--suffix-length", type=positive_int, default=128, metavar="S",
                         help="suffix length for --prompt-lengths (default 128)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     parser.add_argument("--cache-dir", default=None, help="data cache folder (default $LONGNET_CACHE or ~/.cache/longnet)")

@@ -14,18 +14,11 @@ import sys
 import time
 
 import torch
+from .argtypes import nonneg_int
 
 __all__ = ["add_arguments", "run"]
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
 
 
 def _temperature(text: str) -> float:
@@ -44,10 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text (UTF-8)")
     src.add_argument("--prompt-file", default=None, metavar="PATH", help="read the prompt from a file")
-    parser.add_argument("--max-new-tokens", type=_nonneg_int, default=256, metavar="N",
+    parser.add_argument("--max-new-tokens", type=nonneg_int, default=256, metavar="N",
                         help="bytes to generate (default 256)")
     parser.add_argument("--temperature", type=_temperature, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=_nonneg_int, default=40,
+    parser.add_argument("--top-k", type=nonneg_int, default=40,
                         help="sample from the k most likely bytes; 0 = all (default 40)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--no-cache", action="store_true", help="full forward per token (for comparison)")

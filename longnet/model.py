@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LongNetConfig
 from .modules import MultiheadDilatedAttention
+from .patterns import broadcast_pattern
 
 __all__ = ["LongNetConfig", "LongNetLM", "LongNetTransformer", "FeedForward", "LongNetBlock", "KVCache"]
 
@@ -396,12 +397,7 @@ class LongNetTransformer(LongNetLM):
                              f"dim_head={dim_head} ({heads * dim_head}); e.g. pass dim_head={dim // heads}"
                              if dim % heads == 0 else
                              f"dim must equal heads * dim_head, got dim={dim}, heads={heads}, dim_head={dim_head}")
-        rates = (dilation_rate,) if isinstance(dilation_rate, int) else tuple(dilation_rate)
-        sizes = (segment_size,) if isinstance(segment_size, int) else tuple(segment_size)
-        if len(rates) == 1 and len(sizes) > 1:
-            rates = rates * len(sizes)
-        if len(sizes) == 1 and len(rates) > 1:
-            sizes = sizes * len(rates)
+        sizes, rates = broadcast_pattern(segment_size, dilation_rate)
         config = LongNetConfig(vocab_size=num_tokens, n_layers=depth, d_model=dim, n_heads=heads,
                                d_ffn=ff_mult * dim, segment_lengths=sizes, dilation_rates=rates, **kwargs)
         super().__init__(config)

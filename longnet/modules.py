@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import dilated_attention
-from .patterns import validate_pattern
+from .patterns import broadcast_pattern, validate_pattern
 
 __all__ = ["XPOS", "RelativePositionBias", "MultiheadDilatedAttention", "DilatedAttention"]
 
@@ -213,12 +213,7 @@ class DilatedAttention(MultiheadDilatedAttention):
                  segment_size: Union[int, Sequence[int]] = 64, dropout: float = 0.0,
                  causal: bool = False, use_xpos: bool = False, use_rel_pos_bias: bool = False,
                  qk_norm: bool = False, **kwargs):
-        rates = (dilation_rate,) if isinstance(dilation_rate, int) else tuple(dilation_rate)
-        sizes = (segment_size,) if isinstance(segment_size, int) else tuple(segment_size)
-        if len(rates) == 1 and len(sizes) > 1:
-            rates = rates * len(sizes)
-        if len(sizes) == 1 and len(rates) > 1:
-            sizes = sizes * len(rates)
+        sizes, rates = broadcast_pattern(segment_size, dilation_rate)
         super().__init__(dim, heads, sizes, rates, dropout=dropout, causal=causal, qk_norm=qk_norm,
                          xpos=use_xpos, **kwargs)
         self.rel_pos_bias = RelativePositionBias(heads, causal=causal) if use_rel_pos_bias else None

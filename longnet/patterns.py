@@ -49,6 +49,18 @@ def _as_int_tuple(name: str, value) -> Tuple[int, ...]:
     return tuple(out)
 
 
+def broadcast_pattern(segment_size, dilation_rate) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """The seed package's (segment_size, dilation_rate): each an int or a sequence; a single
+    value is repeated to match the other's length. Returns validated tuples."""
+    sizes = _as_int_tuple("segment_size", segment_size)
+    rates = _as_int_tuple("dilation_rate", dilation_rate)
+    if len(rates) == 1 and len(sizes) > 1:
+        rates = rates * len(sizes)
+    if len(sizes) == 1 and len(rates) > 1:
+        sizes = sizes * len(rates)
+    return validate_pattern(sizes, rates)
+
+
 def validate_pattern(segment_lengths, dilation_rates) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
     """Check a (segment_lengths, dilation_rates) pair and return it as int tuples.
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from .patterns import DilatedPattern, dense_flops, dilated_flops
 from . import reach as _reach
+from .argtypes import positive_int
 
 __all__ = [
     "keep_masks",
@@ -410,14 +411,6 @@ def plot_depth_vs_n(curves: Dict[str, list], path: str, *, title: str, size=(120
 
 # --------------------------------------------------------------------------- CLI
 
-def _pos_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def _image_size(text: str) -> Tuple[int, int]:
@@ -435,19 +428,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dilation-rates", metavar="R1,R2,..", help="comma-separated dilation rates r_i")
     parser.add_argument("--paper", action="store_true",
                         help="the paper's pattern w=2048..32768, r=1,2,4,6,12")
-    parser.add_argument("--n", type=_pos_int, required=True, help="sequence length N")
-    parser.add_argument("--heads", type=_pos_int, default=8, help="number of heads H (default 8)")
+    parser.add_argument("--n", type=positive_int, required=True, help="sequence length N")
+    parser.add_argument("--heads", type=positive_int, default=8, help="number of heads H (default 8)")
     parser.add_argument("--causal", action="store_true", help="causal count matrix and reach")
     parser.add_argument("--out", default="viz", help="output directory for the PNGs (default ./viz)")
     parser.add_argument("--head", type=int, default=0, help="head drawn in the single-head count matrix")
-    parser.add_argument("--head-dim", type=_pos_int, default=64, help="head dim D for the FLOP count")
-    parser.add_argument("--max-pixels", type=_pos_int, default=512,
+    parser.add_argument("--head-dim", type=positive_int, default=64, help="head dim D for the FLOP count")
+    parser.add_argument("--max-pixels", type=positive_int, default=512,
                         help="largest matrix side in pixels; bigger N is drawn as block sums (default 512)")
     parser.add_argument("--image-size", type=_image_size, default=(1200, 900), metavar="WxH",
                         help="size of every PNG in pixels (default 1200x900)")
     parser.add_argument("--reach", action="store_true",
                         help="all-pairs layer depth at N, and depth vs N for geometric patterns")
-    parser.add_argument("--reach-max-n", type=_pos_int, default=4096,
+    parser.add_argument("--reach-max-n", type=positive_int, default=4096,
                         help="largest N of the depth-vs-N curve (default 4096)")
 
 
