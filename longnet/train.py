@@ -5,6 +5,7 @@
     longnet train --set model.n_layers=2 --set train.lr=1e-3 --max-steps 50 --out runs/try
     longnet train --resume --out runs/try --max-steps 100   # continue (and extend) a run
     longnet train --data passkey --set train.seq_len=1024  # synthetic long-range retrieval
+    torchrun --nproc_per_node 2 -m longnet train --sequence-parallel 2   # one sequence over 2 processes
 
 Settings come from a preset, then ``--set KEY=VALUE`` overrides (``model.FIELD``,
 ``train.FIELD`` or a bare field name; ``--list-fields`` lists them), then ``--max-steps``.
@@ -14,11 +15,19 @@ checkpoints (see :mod:`longnet.checkpoint`). Ctrl-C stops after the current step
 saves a checkpoint (a second Ctrl-C aborts at once, still saving the last complete step
 when that is safe); ``--resume`` continues from the latest one and follows the same loss
 curve as an uninterrupted run on CPU.
+
+Under ``torchrun`` the same loop runs on a (data x sequence) device mesh:
+``--sequence-parallel S`` cuts every sequence into S blocks, one per process, and
+``--data-parallel D`` (default WORLD_SIZE / S) splits the batch's rows; see
+:mod:`longnet.distributed.training` for how batches, losses, evaluation and checkpoints
+are shared. ``train.batch_size`` stays the global batch, so a run follows the same loss
+curve (up to fp32 rounding) at any mesh shape, and its checkpoints resume at any other.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import math
@@ -27,7 +36,7 @@ import random
 import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -75,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="data cache folder (default $LONGNET_CACHE or ~/.cache/longnet)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     parser.add_argument("--list-fields", action="store_true", help="print every config field and exit")
+    parser.add_argument("--sequence-parallel", type=int, default=1, metavar="S",
+                        help="split each sequence over S processes (launch with torchrun; train.seq_len / S "
+                             "must fit the dilation pattern)")
+    parser.add_argument("--data-parallel", type=int, default=None, metavar="D",
+                        help="data-parallel groups (default WORLD_SIZE / S); torchrun must start S*D processes; "
+                             "train.batch_size is the global batch, split over the D groups")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,17 +97,45 @@ def run(args: argparse.Namespace) -> int:
         print("config fields (KEY for --set KEY=VALUE, type, value in the tiny preset):")
         print(config_fields_help())
         return 0
+    rank = os.environ.get("RANK", "0")
     try:
-        setup = _setup(args)
+        from .distributed.training import resolve_parallel_sizes
+        S, D, world = resolve_parallel_sizes(getattr(args, "sequence_parallel", 1),
+                                             getattr(args, "data_parallel", None))
+        setup = _setup(args, parallel=(S, D) if world > 1 else None)
     except KeyboardInterrupt:
         return 130
     except (ValueError, TypeError) as e:  # bad settings, data or checkpoint: a message, not a traceback
-        print(f"longnet train: error: {e}", file=sys.stderr)
+        # Under torchrun every rank checks the same settings; rank > 0 says which it is, since
+        # a data path can be missing on one node only.
+        prefix = f"[rank {rank}] " if rank != "0" else ""
+        print(f"{prefix}longnet train: error: {e}", file=sys.stderr)
         return 2
-    return train(**setup)
+    if world == 1:
+        return train(**setup)
+    return _train_distributed(setup, S, D)
 
 
-def _setup(args: argparse.Namespace) -> Dict[str, Any]:
+def _train_distributed(setup: Dict[str, Any], S: int, D: int) -> int:
+    from .distributed.training import init_distributed, shutdown_distributed
+    mcfg, tcfg = setup["model_config"], setup["train_config"]
+    ctx = None
+    try:
+        try:
+            ctx = init_distributed(S, D, setup["device"], seq_len=tcfg.seq_len,
+                                   segment_lengths=mcfg.segment_lengths, dilation_rates=mcfg.dilation_rates)
+        except (ValueError, TypeError) as e:
+            print(f"longnet train: error: {e}", file=sys.stderr)
+            return 2
+        setup["device"] = ctx.device
+        return train(**setup, dist_ctx=ctx)
+    except KeyboardInterrupt:  # e.g. during process-group setup
+        return 130
+    finally:
+        shutdown_distributed(ctx)
+
+
+def _setup(args: argparse.Namespace, parallel: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
     from .checkpoint import load_checkpoint
     from .evaluate import pick_device
     device = pick_device(args.device)
@@ -128,13 +171,20 @@ def _setup(args: argparse.Namespace) -> Dict[str, Any]:
         raise ValueError("--compile needs PyTorch >= 2.0")
     if tcfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use train.precision=fp32")
-    data = _open_data(data_spec, tcfg, args.cache_dir)
+    if parallel is not None:
+        from .distributed.training import check_parallel_config
+        check_parallel_config(tcfg.seq_len, tcfg.batch_size, mcfg.segment_lengths, mcfg.dilation_rates,
+                              *parallel)
+        if args.compile:
+            raise ValueError("--compile is not supported with --sequence-parallel/--data-parallel yet")
+    data = _open_data(data_spec, tcfg, args.cache_dir,
+                      verbose=parallel is None or os.environ.get("RANK", "0") == "0")
     return dict(model_config=mcfg, train_config=tcfg, data_spec=data_spec, data=data, out_dir=out, device=device,
                 resume=resume_info, compile_model=args.compile, progress=not args.no_progress,
                 preset_name=args.preset if resume_info is None else "resumed")
 
 
-def _open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str]) -> Dict[str, Any]:
+def _open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str], verbose: bool = True) -> Dict[str, Any]:
     from .data import PasskeyTask, RandomWindowSampler, open_corpus
     if spec == "passkey":
         task = PasskeyTask(tcfg.seq_len, tcfg.passkey_distance or None, key_digits=tcfg.passkey_digits,
@@ -143,7 +193,7 @@ def _open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str]) -> Dict[s
                 "description": f"passkey task: seq_len {tcfg.seq_len}, distance "
                                f"{tcfg.passkey_distance or f'random in [{task.min_distance}, {task.max_distance}]'}, "
                                f"{tcfg.passkey_digits}-digit keys"}
-    corpus = open_corpus(spec, cache_dir=cache_dir)
+    corpus = open_corpus(spec, cache_dir=cache_dir, verbose=verbose)
     if corpus.valid.size < tcfg.seq_len + 1:
         raise ValueError(f"the valid split of {spec!r} has {corpus.valid.size:,} bytes, fewer than train.seq_len + 1 "
                          f"= {tcfg.seq_len + 1}; use a smaller train.seq_len or more data")
@@ -251,11 +301,17 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current step, save, exit. Second: KeyboardInterrupt."""
+    """First Ctrl-C: finish the current step, save, exit. Second: KeyboardInterrupt.
 
-    def __init__(self):
+    ``debounce_s``: a second SIGINT this soon after the first counts as the same Ctrl-C
+    (torchrun forwards the terminal's SIGINT to workers that already got it).
+    """
+
+    def __init__(self, debounce_s: float = 0.0, quiet: bool = False):
         self.requested = False
         self.previous = None
+        self.debounce_s, self.quiet = debounce_s, quiet
+        self.first_at = None
 
     def __enter__(self):
         try:
@@ -266,10 +322,14 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.requested:
+            if time.monotonic() - self.first_at < self.debounce_s:
+                return
             raise KeyboardInterrupt
         self.requested = True
-        print("\n[longnet] Ctrl-C: stopping after this step and saving a checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        self.first_at = time.monotonic()
+        if not self.quiet:
+            print("\n[longnet] Ctrl-C: stopping after this step and saving a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -281,10 +341,29 @@ def _decode(tokens) -> str:
     return bytes(int(t) for t in tokens if 0 <= int(t) < 256).decode("utf-8", errors="replace")
 
 
+class _NoLog:
+    """Stand-in for :class:`_Log` on ranks other than 0 (they write nothing)."""
+
+    rows: List[Dict[str, Any]] = []
+    path = ""
+
+    def write(self, **row) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: str, data: Dict[str, Any],
           out_dir: str, device: torch.device, resume: Optional[Dict[str, Any]] = None,
-          compile_model: bool = False, progress: bool = True, preset_name: str = "") -> int:
-    """The training loop. Returns 0 when done, 130 when stopped by Ctrl-C (after saving)."""
+          compile_model: bool = False, progress: bool = True, preset_name: str = "",
+          dist_ctx=None) -> int:
+    """The training loop. Returns 0 when done, 130 when stopped by Ctrl-C (after saving).
+
+    ``dist_ctx`` (a :class:`longnet.distributed.training.DistContext`) runs it on a device
+    mesh: every rank calls ``train`` with the same arguments; rank 0 alone prints, logs
+    and writes checkpoints.
+    """
     from tqdm.auto import tqdm
 
     from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
@@ -292,10 +371,18 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
     from .model import LongNetLM
 
     mcfg, tcfg = model_config, train_config
-    os.makedirs(out_dir, exist_ok=True)
+    ctx = dist_ctx
+    is_main = ctx is None or ctx.is_main
+
+    def say(*a, **k) -> None:
+        if is_main:
+            print(*a, **k)
+
+    if is_main:
+        os.makedirs(out_dir, exist_ok=True)
     if tcfg.num_threads:
         torch.set_num_threads(tcfg.num_threads)
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
     random.seed(tcfg.seed)
     model = LongNetLM(mcfg).to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
@@ -320,23 +407,42 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
         sampler.load_state_dict(data_state)
         set_rng_state(state["rng"])
         step = int(state["step"])
-    fwd = torch.compile(model) if compile_model else model
-    log = _Log(out_dir, step if resume is not None else None)
+    if ctx is not None:
+        from .distributed.training import parallelize
+        train_module = parallelize(model, ctx)  # model stays the unwrapped module
+    else:
+        train_module = model
+    fwd = torch.compile(train_module) if compile_model else train_module
+    log = _Log(out_dir, step if resume is not None else None) if is_main else _NoLog()
     n_params = model.num_parameters()
     title = (f"{preset_name}: {mcfg.n_layers}L d={mcfg.d_model} H={mcfg.n_heads} "
              f"w={','.join(map(str, mcfg.segment_lengths))} r={','.join(map(str, mcfg.dilation_rates))}, "
              f"{data_spec}")
-    print(f"[longnet] data: {data['description']}")
-    print(f"[longnet] model: {n_params:,} parameters, {mcfg.n_layers} layers, d_model {mcfg.d_model}, "
-          f"{mcfg.n_heads} heads, w={mcfg.segment_lengths} r={mcfg.dilation_rates}; device {device}, "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"[longnet] training {tcfg.max_steps} steps of {tcfg.tokens_per_step:,} tokens "
-          f"(batch {tcfg.batch_size} x seq_len {tcfg.seq_len} x accum {tcfg.grad_accum}), peak lr {tcfg.lr:g}; "
-          f"run folder {out_dir}" + (f"; resuming at step {step}" if resume is not None else ""))
+    say(f"[longnet] data: {data['description']}")
+    say(f"[longnet] model: {n_params:,} parameters, {mcfg.n_layers} layers, d_model {mcfg.d_model}, "
+        f"{mcfg.n_heads} heads, w={mcfg.segment_lengths} r={mcfg.dilation_rates}; device {device}, "
+        f"{torch.get_num_threads()} CPU threads")
+    if ctx is not None:
+        S, D = ctx.sequence_parallel, ctx.data_parallel
+        say(f"[longnet] mesh: {ctx.world_size} processes ({ctx.backend}) = data-parallel {D} x "
+            f"sequence-parallel {S}; each process holds {tcfg.batch_size // D} of {tcfg.batch_size} rows x "
+            f"{tcfg.seq_len // S} of {tcfg.seq_len} positions per micro-step")
+    say(f"[longnet] training {tcfg.max_steps} steps of {tcfg.tokens_per_step:,} tokens "
+        f"(batch {tcfg.batch_size} x seq_len {tcfg.seq_len} x accum {tcfg.grad_accum}), peak lr {tcfg.lr:g}; "
+        f"run folder {out_dir}" + (f"; resuming at step {step}" if resume is not None else ""))
 
     is_passkey = data["kind"] == "passkey"
 
     def evaluate() -> Dict[str, float]:
+        if ctx is not None:
+            from .distributed.training import GatheredLM, evaluate_lm_distributed
+            if is_passkey:
+                return evaluate_passkey(GatheredLM(model, ctx), data["task"], tcfg.eval_windows,
+                                        batch_size=tcfg.eval_batch_size, seed=tcfg.seed + 1, device=device,
+                                        precision=tcfg.precision)
+            return evaluate_lm_distributed(model, data["corpus"].valid, tcfg.seq_len, ctx,
+                                           max_windows=tcfg.eval_windows, batch_size=tcfg.eval_batch_size,
+                                           precision=tcfg.precision)
         if is_passkey:
             return evaluate_passkey(model, data["task"], tcfg.eval_windows, batch_size=tcfg.eval_batch_size,
                                     seed=tcfg.seed + 1, device=device, precision=tcfg.precision)
@@ -349,37 +455,67 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
         msg = f"step {step}: val loss {res['loss']:.4f}, val bpb {res['bpb']:.4f}"
         if is_passkey:
             msg += f", passkey accuracy {res['accuracy']:.3f} (digits {res['digit_accuracy']:.3f})"
-        tqdm.write(msg) if progress else print(msg)
+        if is_main:
+            tqdm.write(msg) if progress else print(msg)
 
-    def save(rng=None, data_state=None, metrics=None) -> str:
-        return save_checkpoint(out_dir, model=model, train_config=tcfg, data_spec=data_spec, step=step,
-                               optimizer=optimizer, scheduler=scheduler, rng=rng,
-                               data_state=data_state if data_state is not None else sampler.state_dict(),
-                               metrics=metrics, keep=tcfg.keep_checkpoints)
+    def save(rng=None, data_state=None, metrics=None, collective: bool = True) -> str:
+        # Every rank holds the same weights, optimizer and sampler state (the sampler draws the
+        # global batch everywhere), so rank 0's copy is the run's; the weights are the unwrapped
+        # model's state_dict, with no DDP prefix and nothing about the mesh.
+        if ctx is not None and collective:
+            from .distributed.training import barrier
+            barrier(ctx)
+        path = os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
+        if is_main:
+            path = save_checkpoint(out_dir, model=model, train_config=tcfg, data_spec=data_spec, step=step,
+                                   optimizer=optimizer, scheduler=scheduler, rng=rng,
+                                   data_state=data_state if data_state is not None else sampler.state_dict(),
+                                   metrics=metrics, keep=tcfg.keep_checkpoints)
+        if ctx is not None and collective:
+            barrier(ctx)  # nobody reads a checkpoint rank 0 is still writing
+        return path
 
     model.train()
     t_start = time.perf_counter()
     elapsed_before = float(log.rows[-1]["elapsed_s"]) if log.rows and log.rows[-1].get("elapsed_s") else 0.0
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not progress, mininterval=0.5)
+               disable=not progress or not is_main, mininterval=0.5)
     snapshot = (rng_state(), sampler.state_dict())  # state after the last completed step
     last_val: Optional[Dict[str, float]] = None
     status = "done"
     in_update = False
     tok_rate = None
     try:
-        with _StopFlag() as stop:
+        with _StopFlag(debounce_s=2.0 if ctx is not None else 0.0, quiet=not is_main) as stop:
             while step < tcfg.max_steps:
                 t0 = time.perf_counter()
                 loss_sum = 0.0
-                for _ in range(tcfg.grad_accum):
+                if ctx is not None:
+                    from .distributed.training import step_seed
+                    torch.manual_seed(step_seed(tcfg.seed, step, ctx.rank))
+                for micro in range(tcfg.grad_accum):
                     x, y = sampler.next_batch()
+                    if ctx is not None:
+                        from .distributed.training import shard_batch
+                        x, y = shard_batch(x, y, ctx)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast_context(device, tcfg.precision):
-                        logits = fwd(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                    (loss / tcfg.grad_accum).backward()
+                    # DDP all-reduces gradients on the last micro-batch of the step only.
+                    sync = ctx is None or ctx.world_size == 1 or micro == tcfg.grad_accum - 1
+                    with contextlib.nullcontext() if sync else train_module.no_sync():
+                        with autocast_context(device, tcfg.precision):
+                            logits = fwd(x)
+                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                        (loss / tcfg.grad_accum).backward()
                     loss_sum += float(loss.detach())
+                stop_now = False
+                if ctx is not None:
+                    # One all-reduce carries the loss (mean over the mesh: equal token counts per
+                    # rank) and the ranks' stop requests, so every rank stops after the same step.
+                    from .distributed.training import all_reduce_sum
+                    time_up = bool(tcfg.time_limit_s and time.perf_counter() - t_start >= tcfg.time_limit_s)
+                    loss_sum, n_stop, n_time = all_reduce_sum([loss_sum, stop.requested, time_up], ctx)
+                    loss_sum /= ctx.world_size
+                    stop_now, time_up_all = n_stop > 0, n_time > 0
                 loss_val = loss_sum / tcfg.grad_accum
                 if not math.isfinite(loss_val):
                     raise FloatingPointError(f"loss is {loss_val} at step {step + 1}; lower train.lr "
@@ -404,41 +540,51 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
                                 refresh=False)
                 bar.update(1)
                 if not progress and (step % 10 == 0 or step == 1):
-                    print(f"step {step}/{tcfg.max_steps}: loss {loss_val:.4f}, bpb {loss_val / LN2:.4f}, "
-                          f"lr {lr:.3g}, {rate:,.0f} tok/s")
+                    say(f"step {step}/{tcfg.max_steps}: loss {loss_val:.4f}, bpb {loss_val / LN2:.4f}, "
+                        f"lr {lr:.3g}, {rate:,.0f} tok/s")
                 _after_step(step)
                 if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_steps:
                     last_val = evaluate()
                     log_eval(last_val, elapsed_before + time.perf_counter() - t_start)
                 if tcfg.save_interval and step % tcfg.save_interval == 0 and step < tcfg.max_steps:
                     save()
-                if stop.requested:
+                if stop_now if ctx is not None else stop.requested:
                     status = "interrupted"
                     break
-                if tcfg.time_limit_s and time.perf_counter() - t_start >= tcfg.time_limit_s:
+                if ctx is not None:
+                    if time_up_all and step < tcfg.max_steps:
+                        if is_main:
+                            tqdm.write(f"time limit of {tcfg.time_limit_s:g} s reached at step {step}")
+                        status = "time limit"
+                        break
+                elif tcfg.time_limit_s and time.perf_counter() - t_start >= tcfg.time_limit_s:
                     tqdm.write(f"time limit of {tcfg.time_limit_s:g} s reached at step {step}")
                     status = "time limit"
                     break
     except KeyboardInterrupt:
         bar.close()
-        if in_update:
-            print(f"\n[longnet] interrupted during an optimiser update; no checkpoint written "
-                  f"(latest one stays in {out_dir})", file=sys.stderr)
-        else:
-            path = save(rng=snapshot[0], data_state=snapshot[1])
-            print(f"\n[longnet] interrupted; saved step {step} to {path}. Continue with:\n"
-                  f"  longnet train --resume --out {out_dir}", file=sys.stderr)
-        log.close()
-        plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title)
+        # No collective here: other ranks may be anywhere (or gone). Rank 0's weights are
+        # complete unless it was inside an optimiser update.
+        if is_main:
+            if in_update:
+                print(f"\n[longnet] interrupted during an optimiser update; no checkpoint written "
+                      f"(latest one stays in {out_dir})", file=sys.stderr)
+            else:
+                path = save(rng=snapshot[0], data_state=snapshot[1], collective=False)
+                print(f"\n[longnet] interrupted; saved step {step} to {path}. Continue with:\n"
+                      f"  {_resume_command(out_dir, ctx)}", file=sys.stderr)
+            log.close()
+            plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title)
         return 130
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - t_start
     if status == "interrupted":
         path = save(rng=snapshot[0], data_state=snapshot[1])
-        log.close()
-        plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title)
-        print(f"[longnet] stopped at step {step}; checkpoint {path}. Continue with:\n"
-              f"  longnet train --resume --out {out_dir}", file=sys.stderr)
+        if is_main:
+            log.close()
+            plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title)
+            print(f"[longnet] stopped at step {step}; checkpoint {path}. Continue with:\n"
+                  f"  {_resume_command(out_dir, ctx)}", file=sys.stderr)
         return 130
     # End of run: final evaluation, checkpoint (before sampling, so the saved RNG state is
     # exactly what a longer uninterrupted run would have continued from), plot, sample.
@@ -449,11 +595,34 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
         metrics["passkey_accuracy"] = final["accuracy"]
     path = save(rng=snapshot[0], data_state=snapshot[1], metrics=metrics)
     log.close()
-    png = plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title)
-    print(f"[longnet] {status}: {step} steps in {elapsed:.0f} s; final val bpb {final['bpb']:.4f} "
-          f"(loss {final['loss']:.4f} nats/byte)" + (f", passkey accuracy {final['accuracy']:.3f}" if is_passkey else ""))
-    print(f"[longnet] checkpoint: {path}")
-    print(f"[longnet] log: {log.path}" + (f", loss curve: {png}" if png else ""))
+    png = plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title) if is_main else None
+    say(f"[longnet] {status}: {step} steps in {elapsed:.0f} s; final val bpb {final['bpb']:.4f} "
+        f"(loss {final['loss']:.4f} nats/byte)" + (f", passkey accuracy {final['accuracy']:.3f}" if is_passkey else ""))
+    say(f"[longnet] checkpoint: {path}")
+    say(f"[longnet] log: {log.path}" + (f", loss curve: {png}" if png else ""))
+    if is_main:
+        # Sampling is sequential decoding by one process: rank 0 runs it on the unwrapped model
+        # with the single-device attention (the other ranks wait at the barrier below).
+        local = contextlib.nullcontext()
+        if ctx is not None:
+            from .distributed.parallel import sequence_parallel_disabled
+            local = sequence_parallel_disabled(model)
+        with local:
+            _sample_at_end(model, data, tcfg, device, is_passkey)
+    if ctx is not None:
+        from .distributed.training import barrier
+        barrier(ctx)
+    return 0
+
+
+def _resume_command(out_dir: str, ctx) -> str:
+    if ctx is None:
+        return f"longnet train --resume --out {out_dir}"
+    return (f"torchrun --nproc_per_node {ctx.world_size} -m longnet train --resume --out {out_dir} "
+            f"--sequence-parallel {ctx.sequence_parallel} (any S and D work)")
+
+
+def _sample_at_end(model, data: Dict[str, Any], tcfg: TrainConfig, device: torch.device, is_passkey: bool) -> None:
     if tcfg.sample_tokens and not is_passkey:
         valid = data["corpus"].valid
         prompt = torch.from_numpy(valid[:min(64, valid.size)].astype("int64"))
@@ -471,4 +640,3 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
         out = model.generate(prompt.to(device), data["task"].key_digits, temperature=0)
         print(f"[longnet] passkey example: expected {_decode(y[0][mask[0]].tolist())!r}, "
               f"model answered {_decode(out[prompt.numel():].tolist())!r}")
-    return 0

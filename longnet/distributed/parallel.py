@@ -17,13 +17,14 @@ Typical use under ``torchrun --nproc_per_node D*S``::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
 __all__ = ["make_mesh", "sequence_group", "shard_sequence", "apply_sequence_parallel", "data_parallel",
-           "mesh_group"]
+           "mesh_group", "sequence_parallel_disabled"]
 
 
 def make_mesh(data_parallel: int, sequence_parallel: int, device_type: str = "cpu"):
@@ -69,6 +70,8 @@ def shard_sequence(tensor: Tensor, mesh_or_group, dim: int = 1) -> Tensor:
 
 def _set_offset_hook(rank: int, size: int, seq_dim: int):
     def hook(module, args, kwargs):
+        if getattr(module, "_longnet_sp_suspended", False):  # inside sequence_parallel_disabled
+            return
         x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if x is not None:
             # The block length is read from each call's input, so the offset follows the sequence
@@ -102,6 +105,8 @@ def apply_sequence_parallel(model: nn.Module, mesh_or_group, *, seq_dim: int = 1
             continue
         if getattr(module, "_longnet_sp_applied", False):
             raise ValueError(f"sequence parallelism is already applied to {type(module).__name__}")
+        module._longnet_sp_original = (module.attention_fn, module.position_offset,
+                                       getattr(module, "xpos_center", None))
         module.attention_fn = functools.partial(module.attention_fn, group=group)
         module.register_forward_pre_hook(_set_offset_hook(rank, size, seq_dim), with_kwargs=True)
         module._longnet_sp_applied = True
@@ -110,6 +115,36 @@ def apply_sequence_parallel(model: nn.Module, mesh_or_group, *, seq_dim: int = 1
         raise ValueError("model has no attention module (no module with attributes attention_fn and "
                          "position_offset)")
     return changed
+
+
+@contextlib.contextmanager
+def sequence_parallel_disabled(model: nn.Module):
+    """Run a sequence-parallel ``model`` on this process alone inside the block.
+
+    For work one rank does by itself on full sequences (sampling on rank 0):
+    restores each attention module's original ``attention_fn``,
+    ``position_offset`` and ``xpos_center`` and suspends the pre-hook, then
+    puts the sequence-parallel settings back. A no-op for modules that
+    :func:`apply_sequence_parallel` did not change.
+    """
+    saved = []
+    for module in model.modules():
+        orig = getattr(module, "_longnet_sp_original", None)
+        if orig is None or not getattr(module, "_longnet_sp_applied", False):
+            continue
+        saved.append((module, module.attention_fn, module.position_offset, getattr(module, "xpos_center", None)))
+        module.attention_fn, module.position_offset = orig[0], orig[1]
+        if hasattr(module, "xpos_center"):
+            module.xpos_center = orig[2]
+        module._longnet_sp_suspended = True
+    try:
+        yield model
+    finally:
+        for module, fn, offset, center in saved:
+            module.attention_fn, module.position_offset = fn, offset
+            if hasattr(module, "xpos_center"):
+                module.xpos_center = center
+            module._longnet_sp_suspended = False
 
 
 def mesh_group(mesh):

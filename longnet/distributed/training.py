@@ -1,0 +1,308 @@
+"""Plumbing for ``longnet train`` on a 2-D (data x sequence) device mesh under ``torchrun``.
+
+    torchrun --nproc_per_node P -m longnet train --sequence-parallel S [--data-parallel D]
+
+P = S * D processes. Rank r = d * S + s holds data-parallel index d and
+sequence-parallel index s (:func:`longnet.distributed.make_mesh`).
+
+Batches. ``train.batch_size`` is the GLOBAL batch of one micro-step, as in a
+single-process run. Every rank draws the same global batch from the same
+sampler (same seed, same state), keeps the rows of its data-parallel group
+(``batch_size / D`` of them) and, of those, its block of the sequence (x and y
+are shifted by one on the full sequence first, then cut into S blocks of
+``seq_len / S``). So the ranks of one sequence group see the same rows, the
+data-parallel groups see different rows, and the union over the mesh is
+exactly the single-process batch: a run behaves the same at any mesh shape
+(up to fp32 rounding), and the sampler state is identical on every rank,
+which is why a checkpoint written by rank 0 resumes at any other S and D.
+
+Loss. Each rank's loss is the mean over its block (equal token counts
+everywhere); DDP over the whole mesh averages the gradients (see
+:func:`longnet.distributed.data_parallel` for why that is the exact gradient),
+and the logged loss is the mean of the per-rank losses over the mesh.
+
+Nothing here is imported by the model; the trainer calls these helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .ops import check_sequence_parallel, prepare_sequence_parallel
+from .parallel import apply_sequence_parallel, data_parallel, make_mesh, sequence_group, shard_sequence
+
+__all__ = ["DistContext", "resolve_parallel_sizes", "check_parallel_config", "init_distributed",
+           "shutdown_distributed", "parallelize", "shard_batch", "all_reduce_sum", "barrier",
+           "step_seed", "evaluate_lm_distributed", "GatheredLM", "launch_command"]
+
+
+def launch_command(processes: int, args: str = "...") -> str:
+    return f"torchrun --nproc_per_node {processes} -m longnet train {args}"
+
+
+def _env_int(env: Mapping[str, str], name: str) -> Optional[int]:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} must be an integer (torchrun sets it)") from None
+
+
+def resolve_parallel_sizes(sequence_parallel: int = 1, data_parallel: Optional[int] = None,
+                           env: Optional[Mapping[str, str]] = None) -> Tuple[int, int, int]:
+    """(S, D, world size) from the flags and the torchrun environment (``WORLD_SIZE``).
+
+    D defaults to ``WORLD_SIZE / S``. Without torchrun (no ``WORLD_SIZE``) only S = D = 1
+    is possible; otherwise the error names the torchrun command to use.
+    """
+    env = os.environ if env is None else env
+    for name, val in (("--sequence-parallel", sequence_parallel), ("--data-parallel", data_parallel)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    S = sequence_parallel
+    world = _env_int(env, "WORLD_SIZE")
+    if world is None:
+        D = 1 if data_parallel is None else data_parallel
+        if S * D > 1:
+            flags = f"--sequence-parallel {S}" + (f" --data-parallel {D}" if data_parallel is not None else "")
+            raise ValueError(f"{flags} needs {S * D} processes, one per device, but this process was not "
+                             f"started by torchrun (WORLD_SIZE is not set); launch it as\n  "
+                             f"{launch_command(S * D, flags + ' ...')}\n(add --nnodes/--rdzv-endpoint "
+                             "for several machines)")
+        return S, D, 1
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE={world} must be >= 1")
+    if data_parallel is None:
+        if world % S:
+            raise ValueError(f"WORLD_SIZE={world} processes (torchrun --nproc_per_node x --nnodes) is not a "
+                             f"multiple of --sequence-parallel {S}; use P = S * D processes")
+        D = world // S
+    else:
+        D = data_parallel
+    if S * D != world:
+        raise ValueError(f"--sequence-parallel {S} x --data-parallel {D} = {S * D} processes, but torchrun "
+                         f"started WORLD_SIZE={world}; launch {launch_command(S * D)} or change the flags "
+                         f"so that S * D = {world}")
+    return S, D, world
+
+
+def check_parallel_config(seq_len: int, batch_size: int, segment_lengths: Sequence[int],
+                          dilation_rates: Sequence[int], sequence_parallel: int, data_parallel: int) -> None:
+    """Shape rules of the mesh, checked before any process group exists (raises ValueError).
+
+    seq_len % S == 0, batch_size % D == 0, and the pattern rule of
+    :func:`longnet.distributed.check_sequence_parallel` for blocks of seq_len / S.
+    """
+    S, D = sequence_parallel, data_parallel
+    if seq_len % S:
+        raise ValueError(f"train.seq_len = {seq_len} must be divisible by --sequence-parallel {S}: each "
+                         f"sequence is cut into S blocks of equal length (try seq_len = "
+                         f"{max(S, seq_len // S * S)})")
+    if batch_size % D:
+        raise ValueError(f"train.batch_size = {batch_size} (the global batch of one micro-step) must be "
+                         f"divisible by --data-parallel {D}: each data-parallel group takes batch_size / D "
+                         f"rows")
+    if S > 1:
+        try:
+            check_sequence_parallel(seq_len // S, S, segment_lengths, dilation_rates)
+        except ValueError as e:
+            raise ValueError(f"model pattern w={tuple(segment_lengths)} r={tuple(dilation_rates)} cannot be "
+                             f"split into --sequence-parallel {S} blocks of train.seq_len / S = "
+                             f"{seq_len // S}: {e}") from None
+
+
+@dataclass
+class DistContext:
+    """Where this process sits on the mesh. ``owns_group``: this module initialised the default
+    process group (and so destroys it at the end)."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    sequence_parallel: int
+    data_parallel: int
+    sp_rank: int
+    dp_rank: int
+    mesh: Any
+    device: torch.device
+    backend: str
+    owns_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sp_group(self):
+        return sequence_group(self.mesh)
+
+
+def init_distributed(sequence_parallel: int, data_parallel: int, device: torch.device, *,
+                     seq_len: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                     timeout_s: float = 1800.0) -> DistContext:
+    """Join the torchrun world (or use an already initialised one) and build the mesh.
+
+    NCCL for CUDA devices, gloo otherwise; on CUDA each process takes ``cuda:LOCAL_RANK``
+    (torchrun sets LOCAL_RANK; several nodes rendezvous through torchrun, nothing more is
+    needed here). The segment sub-groups are created up front
+    (:func:`prepare_sequence_parallel`), so no group is created inside a forward.
+    """
+    local_rank = _env_int(os.environ, "LOCAL_RANK") or 0
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} CUDA "
+                             "devices; use --nproc_per_node <= the number of GPUs per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    owns = not dist.is_initialized()
+    if owns:
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+    world = dist.get_world_size()
+    if world != sequence_parallel * data_parallel:
+        raise ValueError(f"the process group has {world} ranks, not --sequence-parallel {sequence_parallel} "
+                         f"x --data-parallel {data_parallel}")
+    mesh = make_mesh(data_parallel, sequence_parallel, device.type)
+    if sequence_parallel > 1:
+        prepare_sequence_parallel(sequence_group(mesh), seq_len // sequence_parallel, segment_lengths,
+                                  dilation_rates)
+    return DistContext(world_size=world, rank=dist.get_rank(), local_rank=local_rank,
+                       sequence_parallel=sequence_parallel, data_parallel=data_parallel,
+                       sp_rank=mesh.get_local_rank("sp"), dp_rank=mesh.get_local_rank("dp"), mesh=mesh,
+                       device=device, backend=backend, owns_group=owns)
+
+
+def shutdown_distributed(ctx: Optional[DistContext]) -> None:
+    """Destroy the default process group if :func:`init_distributed` created it."""
+    if ctx is None or not ctx.owns_group or not dist.is_initialized():
+        return
+    # The op caches segment sub-groups by global ranks; they die with the default group.
+    from . import comm
+    comm._SUBGROUPS.clear()
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+
+
+def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """Apply sequence parallelism (S > 1) to ``model`` in place, then DDP over the whole mesh
+    (more than one rank). Returns the module to call for training; ``model`` stays the
+    unwrapped one (checkpoints, evaluation, sampling)."""
+    if ctx.sequence_parallel > 1:
+        apply_sequence_parallel(model, ctx.mesh)
+    if ctx.world_size == 1:
+        return model
+    # Buffers (XPOS tables) are constants: no need to broadcast them before every forward
+    # (torch 2.13 renamed the switch).
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+    kw = {"device_ids": [ctx.device.index]} if ctx.device.type == "cuda" else {}
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    kw["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = False
+    return data_parallel(model, ctx.mesh, **kw)
+
+
+def shard_batch(x: Tensor, y: Tensor, ctx: DistContext) -> Tuple[Tensor, Tensor]:
+    """This rank's part of a global batch: x, y (B, N) -> (B / D, N / S), rows of its
+    data-parallel group, then its block of the sequence."""
+    b = x.shape[0]
+    if b % ctx.data_parallel:
+        raise ValueError(f"batch of {b} rows is not divisible by --data-parallel {ctx.data_parallel}")
+    rows = slice(ctx.dp_rank * (b // ctx.data_parallel), (ctx.dp_rank + 1) * (b // ctx.data_parallel))
+    return shard_sequence(x[rows], ctx.mesh), shard_sequence(y[rows], ctx.mesh)
+
+
+def all_reduce_sum(values: Sequence[float], ctx: DistContext) -> List[float]:
+    """Sum of each value over every rank of the mesh (float64)."""
+    dev = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+    if ctx.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def barrier(ctx: Optional[DistContext]) -> None:
+    if ctx is not None and ctx.world_size > 1:
+        if ctx.backend == "nccl":
+            dist.barrier(device_ids=[ctx.device.index])
+        else:
+            dist.barrier()
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Torch seed for (run seed, optimiser step, global rank): dropout masks differ between
+    ranks and do not depend on the RNG history, so a resumed run on the same mesh redraws
+    the same masks without saving every rank's RNG state."""
+    return (seed * 1_000_003 + step * 65_537 + rank * 7_919 + 1) % (2 ** 63)
+
+
+@torch.no_grad()
+def evaluate_lm_distributed(model: nn.Module, data, seq_len: int, ctx: DistContext, *,
+                            max_windows: Optional[int] = None, batch_size: int = 8,
+                            precision: str = "auto") -> Dict[str, float]:
+    """:func:`longnet.evaluate.evaluate_lm` on the mesh: same windows, same numbers.
+
+    Batch i of the deterministic windows goes to data-parallel group i % D; each rank scores
+    its block of the sequence (``model`` is the unwrapped, sequence-parallel model); the
+    summed losses and token counts are all-reduced over the mesh. Every rank returns the result.
+    """
+    import math
+
+    from ..data import iter_eval_windows
+    from ..evaluate import autocast_context
+    was_training = model.training
+    model.eval()
+    total, count, windows = 0.0, 0, 0
+    try:
+        for i, (x, y) in enumerate(iter_eval_windows(data, seq_len, batch_size=batch_size,
+                                                     max_windows=max_windows)):
+            if i % ctx.data_parallel != ctx.dp_rank:
+                continue
+            xs, ys = shard_sequence(x, ctx.mesh).to(ctx.device), shard_sequence(y, ctx.mesh).to(ctx.device)
+            with autocast_context(ctx.device, precision):
+                logits = model(xs)
+            total += float(F.cross_entropy(logits.float().flatten(0, 1), ys.flatten(), reduction="sum"))
+            count += ys.numel()
+            windows += x.shape[0] if ctx.sp_rank == 0 else 0
+    finally:
+        model.train(was_training)
+    total, count, windows = all_reduce_sum([total, count, windows], ctx)
+    loss = total / count
+    return {"loss": loss, "bpb": loss / math.log(2.0), "ppl": math.exp(loss), "tokens": int(count),
+            "windows": int(windows)}
+
+
+class GatheredLM(nn.Module):
+    """Full-sequence view of a sequence-parallel model: tokens (B, N) -> logits (B, N, V).
+
+    Each rank runs its block and the blocks' logits are all-gathered within the sequence
+    group, so code written for one device (e.g. :func:`longnet.evaluate.evaluate_passkey`)
+    runs unchanged on every rank. Inference only (no gradient through the gather); the
+    gathered logits cost B * N * V floats per rank, fine for evaluation batches.
+    """
+
+    def __init__(self, model: nn.Module, ctx: DistContext):
+        super().__init__()
+        self.model = model
+        self.ctx = ctx
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        block = self.model(shard_sequence(tokens, self.ctx.mesh)).contiguous()
+        if self.ctx.sequence_parallel == 1:
+            return block
+        parts = [torch.empty_like(block) for _ in range(self.ctx.sequence_parallel)]
+        dist.all_gather(parts, block, group=self.ctx.sp_group)
+        return torch.cat(parts, dim=1)
+
