@@ -10,13 +10,14 @@
 - ``python -m longnet.distributed.bench`` — weak-scaling benchmark.
 """
 
-from .comm import CommStats, comm_stats, global_comm_stats
+from .comm import CommStats, comm_stats, forget_subgroups, global_comm_stats
 from .ops import (SegmentSpan, check_sequence_parallel, prepare_sequence_parallel,
                   sequence_parallel_dilated_attention)
 from .parallel import (apply_sequence_parallel, data_parallel, make_mesh, mesh_group, sequence_group,
-                       shard_sequence)
+                       sequence_parallel_disabled, shard_sequence)
 
 __all__ = ["sequence_parallel_dilated_attention", "check_sequence_parallel", "prepare_sequence_parallel",
            "SegmentSpan", "CommStats",
            "comm_stats", "global_comm_stats", "make_mesh", "sequence_group", "shard_sequence",
-           "apply_sequence_parallel", "data_parallel", "mesh_group"]
+           "apply_sequence_parallel", "data_parallel", "mesh_group", "sequence_parallel_disabled",
+           "forget_subgroups"]

@@ -95,6 +95,11 @@ def _record(phase: str, sent: int, received: int) -> None:
 _SUBGROUPS: Dict[Tuple[int, ...], object] = {}
 
 
+def forget_subgroups() -> None:
+    """Drop cached segment sub-groups; call after destroying the process group they belong to."""
+    _SUBGROUPS.clear()
+
+
 def segment_group(group, first: int, count: int):
     """The process group of ranks ``first .. first + count - 1`` of ``group`` (group ranks).
 

@@ -190,7 +190,7 @@ def shutdown_distributed(ctx: Optional[DistContext]) -> None:
         return
     # The op caches segment sub-groups by global ranks; they die with the default group.
     from . import comm
-    comm._SUBGROUPS.clear()
+    comm.forget_subgroups()
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
 
