@@ -88,6 +88,36 @@ def _gathered(x: Tensor, u: Unit) -> Tensor:
     return view if u.rate == 1 else view.contiguous()
 
 
+def group_units(units: Sequence[Unit]) -> List[List[Unit]]:
+    """Units of one pattern and segment group whose kept counts agree, in order.
+
+    Their kept rows stack along the head dimension into one kernel call: a
+    pattern with rate r needs at most two calls (kept count ceil or floor of
+    w/r) instead of r, each with more heads to spread over threads.
+    """
+    groups: List[List[Unit]] = []
+    index = {}
+    for u in units:
+        key = (u.pattern, u.start, u.nseg, u.seg_len, u.kept, u.batch)
+        if key in index:
+            groups[index[key]].append(u)
+        else:
+            index[key] = len(groups)
+            groups.append([u])
+    return groups
+
+
+def _heads(u: Unit, num_heads: int) -> int:
+    return len(range(u.offset, num_heads, u.rate))
+
+
+def _stacked(x: Tensor, group: List[Unit]) -> Tensor:
+    """(Z, sum of heads, kept, D): the group's kept rows; a view for a lone r = 1 unit."""
+    if len(group) == 1:
+        return _gathered(x, group[0])
+    return torch.cat([unit_view(x, u) for u in group], dim=1)
+
+
 def _adopt(t: Tensor, b: int, n: int) -> Optional[Tensor]:
     """t (Z, H, L, D) as a (B, N, H, D) tensor without a copy, if its memory allows; else None."""
     x = t.transpose(1, 2)
@@ -135,18 +165,20 @@ def forward_merged(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
     else:
         out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
         lse = torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
-    for u in units:
-        o_p, l_p = kernels.attn_fwd(_gathered(q, u), _gathered(k, u), _gathered(v, u), causal, scale,
-                                    force_math)
-        ov, lv = unit_view(out, u), unit_view(lse, u)
-        if u.pattern == copy_pattern:
-            ov.copy_(o_p)
-            lv.copy_(l_p)
-            continue
-        new = torch.logaddexp(lv, l_p)
-        # out <- out + sigmoid(l_p - lse) (o_p - out); exact when lse = -inf (weight 1).
-        ov.lerp_(o_p.to(acc), torch.sigmoid(l_p - lv).unsqueeze(-1).to(acc))
-        lv.copy_(new)
+    for group in group_units(units):
+        o_g, l_g = kernels.attn_fwd(_stacked(q, group), _stacked(k, group), _stacked(v, group), causal,
+                                    scale, force_math)
+        sizes = [_heads(u, h) for u in group]
+        for u, o_p, l_p in zip(group, o_g.split(sizes, dim=1), l_g.split(sizes, dim=1)):
+            ov, lv = unit_view(out, u), unit_view(lse, u)
+            if u.pattern == copy_pattern:
+                ov.copy_(o_p)
+                lv.copy_(l_p)
+                continue
+            new = torch.logaddexp(lv, l_p)
+            # out <- out + sigmoid(l_p - lse) (o_p - out); exact when lse = -inf (weight 1).
+            ov.lerp_(o_p.to(acc), torch.sigmoid(l_p - lv).unsqueeze(-1).to(acc))
+            lv.copy_(new)
     return out.to(q.dtype), lse
 
 
@@ -173,14 +205,17 @@ def backward_merged(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     if grads is None:
         alloc = torch.empty if copy_pattern is not None else torch.zeros
         grads = [alloc(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
-    for u in units:
-        parts = kernels.attn_bwd(_gathered(do, u), _gathered(q, u), _gathered(k, u), _gathered(v, u),
-                                 _gathered(out, u), unit_view(lse, u), causal, scale, force_math)
+    for group in group_units(units):
+        lse_g = torch.cat([unit_view(lse, u) for u in group], dim=1)
+        parts = kernels.attn_bwd(_stacked(do, group), _stacked(q, group), _stacked(k, group),
+                                 _stacked(v, group), _stacked(out, group), lse_g, causal, scale, force_math)
+        sizes = [_heads(u, h) for u in group]
         for g, p in zip(grads, parts):
-            if u.pattern == copy_pattern:
-                unit_view(g, u).copy_(p)
-            else:
-                unit_view(g, u).add_(p)
+            for u, p_u in zip(group, p.split(sizes, dim=1)):
+                if u.pattern == copy_pattern:
+                    unit_view(g, u).copy_(p_u)
+                else:
+                    unit_view(g, u).add_(p_u)
     return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
