@@ -9,7 +9,7 @@ _LAZY = {
     "MultiheadDilatedAttention": "longnet.modules",
     "DilatedAttention": "longnet.modules",
     "XPOS": "longnet.modules",
-    "LongNetConfig": "longnet.model",
+    "LongNetConfig": "longnet.config",
     "LongNetLM": "longnet.model",
     "LongNetTransformer": "longnet.model",
 }
