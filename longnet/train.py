@@ -193,7 +193,8 @@ def _open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str], verbose: 
                 "description": f"passkey task: seq_len {tcfg.seq_len}, distance "
                                f"{tcfg.passkey_distance or f'random in [{task.min_distance}, {task.max_distance}]'}, "
                                f"{tcfg.passkey_digits}-digit keys"}
-    corpus = open_corpus(spec, cache_dir=cache_dir, verbose=verbose)
+    # The trainer prints the corpus description itself; the data module would repeat it on a first build.
+    corpus = open_corpus(spec, cache_dir=cache_dir, verbose=False)
     if corpus.valid.size < tcfg.seq_len + 1:
         raise ValueError(f"the valid split of {spec!r} has {corpus.valid.size:,} bytes, fewer than train.seq_len + 1 "
                          f"= {tcfg.seq_len + 1}; use a smaller train.seq_len or more data")
