@@ -123,6 +123,20 @@ def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
     assert capsys.readouterr().out == greedy
 
 
+def test_tensorboard_events_are_written(tmp_path, corpus, capsys):
+    # tensorboard is in the [test] extra, so this path runs in CI rather than being skipped.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--max-steps", "2") == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/bpb", "valid/bpb"} <= tags
+    csv_losses = [float(loss) for _, loss in _train_losses(out)]
+    tb_losses = [e.value for e in acc.Scalars("train/loss")]
+    assert tb_losses == pytest.approx(csv_losses, rel=1e-5)
+
+
 def test_resume_follows_the_uninterrupted_run(tmp_path, corpus, monkeypatch, capsys):
     # Dropout and gradient accumulation make the RNG and sampler state matter.
     extra = ["--max-steps", "6", "--set", "dropout=0.1", "--set", "grad_accum=2"]
