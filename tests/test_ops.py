@@ -224,3 +224,32 @@ def test_int_arguments_accepted():
     q = torch.randn(1, 10, 2, 4)
     out = longnet.dilated_attention(q, q, q, 4, 2)
     assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("max_elements,max_bh", [(700, 65535), (10**9, 3), (150, 2)])
+def test_kernel_calls_are_chunked_under_limits(monkeypatch, max_elements, max_bh):
+    # Kernels that index with 32 bits or launch per (batch, head) are called in chunks; lowering
+    # the limits makes the chunked path run here and it must not change any result.
+    from longnet.backends import kernels
+    q, k, v = _inputs(2, 45, 5, 4, torch.float64)
+    w, r = (8, 16, 45), (1, 2, 3)
+    ref = longnet.dilated_attention(q, k, v, w, r, is_causal=True, return_lse=True)
+    ref_g = torch.autograd.grad(ref[0].sum() + ref[1].sum(), (q, k, v))
+    calls = []
+    real = kernels._attn_fwd
+
+    def counting(*a):
+        calls.append(a[0].shape)
+        return real(*a)
+
+    monkeypatch.setattr(kernels, "MAX_ELEMENTS", max_elements)
+    monkeypatch.setattr(kernels, "MAX_BATCH_HEADS", max_bh)
+    monkeypatch.setattr(kernels, "_attn_fwd", counting)
+    out = longnet.dilated_attention(q, k, v, w, r, is_causal=True, return_lse=True)
+    g = torch.autograd.grad(out[0].sum() + out[1].sum(), (q, k, v))
+    assert all(s[0] * s[1] <= max_bh and s.numel() <= max(max_elements, s[2] * s[3]) for s in calls)
+    assert len(calls) > 7  # more calls than the unchunked 7 (or fewer) groups
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1])
+    for a, b in zip(g, ref_g):
+        torch.testing.assert_close(a, b)

@@ -24,6 +24,43 @@ aten = torch.ops.aten
 
 # Query rows per chunk in the math path: bounds its (chunk x L) score matrix.
 _MATH_CHUNK = 1024
+# Several attention kernels index with 32 bits or launch one block row per (batch, head): keep
+# every call under these by chunking over Z and H (SPEC.md §7).
+MAX_ELEMENTS = 2**31 - 1
+MAX_BATCH_HEADS = 65535
+
+
+def _call_chunks(tensors) -> list:
+    """(z-slice, h-slice) pairs covering (Z, H) with each call under the limits above.
+
+    Every tensor is (Z, H, L_i, ...); the longest sets the chunk size (keys may be longer
+    than queries when sequence parallelism gathers them).
+    """
+    z, h = tensors[0].shape[:2]
+    per_head = max(1, max(t[0, 0].numel() for t in tensors))
+    h_step = max(1, min(h, MAX_ELEMENTS // per_head, MAX_BATCH_HEADS))
+    z_step = max(1, min(z, MAX_ELEMENTS // (per_head * h_step), MAX_BATCH_HEADS // h_step))
+    return [(slice(i, min(i + z_step, z)), slice(j, min(j + h_step, h)))
+            for i in range(0, z, z_step) for j in range(0, h, h_step)]
+
+
+def _chunked(fn, tensors, out_like):
+    """Run ``fn`` on (Z, H) chunks of ``tensors`` and assemble outputs shaped like ``out_like``.
+
+    Outputs are laid out (Z, L, H, ...) in memory, as the flash kernels return them.
+    """
+    chunks = _call_chunks(tensors)
+    if len(chunks) == 1:
+        return fn(*tensors)
+    results = None
+    for zs, hs in chunks:
+        parts = fn(*(t[zs, hs] for t in tensors))
+        if results is None:
+            results = [torch.empty((t.shape[0], t.shape[2], t.shape[1], *t.shape[3:]), dtype=p.dtype,
+                                   device=p.device).transpose(1, 2) for t, p in zip(out_like, parts)]
+        for r, p in zip(results, parts):
+            r[zs, hs].copy_(p)
+    return tuple(results)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,6 +123,12 @@ def _cuda_flash_ok(q: Tensor) -> bool:
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
              force_math: bool = False) -> Tuple[Tensor, Tensor]:
     """(out (Z, H, L, D), lse (Z, H, L)) of softmax(q k^T * scale [+ causal mask]) v."""
+    lse_like = torch.empty(q.shape[:-1], device="meta")
+    return _chunked(lambda a, b, c: _attn_fwd(a, b, c, causal, scale, force_math), (q, k, v),
+                    (q, lse_like))
+
+
+def _attn_fwd(q, k, v, causal, scale, force_math):
     if not force_math:
         if q.device.type == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
@@ -102,6 +145,11 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     Passing a *merged* out and lse yields this partial's share of the exact
     gradient of the merged attention (SPEC.md §7).
     """
+    return _chunked(lambda *t: _attn_bwd(*t, causal, scale, force_math), (q, k, v, do, out, lse),
+                    (q, k, v))
+
+
+def _attn_bwd(q, k, v, do, out, lse, causal, scale, force_math):
     if not force_math:
         if q.device.type == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
