@@ -4,6 +4,10 @@ For each N it measures forward and forward+backward of ``dilated_attention``
 and of dense causal ``F.scaled_dot_product_attention`` on the same machine in
 the same run, peak memory growth, and achieved GFLOP/s by SPEC.md §3's count.
 Prints a table; ``--csv`` and ``--plot`` write the results.
+
+Peak memory: on CUDA from the allocator's statistics; on CPU as growth of the
+resident set sampled in a thread, which the allocator's reuse of freed pages
+blurs for small tensors, so read it at large N (e.g. ``--n 65536 --no-dense``).
 """
 
 from __future__ import annotations
@@ -243,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best is reported")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run of a minute")
+    p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run of seconds")
     p.add_argument("--csv", default=None, help="write results to this CSV file")
     p.add_argument("--plot", default=None, help="write a PNG plot to this file")
     p.add_argument("--sequence-parallel", action="store_true",
@@ -275,7 +279,7 @@ def run(args: argparse.Namespace, argv_rest: Optional[List[str]] = None) -> int:
     else:
         pattern = DilatedPattern.paper()
     ns = _parse_ns(args.n) if args.n else ([2048, 4096] if args.quick else [4096, 8192, 16384])
-    repeats, warmup = (1, 0) if args.quick else (args.repeats, args.warmup)
+    repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)
     dtype = DTYPES[args.dtype]
     causal = not args.non_causal
     title = (f"{machine_name(device)} | {args.dtype} {'causal' if causal else 'non-causal'} | "
