@@ -18,7 +18,6 @@ import gc
 import os
 import platform
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -27,6 +26,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .fileio import atomic_path, atomic_savefig
 from .functional import dilated_attention
 from .patterns import DilatedPattern, dense_flops, dilated_flops
 
@@ -190,15 +190,11 @@ def format_table(rows: List[Row]) -> str:
 
 
 def write_csv(rows: List[Row], path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
         w.writeheader()
         for r in rows:
             w.writerow(asdict(r))
-    os.replace(tmp, path)
 
 
 def plot(rows: List[Row], path: str, title: str) -> None:
@@ -221,13 +217,10 @@ def plot(rows: List[Row], path: str, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
 from .config import LongNetConfig, TrainConfig
+from .fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "resolve_checkpoint", "rng_state",
            "set_rng_state", "atomic_write_text", "atomic_write_json", "CheckpointError"]
@@ -45,28 +46,6 @@ _FILES = ("model.safetensors", "config.json", "trainer_state.pt", "data_state.js
 
 class CheckpointError(ValueError):
     """A path that is not a (complete) longnet checkpoint."""
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
 def rng_state() -> Dict[str, Any]:

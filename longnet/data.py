@@ -43,7 +43,6 @@ import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 import time
 import zipfile
 import zlib
@@ -52,6 +51,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .fileio import atomic_path, atomic_write_json
 
 __all__ = [
     "LongNetDataError", "Corpus", "open_corpus", "open_builtin", "open_enwik8", "open_text",
@@ -148,23 +149,6 @@ def _is_binary(path: str) -> bool:
         return b"\0" in f.read(_SNIFF)
 
 
-def _atomic_write_json(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        _publish(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _publish(tmp: str, path: str) -> None:
-    # mkstemp creates 0600 files; a cache should be readable like any other file.
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -236,26 +220,20 @@ def _build_concat(files: Sequence[Tuple[str, str]], bin_path: str, *, header: Op
     mode = "file" if file_split and len(kept) > 1 and all(groups.values()) else "byte"
     order = groups["train"] + groups["valid"] + groups["test"] if mode == "file" else list(kept)
     lengths = {"train": 0, "valid": 0, "test": 0}
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(bin_path), prefix=".tmp-", suffix=".bin")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            for i, (rel, full) in enumerate(order):
-                start = out.tell()
-                if header is not None:
-                    out.write(header.format(rel=rel).encode("utf-8", "surrogateescape"))
-                elif i > 0:
-                    out.write(separator)
-                with open(full, "rb") as src:
-                    shutil.copyfileobj(src, out, _CHUNK)
-                if header is not None:
-                    out.write(separator)
-                if mode == "file":
-                    lengths[_bucket(rel)] += out.tell() - start
-            total = out.tell()
-        _publish(tmp, bin_path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    with atomic_path(bin_path, ".bin") as tmp, open(tmp, "wb") as out:
+        for i, (rel, full) in enumerate(order):
+            start = out.tell()
+            if header is not None:
+                out.write(header.format(rel=rel).encode("utf-8", "surrogateescape"))
+            elif i > 0:
+                out.write(separator)
+            with open(full, "rb") as src:
+                shutil.copyfileobj(src, out, _CHUNK)
+            if header is not None:
+                out.write(separator)
+            if mode == "file":
+                lengths[_bucket(rel)] += out.tell() - start
+        total = out.tell()
     if mode == "byte":
         lengths = dict(zip(("train", "valid", "test"), _byte_split(total, (90, 5, 5))))
     return {"total": total, "lengths": lengths, "mode": mode, "n_files": len(kept),
@@ -306,7 +284,7 @@ def _concat_corpus(name: str, kind: str, root: str, files, *, cache_dir, verbose
         meta["description"] = (f"{name}: {found_text}: {meta['n_files']} files"
                                + (f" ({meta['skipped_binary']} binary skipped)" if meta["skipped_binary"] else "")
                                + f", {meta['total']:,} bytes -> {bin_path}; " + _split_text(meta))
-        _atomic_write_json(meta_path, meta)
+        atomic_write_json(meta_path, meta)
         if verbose:
             print(f"[longnet.data] built {meta['description']} (in {seconds:.1f} s)", file=sys.stderr)
     L = meta["lengths"]
@@ -399,9 +377,8 @@ def _extract_enwik8(path: str, kind: str, expected_size: int, cdir: str, verbose
     if os.path.isfile(out_path) and os.path.getsize(out_path) == expected_size:
         return out_path
     t0 = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(dir=cdir, prefix=".tmp-", suffix=".bin")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_path(out_path, ".bin") as tmp:
+        with open(tmp, "wb") as out:
             try:
                 if kind == "zip":
                     with zipfile.ZipFile(path) as zf:
@@ -426,10 +403,6 @@ def _extract_enwik8(path: str, kind: str, expected_size: int, cdir: str, verbose
         if n != expected_size:
             raise _enwik8_error(f"{path!r} decompresses to {n:,} bytes" if n <= expected_size else
                                 f"{path!r} decompresses to more than {expected_size:,} bytes", expected_size)
-        _publish(tmp, out_path)
-    except BaseException:
-        _unlink(tmp)
-        raise
     if verbose:
         print(f"[longnet.data] extracted {path} -> {out_path} ({expected_size:,} bytes, "
               f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr)

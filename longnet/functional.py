@@ -10,7 +10,6 @@ import math
 import numbers
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor
 
 from .patterns import validate_pattern
@@ -48,8 +47,16 @@ def register_backend(name: str, fn: BackendFn, supports: Callable[[Tensor], bool
     BACKENDS[name] = (fn, supports, priority)
 
 
+_optional_loaded = False
+
+
 def _load_optional_backends() -> None:
     # Optional backends register themselves on import; a missing dependency just means "absent".
+    # Tried once: a failed import is not cached by Python and would search sys.path every call.
+    global _optional_loaded
+    if _optional_loaded:
+        return
+    _optional_loaded = True
     try:
         from .backends import triton_backend  # noqa: F401
     except ImportError:
@@ -62,7 +69,8 @@ def available_backends() -> Tuple[str, ...]:
 
 
 def _pick_backend(q: Tensor) -> str:
-    _load_optional_backends()
+    if q.device.type != "cpu":  # optional backends are GPU kernels: don't import them for CPU work
+        _load_optional_backends()
     ok = [(prio, name) for name, (_, supports, prio) in BACKENDS.items() if supports(q)]
     return max(ok)[1]
 
@@ -140,7 +148,8 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor,
     if backend is None:
         backend = _pick_backend(q)
     else:
-        _load_optional_backends()
+        if backend not in BACKENDS:
+            _load_optional_backends()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {backend!r}")
         if not BACKENDS[backend][1](q):

@@ -174,16 +174,6 @@ class LongNetLM(nn.Module):
 
     # ------------------------------------------------------------------ cached decoding
 
-    @staticmethod
-    def _raw_qkv(attn: MultiheadDilatedAttention, h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """h (B, N, E) -> q, k, v (B, N, H, D) before XPOS (qk-norm applied)."""
-        b, n, _ = h.shape
-        q, k, v = (p(h).view(b, n, attn.num_heads, attn.head_dim)
-                   for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        if attn.q_norm is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        return q, k, v
-
     def _new_cache(self, batch: int, capacity: int, like: Tensor) -> KVCache:
         c = self.config
         shape = (batch, capacity, c.n_heads, c.head_dim)
@@ -216,13 +206,14 @@ class LongNetLM(nn.Module):
         pos = torch.arange(n, device=tokens.device)
         for layer, blk in enumerate(self.blocks):
             attn = blk.attn
-            q, k, v = self._raw_qkv(attn, blk.attn_norm(x))
+            q, k, v = attn.project_raw(blk.attn_norm(x))
             if attn.xpos is not None:
+                # The cache keeps keys rotated but not decayed; the forward decays around the same
+                # centre as MultiheadDilatedAttention.project.
                 q, k = attn.xpos.rotate(q, pos), attn.xpos.rotate(k, pos)
                 cache.keys[layer][:, :n] = k
-                # The same decay and centre as MultiheadDilatedAttention.project.
-                f = attn.xpos.decay(pos, (n - 1) / 2).to(x.device)[None, :, None, :]
-                q, k = (q.float() * f).to(q.dtype), (k.float() / f).to(k.dtype)
+                f = attn.xpos.decay(pos, attn.xpos.default_center(0, n - 1)).to(x.device)[None, :, None, :]
+                q, k = attn.xpos.scale(q, k, f)
             else:
                 cache.keys[layer][:, :n] = k
             cache.values[layer][:, :n] = v
@@ -265,7 +256,7 @@ class LongNetLM(nn.Module):
         b = x.shape[0]
         for layer, blk in enumerate(self.blocks):
             attn = blk.attn
-            q, k, v = self._raw_qkv(attn, blk.attn_norm(x))
+            q, k, v = attn.project_raw(blk.attn_norm(x))
             if attn.xpos is not None:
                 q, k = attn.xpos.rotate(q, pos), attn.xpos.rotate(k, pos)
             kc, vc = cache.keys[layer], cache.values[layer]

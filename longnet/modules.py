@@ -7,7 +7,7 @@ q, k, v are (B, N, H, D) with D = E / H.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,9 @@ class XPOS(nn.Module):
     For position p, q is rotated by p and scaled by ``zeta^((p - c) / scale_base)``,
     k is rotated by p and scaled by ``zeta^(-(p - c) / scale_base)``; q.k then
     depends only on p_q - p_k, for any centre c. Callers pick c: the middle of
-    the positions for a full forward (keeps exponents small), the query position
-    when decoding from a cache (every factor is then <= 1).
+    the positions for a full forward (keeps exponents small, see
+    :meth:`default_center`), the query position when decoding from a cache
+    (every factor is then <= 1).
     """
 
     def __init__(self, head_dim: int, scale_base: float = 512.0, theta: float = 10000.0):
@@ -36,38 +37,83 @@ class XPOS(nn.Module):
         self.head_dim = head_dim
         self.scale_base = float(scale_base)
         half = torch.arange(0, head_dim, 2, dtype=torch.float32)
+        zeta = (half + 0.4 * head_dim) / (1.4 * head_dim)
         self.register_buffer("inv_freq", 1.0 / theta ** (half / head_dim), persistent=False)
-        self.register_buffer("zeta", (half + 0.4 * head_dim) / (1.4 * head_dim), persistent=False)
+        self.register_buffer("zeta", zeta, persistent=False)
+        # A Python float, so range checks never read a device tensor back to the host.
+        self._neg_log_zeta_min = float(-zeta.min().log())
+        self._range_cache = None  # (key, cos, sin, factor) of the last contiguous range
 
-    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotary rotation of x (B, N, H, D) by positions (N,)."""
+    @staticmethod
+    def default_center(first: float, last: float) -> float:
+        """The centre used for a full forward over positions first..last."""
+        return (first + last) / 2
+
+    def _check_range(self, first: float, last: float, center: float) -> None:
+        worst = max(abs(first - center), abs(last - center)) / self.scale_base * self._neg_log_zeta_min
+        if worst > 80.0:
+            raise ValueError(
+                f"XPOS decay overflows float32 for positions {int(first)}..{int(last)} around centre "
+                f"{float(center):.0f} with scale_base={self.scale_base}: |p - c| must stay below "
+                f"{int(80.0 / self._neg_log_zeta_min * self.scale_base)}; raise xpos_scale_base or use "
+                "xpos=False for longer sequences")
+
+    def _angles(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
         ang = positions.to(torch.float32)[:, None] * self.inv_freq  # (N, D/2)
-        cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
+        return ang.cos()[:, None, :], ang.sin()[:, None, :]
+
+    def _factor(self, positions: Tensor, center: float) -> Tensor:
+        expo = (positions.to(torch.float64) - center) / self.scale_base
+        f = self.zeta.double()[None, :] ** expo[:, None]
+        return f.repeat_interleave(2, dim=-1).float()
+
+    @staticmethod
+    def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
         return out.to(x.dtype)
 
-    def decay(self, positions: Tensor, center: Union[float, Tensor]) -> Tensor:
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotary rotation of x (B, N, H, D) by positions (N,)."""
+        return self._rotate(x, *self._angles(positions))
+
+    def decay(self, positions: Tensor, center: float) -> Tensor:
         """(N, D) factor zeta^((p - center) / scale_base); q is multiplied, k divided."""
-        expo = (positions.to(torch.float64) - center) / self.scale_base
-        worst = float(expo.abs().max()) * float(-self.zeta.min().log()) if expo.numel() else 0.0
-        if worst > 80.0:
-            raise ValueError(
-                f"XPOS decay overflows float32 for positions {int(positions.min())}..{int(positions.max())} "
-                f"around centre {float(center):.0f} with scale_base={self.scale_base}: |p - c| must stay "
-                f"below {int(80.0 / float(-self.zeta.min().log()) * self.scale_base)}; raise xpos_scale_base "
-                "or use xpos=False for longer sequences")
-        f = self.zeta.double()[None, :] ** expo[:, None]
-        return f.repeat_interleave(2, dim=-1).float()
+        if positions.numel():
+            self._check_range(float(positions.min()), float(positions.max()), center)
+        return self._factor(positions, center)
+
+    @staticmethod
+    def scale(q: Tensor, k: Tensor, factor: Tensor) -> Tuple[Tensor, Tensor]:
+        """Rotated q, k (B, N, H, D) times / divided by a decay factor broadcastable to them."""
+        return (q.float() * factor).to(q.dtype), (k.float() / factor).to(k.dtype)
 
     def forward(self, q: Tensor, k: Tensor, positions: Tensor, center=None):
         """Apply to q, k (B, N, H, D) at positions (N,). Returns (q, k)."""
         if center is None:
-            center = (float(positions[0]) + float(positions[-1])) / 2 if positions.numel() else 0.0
+            center = self.default_center(float(positions[0]), float(positions[-1])) if positions.numel() else 0.0
+        cos, sin = self._angles(positions)
         f = self.decay(positions, center).to(q.device)[None, :, None, :]
-        q = (self.rotate(q, positions).float() * f).to(q.dtype)
-        k = (self.rotate(k, positions).float() / f).to(k.dtype)
-        return q, k
+        return self.scale(self._rotate(q, cos, sin), self._rotate(k, cos, sin), f)
+
+    def forward_range(self, q: Tensor, k: Tensor, start: int, center: Optional[float] = None):
+        """As :meth:`forward` at positions start..start+N-1, from tables cached per range.
+
+        Every layer and step of a training run asks for the same range, so the
+        tables are built once, and the range is checked on Python ints (no
+        device-to-host sync).
+        """
+        n = q.shape[1]
+        if center is None:
+            center = self.default_center(start, start + n - 1)
+        key = (start, n, float(center), q.device)
+        if self._range_cache is None or self._range_cache[0] != key:
+            self._check_range(start, start + n - 1, center)
+            positions = torch.arange(start, start + n, device=q.device)
+            cos, sin = self._angles(positions)
+            self._range_cache = (key, cos, sin, self._factor(positions, center)[None, :, None, :])
+        _, cos, sin, f = self._range_cache
+        return self.scale(self._rotate(q, cos, sin), self._rotate(k, cos, sin), f)
 
 
 class RelativePositionBias(nn.Module):
@@ -164,21 +210,27 @@ class MultiheadDilatedAttention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def project(self, x: Tensor, positions: Optional[Tensor] = None, xpos_center=None):
-        """x (B, N, E) -> q, k, v (B, N, H, D), with qk-norm and XPOS applied.
-
-        ``positions`` (N,) defaults to ``position_offset + arange(N)``.
-        """
+    def project_raw(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, E) -> q, k, v (B, N, H, D), with qk-norm applied and no positions yet."""
         b, n, _ = x.shape
         q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def project(self, x: Tensor, positions: Optional[Tensor] = None, xpos_center=None):
+        """x (B, N, E) -> q, k, v (B, N, H, D), with qk-norm and XPOS applied.
+
+        ``positions`` (N,) defaults to ``position_offset + arange(N)``.
+        """
+        q, k, v = self.project_raw(x)
         if self.xpos is not None:
-            if positions is None:
-                positions = torch.arange(n, device=x.device) + self.position_offset
             center = xpos_center if xpos_center is not None else self.xpos_center
-            q, k = self.xpos(q, k, positions, center)
+            if positions is None:
+                q, k = self.xpos.forward_range(q, k, self.position_offset, center)
+            else:
+                q, k = self.xpos(q, k, positions, center)
         return q, k, v
 
     def finish(self, attn: Tensor) -> Tensor:

@@ -7,10 +7,9 @@ A pattern is a pair of equally long sequences ``segment_lengths`` (w_i) and
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Tuple
+from typing import Iterator, Tuple
 
 __all__ = [
     "DilatedPattern",

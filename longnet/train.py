@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .fileio import atomic_savefig, atomic_write_text
 from .config import (PRESETS, LongNetConfig, TrainConfig, apply_overrides, check_compatible,
                      config_fields_help, lr_factor, preset)
 
@@ -215,7 +216,7 @@ class _Log:
             with open(self.path, newline="", encoding="utf-8") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         # Rewrite (atomically) so rows past the checkpoint, from an interrupted run, are dropped.
-        from .checkpoint import atomic_write_text
+
         buf = io.StringIO()
         w = csv.DictWriter(buf, CSV_FIELDS)
         w.writeheader()
@@ -276,14 +277,10 @@ def plot_loss_curve(rows: List[Dict[str, Any]], path: str, title: str = "") -> O
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- training

@@ -19,12 +19,12 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .fileio import atomic_savefig
 from .patterns import DilatedPattern, dense_flops, dilated_flops
 from . import reach as _reach
 from .argtypes import positive_int
@@ -207,21 +207,10 @@ def _figure(size: Tuple[int, int]):
 
 def _save(fig, plt, path: str) -> str:
     """Write atomically at the figure's exact pixel size (no tight bbox, which would resize it)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".viz-", suffix=".png", dir=d)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
     try:
-        fig.savefig(tmp, dpi=fig.dpi, format="png")
-        os.replace(tmp, path)
+        return atomic_savefig(fig, path, dpi=fig.dpi)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def png_size(path: str) -> Tuple[int, int]:

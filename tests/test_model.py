@@ -1,6 +1,5 @@
 """LongNetConfig, LongNetLM (causality, cached decoding, init, options) and LongNetTransformer."""
 
-import dataclasses
 import math
 import subprocess
 import sys

@@ -128,3 +128,18 @@ def test_module_bad_input_shape():
     m = longnet.MultiheadDilatedAttention(32, 4, [8], [1])
     with pytest.raises(ValueError, match=r"x must have shape \(B, N, 32\)"):
         m(torch.randn(2, 10, 16))
+
+
+def test_xpos_cached_range_equals_general_path():
+    torch.manual_seed(4)
+    xp = XPOS(16)
+    q, k = torch.randn(2, 30, 3, 16), torch.randn(2, 30, 3, 16)
+    for start, center in ((0, None), (100, None), (100, 7.0)):
+        pos = torch.arange(start, start + 30)
+        want = xp(q, k, pos, center)
+        for _ in range(2):  # the second call is served from the cache
+            got = xp.forward_range(q, k, start, center)
+            torch.testing.assert_close(got[0], want[0])
+            torch.testing.assert_close(got[1], want[1])
+    with pytest.raises(ValueError, match="XPOS decay overflows"):
+        xp.forward_range(torch.randn(1, 8, 1, 16), torch.randn(1, 8, 1, 16), 10**6, 0.0)

@@ -1,6 +1,5 @@
 """dilated_attention: every backend against the dense reference, forward, lse and gradients."""
 
-import math
 
 import pytest
 import torch

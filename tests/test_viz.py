@@ -4,12 +4,11 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings, strategies as st
 
 from longnet.backends.reference import count_matrix as ref_count_matrix, keep_mask as ref_keep_mask
 from longnet.cli import main
-from longnet.patterns import DilatedPattern, dilated_flops
+from longnet.patterns import DilatedPattern
 from longnet.reach import dead_rows, depth_matrix, depth_vs_n, paper_depth_estimate, reach
 from longnet.viz import count_matrix, count_stats, keep_masks, png_size
 

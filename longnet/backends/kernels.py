@@ -15,7 +15,7 @@ Which kernel runs:
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
@@ -44,20 +44,21 @@ def _call_chunks(tensors) -> list:
             for i in range(0, z, z_step) for j in range(0, h, h_step)]
 
 
-def _chunked(fn, tensors, out_like):
-    """Run ``fn`` on (Z, H) chunks of ``tensors`` and assemble outputs shaped like ``out_like``.
+def _chunked(fn, tensors):
+    """Run ``fn`` on (Z, H) chunks of ``tensors`` (each (Z, H, ...)) and assemble its outputs.
 
     Outputs are laid out (Z, L, H, ...) in memory, as the flash kernels return them.
     """
     chunks = _call_chunks(tensors)
     if len(chunks) == 1:
         return fn(*tensors)
+    z, h = tensors[0].shape[:2]
     results = None
     for zs, hs in chunks:
         parts = fn(*(t[zs, hs] for t in tensors))
         if results is None:
-            results = [torch.empty((t.shape[0], t.shape[2], t.shape[1], *t.shape[3:]), dtype=p.dtype,
-                                   device=p.device).transpose(1, 2) for t, p in zip(out_like, parts)]
+            results = [torch.empty((z, p.shape[2], h, *p.shape[3:]), dtype=p.dtype, device=p.device)
+                       .transpose(1, 2) for p in parts]
         for r, p in zip(results, parts):
             r[zs, hs].copy_(p)
     return tuple(results)
@@ -123,9 +124,7 @@ def _cuda_flash_ok(q: Tensor) -> bool:
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
              force_math: bool = False) -> Tuple[Tensor, Tensor]:
     """(out (Z, H, L, D), lse (Z, H, L)) of softmax(q k^T * scale [+ causal mask]) v."""
-    lse_like = torch.empty(q.shape[:-1], device="meta")
-    return _chunked(lambda a, b, c: _attn_fwd(a, b, c, causal, scale, force_math), (q, k, v),
-                    (q, lse_like))
+    return _chunked(lambda a, b, c: _attn_fwd(a, b, c, causal, scale, force_math), (q, k, v))
 
 
 def _attn_fwd(q, k, v, causal, scale, force_math):
@@ -145,8 +144,7 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     Passing a *merged* out and lse yields this partial's share of the exact
     gradient of the merged attention (SPEC.md §7).
     """
-    return _chunked(lambda *t: _attn_bwd(*t, causal, scale, force_math), (q, k, v, do, out, lse),
-                    (q, k, v))
+    return _chunked(lambda *t: _attn_bwd(*t, causal, scale, force_math), (q, k, v, do, out, lse))
 
 
 def _attn_bwd(q, k, v, do, out, lse, causal, scale, force_math):

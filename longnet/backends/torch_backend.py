@@ -18,7 +18,8 @@ from torch import Tensor
 
 from . import kernels
 
-__all__ = ["dilated_attention_torch", "iter_units", "unit_view"]
+__all__ = ["dilated_attention_torch", "iter_units", "unit_view", "group_units", "merge_patterns",
+           "accumulate_grads", "merge_partial", "pad_last", "acc_dtype"]
 
 
 class Unit(NamedTuple):
@@ -118,12 +119,12 @@ def _stacked(x: Tensor, group: List[Unit]) -> Tensor:
     return torch.cat([unit_view(x, u) for u in group], dim=1)
 
 
-def _adopt(t: Tensor, b: int, n: int) -> Optional[Tensor]:
-    """t (Z, H, L, D) as a (B, N, H, D) tensor without a copy, if its memory allows; else None."""
+def _adopt(t: Tensor, b: int, n: int, dtype: torch.dtype) -> Optional[Tensor]:
+    """t (Z, H, L, *rest) as (B, N, H, *rest) without a copy, if its dtype and memory allow."""
     x = t.transpose(1, 2)
-    if not x.is_contiguous() or x.numel() != b * n * x.shape[2] * x.shape[3]:
+    if x.dtype != dtype or not x.is_contiguous() or x.shape[0] * x.shape[1] != b * n:
         return None
-    return x.view(b, n, x.shape[2], x.shape[3])
+    return x.view(b, n, *x.shape[2:])
 
 
 def _merge01(x: Tensor) -> Tensor:
@@ -131,84 +132,101 @@ def _merge01(x: Tensor) -> Tensor:
     return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of outputs and gradients: fp32 for half types."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def forward_merged(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates,
-                   causal: bool, scale: float, force_math: bool = False) -> Tuple[Tensor, Tensor]:
-    """(out (B, N, H, D) in q's dtype, lse (B, N, H)) of the mixture; no autograd."""
+def pad_last(x: Tensor, value: float) -> Tensor:
+    """x with one more column of ``value`` in its last dimension."""
+    return torch.cat([x, torch.full_like(x[..., :1], value)], -1)
+
+
+def merge_partial(out: Tensor, lse: Tensor, o_p: Tensor, l_p: Tensor) -> None:
+    """Merge one partial (o_p, l_p) into views (out, lse) in place: the stable update of SPEC.md §7.
+
+    out <- out + sigmoid(l_p - lse) (o_p - out); the weight is 1 where lse = -inf.
+    """
+    new = torch.logaddexp(lse, l_p)
+    out.lerp_(o_p.to(out.dtype), torch.sigmoid(l_p - lse).unsqueeze(-1).to(out.dtype))
+    lse.copy_(new)
+
+
+def _first_plan(units: List[Unit], fresh: bool) -> Tuple[Optional[int], bool]:
+    """(copy_pattern, adopt) for filling fresh buffers.
+
+    The first r = 1 pattern (``iter_units`` puts them first) writes every row,
+    so into fresh buffers it copies instead of merging; when it is a single
+    unit, its kernel output is laid out as the whole buffer and is adopted.
+    """
+    if not fresh or not units or units[0].rate != 1:
+        return None, False
+    first = units[0].pattern
+    return first, sum(u.pattern == first for u in units) == 1
+
+
+def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, causal: bool,
+                   scale: float, force_math: bool = False, out: Optional[Tensor] = None,
+                   lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Merge every pattern's partial attention into out (B, N, H, D) and lse (B, N, H).
+
+    Given buffers are merged into in place; without them, fresh ones are made
+    (out in the accumulation dtype) and returned (see :func:`_first_plan`).
+    """
     b, n, h, d = q.shape
-    acc = _acc_dtype(q.dtype)
+    acc, lse_dt = acc_dtype(q.dtype), kernels.lse_dtype(q.dtype)
     units = list(iter_units(b, n, h, segment_lengths, dilation_rates))
-    copy_pattern = units[0].pattern if units[0].rate == 1 else None
-    lse_dt = kernels.lse_dtype(q.dtype)
-    out = lse = None
-    if copy_pattern is not None and sum(u.pattern == copy_pattern for u in units) == 1:
-        # One r = 1 unit spans everything: its kernel output already is (B, N, H, D) in memory.
-        u = units.pop(0)
-        o_p, l_p = kernels.attn_fwd(_gathered(q, u), _gathered(k, u), _gathered(v, u), causal, scale,
-                                    force_math)
-        out = _adopt(o_p, b, n) if o_p.dtype == acc else None
-        lse = _adopt(l_p.unsqueeze(-1), b, n) if l_p.dtype == lse_dt else None
-        if out is None or lse is None:
-            out = torch.empty(b, n, h, d, dtype=acc, device=q.device)
-            lse = torch.empty(b, n, h, dtype=lse_dt, device=q.device)
-            unit_view(out, u).copy_(o_p)
-            unit_view(lse, u).copy_(l_p)
-        else:
-            lse = lse.squeeze(-1)
-    elif copy_pattern is not None:
-        # An r = 1 pattern writes every row, so its units can copy into an uninitialised buffer.
-        out = torch.empty(b, n, h, d, dtype=acc, device=q.device)
-        lse = torch.empty(b, n, h, dtype=lse_dt, device=q.device)
-    else:
-        out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
-        lse = torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
+    copy_pattern, adopt = _first_plan(units, fresh=out is None)
     for group in group_units(units):
         o_g, l_g = kernels.attn_fwd(_stacked(q, group), _stacked(k, group), _stacked(v, group), causal,
                                     scale, force_math)
+        if out is None:
+            if adopt:
+                out, lse = _adopt(o_g, b, n, acc), _adopt(l_g.unsqueeze(-1), b, n, lse_dt)
+                if out is not None and lse is not None:
+                    lse = lse.squeeze(-1)
+                    continue
+            alloc = torch.empty if copy_pattern is not None else torch.zeros
+            out = alloc(b, n, h, d, dtype=acc, device=q.device)
+            lse = torch.empty((b, n, h), dtype=lse_dt, device=q.device) if copy_pattern is not None \
+                else torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
         sizes = [_heads(u, h) for u in group]
         for u, o_p, l_p in zip(group, o_g.split(sizes, dim=1), l_g.split(sizes, dim=1)):
-            ov, lv = unit_view(out, u), unit_view(lse, u)
             if u.pattern == copy_pattern:
-                ov.copy_(o_p)
-                lv.copy_(l_p)
-                continue
-            new = torch.logaddexp(lv, l_p)
-            # out <- out + sigmoid(l_p - lse) (o_p - out); exact when lse = -inf (weight 1).
-            ov.lerp_(o_p.to(acc), torch.sigmoid(l_p - lv).unsqueeze(-1).to(acc))
-            lv.copy_(new)
-    return out.to(q.dtype), lse
+                unit_view(out, u).copy_(o_p)
+                unit_view(lse, u).copy_(l_p)
+            else:
+                merge_partial(unit_view(out, u), unit_view(lse, u), o_p, l_p)
+    if out is None:  # no pattern at all (sequence parallelism with only cross-rank patterns)
+        out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
+        lse = torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
+    return out, lse
 
 
-def backward_merged(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                    segment_lengths, dilation_rates, causal: bool, scale: float,
-                    force_math: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """Exact (dq, dk, dv) of the mixture, summing each partial's flash backward."""
+def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     segment_lengths, dilation_rates, causal: bool, scale: float,
+                     force_math: bool = False, grads: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+    """Exact (dq, dk, dv) of the mixture: each partial's flash backward at the merged out and lse.
+
+    Adds into given ``grads`` (B, N, H, D) in place, or makes and returns fresh
+    ones in the accumulation dtype (see :func:`_first_plan`).
+    """
     b, n, h, d = q.shape
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     units = list(iter_units(b, n, h, segment_lengths, dilation_rates))
-    copy_pattern = units[0].pattern if units[0].rate == 1 else None
-    grads = None
-    if copy_pattern is not None and sum(u.pattern == copy_pattern for u in units) == 1:
-        u = units.pop(0)
-        parts = kernels.attn_bwd(_gathered(do, u), _gathered(q, u), _gathered(k, u), _gathered(v, u),
-                                 _gathered(out, u), unit_view(lse, u), causal, scale, force_math)
-        adopted = [_adopt(p, b, n) if p.dtype == acc else None for p in parts]
-        if all(a is not None for a in adopted):
-            grads = adopted
-        else:
-            grads = [torch.empty(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
-            for g, p in zip(grads, parts):
-                unit_view(g, u).copy_(p)
-    if grads is None:
-        alloc = torch.empty if copy_pattern is not None else torch.zeros
-        grads = [alloc(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+    copy_pattern, adopt = _first_plan(units, fresh=grads is None)
     for group in group_units(units):
-        lse_g = torch.cat([unit_view(lse, u) for u in group], dim=1)
         parts = kernels.attn_bwd(_stacked(do, group), _stacked(q, group), _stacked(k, group),
-                                 _stacked(v, group), _stacked(out, group), lse_g, causal, scale, force_math)
+                                 _stacked(v, group), _stacked(out, group), _stacked(lse, group), causal,
+                                 scale, force_math)
+        if grads is None:
+            if adopt:
+                adopted = [_adopt(p, b, n, acc) for p in parts]
+                if all(a is not None for a in adopted):
+                    grads = adopted
+                    continue
+            alloc = torch.empty if copy_pattern is not None else torch.zeros
+            grads = [alloc(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
         sizes = [_heads(u, h) for u in group]
         for g, p in zip(grads, parts):
             for u, p_u in zip(group, p.split(sizes, dim=1)):
@@ -216,13 +234,16 @@ def backward_merged(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                     unit_view(g, u).copy_(p_u)
                 else:
                     unit_view(g, u).add_(p_u)
-    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v)))
+    if grads is None:
+        grads = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+    return list(grads)
 
 
 class _DilatedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, segment_lengths, dilation_rates, causal, scale, force_math):
-        out, lse = forward_merged(q, k, v, segment_lengths, dilation_rates, causal, scale, force_math)
+        out, lse = merge_patterns(q, k, v, segment_lengths, dilation_rates, causal, scale, force_math)
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (segment_lengths, dilation_rates, causal, scale, force_math)
         ctx.set_materialize_grads(False)
@@ -234,22 +255,17 @@ class _DilatedAttentionFn(torch.autograd.Function):
         segment_lengths, dilation_rates, causal, scale, force_math = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
+        d = q.shape[-1]
         if dlse is not None:
-            # d lse_p / d s_pj = P_pj, so an lse gradient adds P * dlse to dS. Append a column of
-            # ones to v (dP gains dlse) and of zeros to out (the row term D is unchanged): the
-            # same exact partial-by-partial backward then carries it.
-            def pad(x, value):
-                return torch.cat([x, torch.full_like(x[..., :1], value)], -1)
-            # q and k get a zero column so all head dims agree and the scores are unchanged.
-            dq, dk, dv = backward_merged(
-                torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], -1),
-                pad(q, 0.0), pad(k, 0.0), pad(v, 1.0), pad(out, 0.0),
-                lse, segment_lengths, dilation_rates, causal, scale, force_math)
-            dq, dk = dq[..., :-1], dk[..., :-1]
-            dv = dv[..., :-1]
-        else:
-            dq, dk, dv = backward_merged(dout.contiguous(), q, k, v, out, lse, segment_lengths,
-                                         dilation_rates, causal, scale, force_math)
+            # d lse_p / d s_pj = P_pj, so an lse gradient adds P * dlse to dS. A column of ones on
+            # v (dP gains dlse) and of zeros on out (the row term is unchanged) let the same exact
+            # backward carry it; q and k get zero columns so head dims agree and scores are unchanged.
+            dout = torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], -1)
+            q, k, v, out = pad_last(q, 0.0), pad_last(k, 0.0), pad_last(v, 1.0), pad_last(out, 0.0)
+        # contiguous(): autograd may hand over an expanded (stride-0) gradient.
+        grads = accumulate_grads(dout.contiguous(), q, k, v, out, lse, segment_lengths, dilation_rates,
+                                 causal, scale, force_math)
+        dq, dk, dv = (g[..., :d].to(q.dtype) for g in grads)
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -41,7 +41,6 @@ never picks the slow interpreter; ``backend="triton"`` still selects it.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple

@@ -25,12 +25,13 @@ import argparse
 import csv
 import os
 import sys
-import tempfile
+
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_path
 from ..functional import dilated_attention
 from ..patterns import DilatedPattern, dense_flops, dilated_flops
 
@@ -186,15 +187,11 @@ def largest_n(dtype, pattern: DilatedPattern, cap: int, start: int = 1 << 18, st
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in FIELDS})
-    os.replace(tmp, path)
 
 
 def sweep(args, dtype, pattern: DilatedPattern) -> None:

@@ -36,6 +36,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from ..fileio import atomic_path, atomic_savefig
+
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -215,14 +217,6 @@ def format_table(rows: List[Row], header: bool = True) -> str:
     return "\n".join(lines)
 
 
-def _atomic_path(path: str, suffix: str):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=suffix)
-    os.close(fd)
-    return tmp
-
-
 def write_csv(rows: List[Row], path: str, append: bool = False) -> List[Row]:
     """Write rows (after the rows already in ``path`` when ``append``); returns all rows written."""
     if append and os.path.exists(path):
@@ -231,13 +225,11 @@ def write_csv(rows: List[Row], path: str, append: bool = False) -> List[Row]:
             conv = {"int": int, "float": float, "str": str}
             old = [Row(**{k: conv[types[k]](v) for k, v in rec.items()}) for rec in csv.DictReader(f)]
         rows = old + rows
-    tmp = _atomic_path(path, ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
         w.writeheader()
         for r in rows:
             w.writerow(asdict(r))
-    os.replace(tmp, path)
     return rows
 
 
@@ -273,10 +265,10 @@ def plot(rows: List[Row], path: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(rows[-1].config, fontsize=9)
     fig.tight_layout()
-    tmp = _atomic_path(path, ".png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_savefig(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..backends import kernels
-from ..backends.torch_backend import iter_units, unit_view
+from ..backends.torch_backend import accumulate_grads, acc_dtype, merge_partial, merge_patterns, pad_last
 from .comm import all_gather_chunks, reduce_scatter_chunks, segment_group
 
 __all__ = ["sequence_parallel_dilated_attention", "check_sequence_parallel", "prepare_sequence_parallel",
@@ -163,30 +163,13 @@ def _partials(kv: Tensor, s: int, r: int, span: SegmentSpan, causal: bool, lr: i
     yield kv[0, :, s::r, sl], kv[1, :, s::r, sl], True, sl
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def _merge(ov: Tensor, lv: Tensor, o_p: Tensor, l_p: Tensor) -> None:
-    # SPEC §7: out <- out + sigmoid(l_p - lse) (o_p - out); weight 1 when lse = -inf.
-    new = torch.logaddexp(lv, l_p)
-    ov.lerp_(o_p.to(ov.dtype), torch.sigmoid(l_p - lv).unsqueeze(-1).to(ov.dtype))
-    lv.copy_(new)
-
-
 def _forward(q, k, v, local, spans, groups, causal, scale, force_math):
     b, L, h, d = q.shape
-    acc = _acc_dtype(q.dtype)
     # Start every gather first, so traffic overlaps the local patterns' compute.
     pending = [all_gather_chunks(_pack(k, v, sp.rate), pg, order, "forward")
                for sp, (pg, order) in zip(spans, groups)]
-    out = torch.zeros(b, L, h, d, dtype=acc, device=q.device)
-    lse = torch.full((b, L, h), float("-inf"), dtype=kernels.lse_dtype(q.dtype), device=q.device)
-    if local:
-        for u in iter_units(b, L, h, [w for w, _ in local], [r for _, r in local]):
-            o_p, l_p = kernels.attn_fwd(unit_view(q, u), unit_view(k, u), unit_view(v, u), causal, scale,
-                                        force_math)
-            _merge(unit_view(out, u), unit_view(lse, u), o_p, l_p)
+    out, lse = merge_patterns(q, k, v, [w for w, _ in local], [r for _, r in local], causal, scale,
+                              force_math)
     gathered = []
     for sp, work in zip(spans, pending):
         r, lr = sp.rate, L // sp.rate
@@ -197,18 +180,14 @@ def _forward(q, k, v, local, spans, groups, causal, scale, force_math):
             qs, ov, lv = _offset_view(q, r, s), _offset_view(out, r, s), _offset_view(lse, r, s)
             for ks, vs, c, _ in _partials(kv, s, r, sp, causal, lr):
                 o_p, l_p = kernels.attn_fwd(qs, ks, vs, c, scale, force_math)
-                _merge(ov, lv, o_p, l_p)
+                merge_partial(ov, lv, o_p, l_p)
     return out.to(q.dtype), lse, gathered
-
-
-def _pad(x: Tensor, value: float) -> Tensor:
-    return torch.cat([x, torch.full_like(x[..., :1], value)], -1)
 
 
 def _backward(do, q, k, v, out, lse, gathered, local, spans, groups, causal, scale, force_math, d_keep):
     """Exact (dq, dk, dv); ``d_keep`` head-dim columns are real (the rest carry the lse gradient)."""
     b, L, h, d = q.shape
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dv = torch.zeros(v.shape, dtype=acc, device=q.device)
@@ -229,12 +208,8 @@ def _backward(do, q, k, v, out, lse, gathered, local, spans, groups, causal, sca
         # Back to (m, 2, B, L/r, H, D) chunks, one per segment position; drop the lse column.
         chunks = dkv[..., :d_keep].view(2, b, h, sp.count, lr, d_keep).permute(3, 0, 1, 4, 2, 5)
         pending.append((sp, reduce_scatter_chunks(chunks, pg, order, "backward")))
-    if local:
-        for u in iter_units(b, L, h, [w for w, _ in local], [r for _, r in local]):
-            parts = kernels.attn_bwd(unit_view(do, u), unit_view(q, u), unit_view(k, u), unit_view(v, u),
-                                     unit_view(out, u), unit_view(lse, u), causal, scale, force_math)
-            for g, p in zip((dq, dk, dv), parts):
-                unit_view(g, u).add_(p)
+    accumulate_grads(do, q, k, v, out, lse, [w for w, _ in local], [r for _, r in local], causal, scale,
+                     force_math, grads=(dq, dk, dv))
     for sp, work in pending:
         _unpack_add(dk[..., :d_keep], dv[..., :d_keep], work.wait(), sp.rate)
     return dq, dk, dv
@@ -260,8 +235,7 @@ class _SequenceParallelFn(torch.autograd.Function):
             # d lse / d score = P, so an lse gradient adds P * dlse to dS: a column of ones in v
             # (dP gains dlse) and of zeros in out, q, k leaves everything else unchanged.
             dout = torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], -1)
-            q, k, out = _pad(q, 0.0), _pad(k, 0.0), _pad(out, 0.0)
-            v = _pad(v, 1.0)
+            q, k, v, out = pad_last(q, 0.0), pad_last(k, 0.0), pad_last(v, 1.0), pad_last(out, 0.0)
             gathered = [torch.cat([kv, torch.stack([torch.zeros_like(kv[0, ..., :1]),
                                                     torch.ones_like(kv[1, ..., :1])])], -1)
                         for kv in gathered]

@@ -23,6 +23,8 @@ import functools
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..modules import XPOS
+
 __all__ = ["make_mesh", "sequence_group", "shard_sequence", "apply_sequence_parallel", "data_parallel",
            "mesh_group", "sequence_parallel_disabled"]
 
@@ -81,7 +83,7 @@ def _set_offset_hook(rank: int, size: int, seq_dim: int):
             # XPOS scales q and k around a centre; q.k is relative only if every rank uses the
             # same one, so it is the middle of the global sequence rather than of this block.
             if hasattr(module, "xpos_center"):
-                module.xpos_center = (size * block - 1) / 2
+                module.xpos_center = XPOS.default_center(0, size * block - 1)
     return hook
 
 
