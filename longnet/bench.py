@@ -217,10 +217,7 @@ def plot(rows: List[Row], path: str, title: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        atomic_savefig(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

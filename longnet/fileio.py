@@ -46,7 +46,12 @@ def atomic_write_json(path: str, obj: Any) -> None:
 
 
 def atomic_savefig(fig, path: str, **savefig_kwargs) -> str:
-    """Save a matplotlib figure as PNG atomically; returns ``path``."""
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", **savefig_kwargs)
+    """Save a matplotlib figure as PNG atomically and close it (also on error); returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, format="png", **savefig_kwargs)
+    finally:
+        plt.close(fig)
     return path

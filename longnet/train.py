@@ -277,10 +277,7 @@ def plot_loss_curve(rows: List[Dict[str, Any]], path: str, title: str = "") -> O
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    try:
-        return atomic_savefig(fig, path)
-    finally:
-        plt.close(fig)
+    return atomic_savefig(fig, path)
 
 
 # ----------------------------------------------------------------------------- training

@@ -205,12 +205,9 @@ def _figure(size: Tuple[int, int]):
     return fig, plt
 
 
-def _save(fig, plt, path: str) -> str:
+def _save(fig, path: str) -> str:
     """Write atomically at the figure's exact pixel size (no tight bbox, which would resize it)."""
-    try:
-        return atomic_savefig(fig, path, dpi=fig.dpi)
-    finally:
-        plt.close(fig)
+    return atomic_savefig(fig, path, dpi=fig.dpi)
 
 
 def png_size(path: str) -> Tuple[int, int]:
@@ -291,7 +288,7 @@ def plot_patterns(pattern, n: int, num_heads: int, path: str, *, size=(1200, 900
         axes[row, 0].set_xlabel("position" if row == k else "", fontsize=7)
     fig.suptitle(f"{pat}  N={n}  H={num_heads}", fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.98, top=0.93, bottom=0.06, hspace=0.9, wspace=0.12)
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 def plot_count_matrix(c_blocks: np.ndarray, n: int, block: int, path: str, *, title: str,
@@ -330,7 +327,7 @@ def plot_count_matrix(c_blocks: np.ndarray, n: int, block: int, path: str, *, ti
     ax.set_xlabel("key position j")
     ax.set_ylabel("query position p")
     fig.subplots_adjust(left=0.08, right=0.95, top=0.9, bottom=0.08)
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 def plot_depth_matrix(depth: np.ndarray, path: str, *, title: str, size=(1200, 900),
@@ -365,7 +362,7 @@ def plot_depth_matrix(depth: np.ndarray, path: str, *, title: str, size=(1200, 9
     ax.set_xlabel("source token j")
     ax.set_ylabel("target token i")
     fig.subplots_adjust(left=0.08, right=0.95, top=0.9, bottom=0.08)
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 def plot_depth_vs_n(curves: Dict[str, list], path: str, *, title: str, size=(1200, 900)) -> str:
@@ -395,7 +392,7 @@ def plot_depth_vs_n(curves: Dict[str, list], path: str, *, title: str, size=(120
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.subplots_adjust(left=0.08, right=0.97, top=0.92, bottom=0.08)
-    return _save(fig, plt, path)
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -265,10 +265,7 @@ def plot(rows: List[Row], path: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(rows[-1].config, fontsize=9)
     fig.tight_layout()
-    try:
-        atomic_savefig(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
