@@ -10,11 +10,11 @@ from typing import List, Optional
 # subcommand -> (module, one-line help). Each module defines
 # ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
-    "train": ("longnet.train", "train a LongNet language model (default: tiny preset, built-in corpus)"),
-    "eval": ("longnet.evaluate", "bits-per-byte of a checkpoint on valid/test data"),
-    "generate": ("longnet.generate", "sample text from a checkpoint"),
-    "bench": ("longnet.bench", "time and memory of dilated vs dense attention"),
-    "viz": ("longnet.viz", "draw dilation patterns, count matrices and reach"),
+    "train": ("longnet.training.trainer", "train a LongNet language model (default: tiny preset, built-in corpus)"),
+    "eval": ("longnet.training.evaluate", "bits-per-byte of a checkpoint on valid/test data"),
+    "generate": ("longnet.training.generate", "sample text from a checkpoint"),
+    "bench": ("longnet.bench.op", "time and memory of dilated vs dense attention"),
+    "viz": ("longnet.analysis.viz", "draw dilation patterns, count matrices and reach"),
 }
 
 

@@ -8,71 +8,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
+from .backends.registry import available_backends, get_backend, register_backend
 from .patterns import validate_pattern
 
-__all__ = ["dilated_attention", "available_backends", "register_backend", "BACKENDS"]
-
-BackendFn = Callable[..., Tuple[Tensor, Tensor]]
-
-
-def _reference(q, k, v, w, r, *, is_causal, scale):
-    from .backends.reference import dilated_attention_reference
-    return dilated_attention_reference(q, k, v, w, r, is_causal=is_causal, scale=scale)
-
-
-def _torch(q, k, v, w, r, *, is_causal, scale):
-    from .backends.torch_backend import dilated_attention_torch
-    return dilated_attention_torch(q, k, v, w, r, is_causal=is_causal, scale=scale)
-
-
-def _math(q, k, v, w, r, *, is_causal, scale):
-    from .backends.torch_backend import dilated_attention_torch
-    return dilated_attention_torch(q, k, v, w, r, is_causal=is_causal, scale=scale, force_math=True)
-
-
-# name -> (callable, predicate "can run these inputs", auto-selection priority: higher first)
-BACKENDS: Dict[str, Tuple[BackendFn, Callable[[Tensor], bool], int]] = {
-    "reference": (_reference, lambda q: True, -1),
-    "math": (_math, lambda q: True, 0),
-    "torch": (_torch, lambda q: q.device.type in ("cpu", "cuda"), 10),
-}
-
-
-def register_backend(name: str, fn: BackendFn, supports: Callable[[Tensor], bool], priority: int) -> None:
-    """Add a backend. ``fn(q, k, v, w, r, *, is_causal, scale) -> (out, lse)``."""
-    BACKENDS[name] = (fn, supports, priority)
-
-
-_optional_loaded = False
-
-
-def _load_optional_backends() -> None:
-    # Optional backends register themselves on import; a missing dependency just means "absent".
-    # Tried once: a failed import is not cached by Python and would search sys.path every call.
-    global _optional_loaded
-    if _optional_loaded:
-        return
-    _optional_loaded = True
-    try:
-        from .backends import triton_backend  # noqa: F401
-    except ImportError:
-        pass
-
-
-def available_backends() -> Tuple[str, ...]:
-    _load_optional_backends()
-    return tuple(BACKENDS)
-
-
-def _pick_backend(q: Tensor) -> str:
-    if q.device.type != "cpu":  # optional backends are GPU kernels: don't import them for CPU work
-        _load_optional_backends()
-    ok = [(prio, name) for name, (_, supports, prio) in BACKENDS.items() if supports(q)]
-    return max(ok)[1]
+__all__ = ["dilated_attention", "available_backends", "register_backend"]
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -141,19 +84,9 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor,
     w, r = validate_pattern(segment_lengths, dilation_rates)
     scale = _check_scale(scale, q.shape[-1])
     if group is not None:
-        from .distributed import sequence_parallel_dilated_attention
+        from .backends.sequence_parallel import sequence_parallel_dilated_attention
         out, lse = sequence_parallel_dilated_attention(q, k, v, w, r, group=group, is_causal=is_causal,
                                                        scale=scale, backend=backend)
-        return (out, lse) if return_lse else out
-    if backend is None:
-        backend = _pick_backend(q)
     else:
-        if backend not in BACKENDS:
-            _load_optional_backends()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {backend!r}")
-        if not BACKENDS[backend][1](q):
-            raise ValueError(f"backend {backend!r} does not support {q.dtype} tensors on {q.device}")
-    fn = BACKENDS[backend][0]
-    out, lse = fn(q, k, v, w, r, is_causal=bool(is_causal), scale=scale)
+        out, lse = get_backend(backend, q).fn(q, k, v, w, r, is_causal=bool(is_causal), scale=scale)
     return (out, lse) if return_lse else out

@@ -346,12 +346,6 @@ class LongNetLM(nn.Module):
         res = torch.cat(out, dim=1)
         return res[0] if squeeze else res
 
-    @classmethod
-    def from_checkpoint(cls, path: str, *, map_location="cpu") -> "LongNetLM":
-        """Load a model saved by ``longnet train`` (a run folder or one checkpoint folder)."""
-        from .checkpoint import load_model
-        return load_model(path, map_location=map_location)
-
 
 def _sample(logits: Tensor, temperature: float, top_k: Optional[int],
             generator: Optional[torch.Generator]) -> Tensor:

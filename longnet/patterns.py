@@ -206,25 +206,3 @@ class DilatedPattern:
             except ValueError:
                 raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
         return cls(ints("segment_lengths", segment_lengths), ints("dilation_rates", dilation_rates))
-
-    # Analysis views (longnet.viz / longnet.reach); imported lazily so patterns stays light.
-
-    def keep_masks(self, n: int, num_heads: int):
-        """(K, H, N) bool numpy array: rows kept by each pattern and head (see :func:`longnet.viz.keep_masks`)."""
-        from .viz import keep_masks
-        return keep_masks(self, n, num_heads)
-
-    def count_matrix(self, n: int, num_heads: int, *, causal: bool = False, head=None, block: int = 1):
-        """C of SPEC.md §2 as int64 numpy, (H, N, N) or block sums (see :func:`longnet.viz.count_matrix`)."""
-        from .viz import count_matrix
-        return count_matrix(self, n, num_heads, causal=causal, head=head, block=block)
-
-    def reach(self, n: int, num_heads: int, *, causal: bool = False):
-        """All-pairs layer depth summary at length n (see :func:`longnet.reach.reach`)."""
-        from .reach import reach
-        return reach(self, n, num_heads, causal=causal)
-
-    def depth_matrix(self, n: int, num_heads: int, *, causal: bool = False):
-        """(N, N) layers for token j to reach token i, -1 = never (see :func:`longnet.reach.depth_matrix`)."""
-        from .reach import depth_matrix
-        return depth_matrix(self, n, num_heads, causal=causal)

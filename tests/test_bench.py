@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from longnet import bench
+from longnet.bench import op as bench
 from longnet.cli import main
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-import longnet.train as train_mod
-from longnet.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint
+import longnet.training.trainer as train_mod
+from longnet.training.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint
 from longnet.cli import main
 
 MICRO = ["--set", "model.n_layers=2", "--set", "d_model=32", "--set", "n_heads=4", "--set", "d_ffn=64",

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import longnet.train as train_mod
-from longnet.checkpoint import (CheckpointError, load_checkpoint, load_model, load_trainer_state,
+import longnet.training.trainer as train_mod
+from longnet.training.checkpoint import (CheckpointError, load_checkpoint, load_model, load_trainer_state,
                                 resolve_checkpoint, save_checkpoint)
 from longnet.cli import main
 from longnet.config import TrainConfig, preset

@@ -184,10 +184,10 @@ def test_awkward_cases_have_empty_rows(interp_results):
 # --------------------------------------------------------------------------- in-process checks
 
 def test_backend_none_never_picks_triton_on_cpu():
-    from longnet.functional import _pick_backend, available_backends
+    from longnet.backends.registry import pick_backend, available_backends
     assert "triton" in available_backends()
     for dt in (torch.float16, torch.bfloat16, torch.float32):
-        assert _pick_backend(torch.zeros(1, 8, 2, 32, dtype=dt)) != "triton"
+        assert pick_backend(torch.zeros(1, 8, 2, 32, dtype=dt)).name != "triton"
 
 
 def test_supports_predicate():
@@ -220,7 +220,7 @@ def test_block_config_validation():
 
 
 def test_bench_parses_and_needs_cuda():
-    from longnet.backends import triton_bench
+    from longnet.bench import triton_kernel as triton_bench
     args = triton_bench.parse_args(["--csv", "x.csv", "--dims", "12x64,16x128", "--seq-lens", "16k,1M"])
     assert args.seq_lens == [16384, 1 << 20] and args.dims == [(12, 64), (16, 128)]
     if not torch.cuda.is_available():
@@ -256,9 +256,9 @@ def test_gpu_matches_reference(cid):
 @pytest.mark.gpu
 @gpu
 def test_gpu_backend_none_picks_triton():
-    from longnet.functional import _pick_backend
-    assert _pick_backend(torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")) == "triton"
-    assert _pick_backend(torch.zeros(1, 8, 2, 64, dtype=torch.float32, device="cuda")) != "triton"
+    from longnet.backends.registry import pick_backend
+    assert pick_backend(torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16, device="cuda")).name == "triton"
+    assert pick_backend(torch.zeros(1, 8, 2, 64, dtype=torch.float32, device="cuda")).name != "triton"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

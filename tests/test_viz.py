@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 from longnet.backends.reference import count_matrix as ref_count_matrix, keep_mask as ref_keep_mask
 from longnet.cli import main
 from longnet.patterns import DilatedPattern
-from longnet.reach import dead_rows, depth_matrix, depth_vs_n, paper_depth_estimate, reach
-from longnet.viz import count_matrix, count_stats, keep_masks, png_size
+from longnet.analysis.reach import dead_rows, depth_matrix, depth_vs_n, paper_depth_estimate, reach
+from longnet.analysis.viz import count_matrix, count_stats, keep_masks, png_size
 
 
 @st.composite
@@ -76,14 +76,14 @@ def test_sum_of_c_is_the_flop_count():
     assert 4 * d * total == pat.flops(n, heads, d)
 
 
-def test_pattern_object_api():
+def test_analysis_functions_take_a_pattern_object():
     pat = DilatedPattern((2, 4, 8), (1, 2, 4))
-    assert pat.keep_masks(8, 4).shape == (3, 4, 8)
-    np.testing.assert_array_equal(pat.count_matrix(8, 4, causal=True),
+    assert keep_masks(pat, 8, 4).shape == (3, 4, 8)
+    np.testing.assert_array_equal(count_matrix(pat, 8, 4, causal=True),
                                   ref_count_matrix(8, 4, pat.segment_lengths, pat.dilation_rates,
                                                    is_causal=True).numpy())
-    assert pat.reach(8, 4).max_depth == 3
-    assert pat.depth_matrix(8, 4).shape == (8, 8)
+    assert reach(pat, 8, 4).max_depth == 3
+    assert depth_matrix(pat, 8, 4).shape == (8, 8)
 
 
 # --------------------------------------------------------------------------- reach, hand-checked

@@ -51,9 +51,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ..functional import register_backend
-
-__all__ = ["dilated_attention_triton", "supports", "BlockConfig", "default_config", "INTERPRET",
+__all__ = ["dilated_attention_triton", "supports", "why_not", "backend_fn", "BlockConfig", "default_config", "INTERPRET",
            "TRITON_VERSION"]
 
 TRITON_VERSION = triton.__version__
@@ -469,29 +467,34 @@ def _fit(block: Tuple[int, int, int, int], kept: int) -> Tuple[int, int, int, in
 
 # --------------------------------------------------------------------------- host side
 
+def why_not(q: Tensor) -> Optional[str]:
+    """Why ``backend="triton"`` cannot run q (B, N, H, D), or None when it can."""
+    d = q.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS:
+        return f"it needs head dim D in {SUPPORTED_HEAD_DIMS}, got D={d}"
+    if q.device.type == "cuda" and not INTERPRET:
+        if q.dtype not in _GPU_DTYPES:
+            return f"it needs float16 or bfloat16 on CUDA, got {q.dtype}"
+        return None
+    if not INTERPRET:
+        return (f"it runs on CUDA tensors, got a tensor on {q.device}. To run the kernels on CPU "
+                "(slowly, for testing) set TRITON_INTERPRET=1 before importing triton/longnet")
+    if q.device.type not in ("cpu", "cuda"):
+        return f"the interpreter runs cpu tensors, got a tensor on {q.device}"
+    if q.dtype not in _INTERP_DTYPES:
+        return f"it needs float16, bfloat16 or float32, got {q.dtype}"
+    return None
+
+
 def supports(q: Tensor) -> bool:
     """Whether ``backend="triton"`` can run q (B, N, H, D)'s dtype, device and head dim."""
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return False
-    if q.device.type == "cuda":
-        return q.dtype in (_INTERP_DTYPES if INTERPRET else _GPU_DTYPES)
-    return INTERPRET and q.device.type == "cpu" and q.dtype in _INTERP_DTYPES
+    return why_not(q) is None
 
 
 def _check_runnable(q: Tensor) -> None:
-    d = q.shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"the triton backend needs head dim D in {SUPPORTED_HEAD_DIMS}, got D={d}")
-    if q.device.type == "cuda" and not INTERPRET:
-        if q.dtype not in _GPU_DTYPES:
-            raise TypeError(f"the triton backend needs float16 or bfloat16 on CUDA, got {q.dtype}")
-        return
-    if not INTERPRET:
-        raise ValueError(
-            f"the triton backend runs on CUDA tensors; got a tensor on {q.device}. To run the kernels "
-            "on CPU (slowly, for testing) set TRITON_INTERPRET=1 before importing triton/longnet.")
-    if q.dtype not in _INTERP_DTYPES:
-        raise TypeError(f"the triton backend needs float16, bfloat16 or float32, got {q.dtype}")
+    reason = why_not(q)
+    if reason is not None:
+        raise ValueError(f"the triton backend cannot run this input: {reason}")
 
 
 def _last_contiguous(x: Tensor) -> Tensor:
@@ -637,10 +640,6 @@ def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, segment_lengths, d
                                            bool(is_causal), float(scale))
 
 
-def _backend_fn(q, k, v, w, r, *, is_causal, scale):
+def backend_fn(q, k, v, w, r, *, is_causal, scale):
+    """The registry's entry point (see :mod:`longnet.backends.registry`)."""
     return dilated_attention_triton(q, k, v, w, r, is_causal=is_causal, scale=scale)
-
-
-# The interpreter is for tests: never let backend=None pick it (the math backend, priority 0,
-# supports everything), while backend="triton" still reaches it.
-register_backend("triton", _backend_fn, supports, priority=-2 if INTERPRET else 20)

@@ -7,11 +7,11 @@
 - :class:`CommStats`, :func:`comm_stats`, :func:`global_comm_stats` — bytes sent and received.
 - :func:`make_mesh`, :func:`shard_sequence`, :func:`apply_sequence_parallel`,
   :func:`data_parallel` — a 2-D (data x sequence) mesh applied from outside the model.
-- ``python -m longnet.distributed.bench`` — weak-scaling benchmark.
+- ``python -m longnet.bench.sp`` — weak-scaling benchmark.
 """
 
-from .comm import CommStats, comm_stats, forget_subgroups, global_comm_stats
-from .ops import (SegmentSpan, check_sequence_parallel, prepare_sequence_parallel,
+from ..backends.collectives import CommStats, comm_stats, forget_subgroups, global_comm_stats
+from ..backends.sequence_parallel import (SegmentSpan, check_sequence_parallel, prepare_sequence_parallel,
                   sequence_parallel_dilated_attention)
 from .parallel import (apply_sequence_parallel, data_parallel, make_mesh, mesh_group, sequence_group,
                        sequence_parallel_disabled, shard_sequence)

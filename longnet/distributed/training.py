@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops import check_sequence_parallel, prepare_sequence_parallel
+from ..backends.sequence_parallel import check_sequence_parallel, prepare_sequence_parallel
 from .parallel import apply_sequence_parallel, data_parallel, make_mesh, sequence_group, shard_sequence
 
 __all__ = ["DistContext", "resolve_parallel_sizes", "check_parallel_config", "init_distributed",
@@ -189,7 +189,7 @@ def shutdown_distributed(ctx: Optional[DistContext]) -> None:
     if ctx is None or not ctx.owns_group or not dist.is_initialized():
         return
     # The op caches segment sub-groups by global ranks; they die with the default group.
-    from . import comm
+    from ..backends import collectives as comm
     comm.forget_subgroups()
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
@@ -252,7 +252,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 def evaluate_lm_distributed(model: nn.Module, data, seq_len: int, ctx: DistContext, *,
                             max_windows: Optional[int] = None, batch_size: int = 8,
                             precision: str = "auto") -> Dict[str, float]:
-    """:func:`longnet.evaluate.evaluate_lm` on the mesh: same windows, same numbers.
+    """:func:`longnet.training.evaluate.evaluate_lm` on the mesh: same windows, same numbers.
 
     Batch i of the deterministic windows goes to data-parallel group i % D; each rank scores
     its block of the sequence (``model`` is the unwrapped, sequence-parallel model); the
@@ -260,8 +260,8 @@ def evaluate_lm_distributed(model: nn.Module, data, seq_len: int, ctx: DistConte
     """
     import math
 
-    from ..data import iter_eval_windows
-    from ..evaluate import autocast_context
+    from ..training.data import iter_eval_windows
+    from ..training.evaluate import autocast_context
     was_training = model.training
     model.eval()
     total, count, windows = 0.0, 0, 0
@@ -288,7 +288,7 @@ class GatheredLM(nn.Module):
     """Full-sequence view of a sequence-parallel model: tokens (B, N) -> logits (B, N, V).
 
     Each rank runs its block and the blocks' logits are all-gathered within the sequence
-    group, so code written for one device (e.g. :func:`longnet.evaluate.evaluate_passkey`)
+    group, so code written for one device (e.g. :func:`longnet.training.evaluate.evaluate_passkey`)
     runs unchanged on every rank. Inference only (no gradient through the gather); the
     gathered logits cost B * N * V floats per rank, fine for evaluation batches.
     """

@@ -14,7 +14,7 @@ import sys
 import time
 
 import torch
-from .argtypes import nonneg_int
+from ..argtypes import nonneg_int
 
 __all__ = ["add_arguments", "run"]
 

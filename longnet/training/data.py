@@ -52,7 +52,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .fileio import atomic_path, atomic_write_json
+from ..fileio import atomic_path, atomic_write_json
 
 __all__ = [
     "LongNetDataError", "Corpus", "open_corpus", "open_builtin", "open_enwik8", "open_text",
@@ -286,7 +286,7 @@ def _concat_corpus(name: str, kind: str, root: str, files, *, cache_dir, verbose
                                + f", {meta['total']:,} bytes -> {bin_path}; " + _split_text(meta))
         atomic_write_json(meta_path, meta)
         if verbose:
-            print(f"[longnet.data] built {meta['description']} (in {seconds:.1f} s)", file=sys.stderr)
+            print(f"[longnet.training.data] built {meta['description']} (in {seconds:.1f} s)", file=sys.stderr)
     L = meta["lengths"]
     train, valid, test = _memmap_views(bin_path, (L["train"], L["valid"], L["test"]))
     return Corpus(name, train, valid, test, meta["description"], bin_path, meta)
@@ -404,7 +404,7 @@ def _extract_enwik8(path: str, kind: str, expected_size: int, cdir: str, verbose
             raise _enwik8_error(f"{path!r} decompresses to {n:,} bytes" if n <= expected_size else
                                 f"{path!r} decompresses to more than {expected_size:,} bytes", expected_size)
     if verbose:
-        print(f"[longnet.data] extracted {path} -> {out_path} ({expected_size:,} bytes, "
+        print(f"[longnet.training.data] extracted {path} -> {out_path} ({expected_size:,} bytes, "
               f"{time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return out_path
 
@@ -461,7 +461,7 @@ def open_corpus(spec: Optional[str] = None, *, cache_dir: Optional[str] = None, 
     if kind == "builtin" and not arg:
         return open_builtin(cache_dir=cache_dir, verbose=verbose)
     if kind == "passkey":
-        raise ValueError("'passkey' is a synthetic task, not a corpus: use longnet.data.PasskeyTask(seq_len, "
+        raise ValueError("'passkey' is a synthetic task, not a corpus: use longnet.training.data.PasskeyTask(seq_len, "
                          "distance) (its next_batch()/state_dict() work like RandomWindowSampler)")
     if kind == "enwik8":
         if not arg:
@@ -478,7 +478,7 @@ def open_corpus(spec: Optional[str] = None, *, cache_dir: Optional[str] = None, 
             raise ValueError("text:PATH needs a path to a text file or folder, e.g. text:./my_notes")
         return open_text(arg, cache_dir=cache_dir, verbose=verbose)
     raise ValueError(f"unknown data spec {spec!r}; accepted: {', '.join(_SPEC_FORMS)} "
-                     f"(the passkey task is longnet.data.PasskeyTask)")
+                     f"(the passkey task is longnet.training.data.PasskeyTask)")
 
 
 # ----------------------------------------------------------------------------- sampling

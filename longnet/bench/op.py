@@ -26,9 +26,9 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .fileio import atomic_path, atomic_savefig
-from .functional import dilated_attention
-from .patterns import DilatedPattern, dense_flops, dilated_flops
+from ..fileio import atomic_path, atomic_savefig
+from ..functional import dilated_attention
+from ..patterns import DilatedPattern, dense_flops, dilated_flops
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace, argv_rest: Optional[List[str]] = None) -> int:
 def cli_main(argv: List[str]) -> int:
     """``longnet bench [...]``; with ``--sequence-parallel`` the rest goes to the SP benchmark."""
     if "--sequence-parallel" in argv:
-        from .distributed import bench as sp_bench
+        from . import sp as sp_bench
         return sp_bench.main([a for a in argv if a != "--sequence-parallel"])
     p = argparse.ArgumentParser(prog="longnet bench", description=__doc__.splitlines()[0],
                                 epilog="longnet bench --sequence-parallel --help: the weak-scaling benchmark")

@@ -1,6 +1,6 @@
 """GPU benchmark of the fused Triton backend (issue 5): one command, one CSV.
 
-    python -m longnet.backends.triton_bench --csv triton_bench.csv
+    python -m longnet.bench.triton_kernel --csv triton_bench.csv
 
 For the paper pattern (w = 2048..32768, r = 1, 2, 4, 6, 12), B = 1, bf16 and
 H x D in ``--dims`` (default 12x64 and 16x128, i.e. H*D = 768 and 2048), it
@@ -63,7 +63,7 @@ def _dims(text: str) -> List[Tuple[int, int]]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m longnet.backends.triton_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m longnet.bench.triton_kernel", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--csv", default="triton_bench.csv", help="output CSV path (written atomically)")
     p.add_argument("--dims", type=_dims, default=_dims("12x64,16x128"), help="HxD list, e.g. 12x64,16x128")
@@ -196,7 +196,7 @@ def write_csv(rows: List[Dict], path: str) -> None:
 
 def sweep(args, dtype, pattern: DilatedPattern) -> None:
     """Time each tile config of SWEEP_CONFIGS for triton fwd and fwd+bwd."""
-    from . import triton_backend as tb
+    from ..backends import triton_backend as tb
     old = os.environ.get("LONGNET_TRITON_CONFIG")
     try:
         for heads, head_dim in args.dims:
@@ -228,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("triton_bench needs a CUDA GPU (torch.cuda.is_available() is False)")
-    from . import triton_backend as tb
+    from ..backends import triton_backend as tb
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     pattern = DilatedPattern.paper()
     gpu = torch.cuda.get_device_name()

@@ -33,7 +33,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from .patterns import DilatedPattern, validate_pattern
+from ..patterns import DilatedPattern, validate_pattern
 
 __all__ = [
     "ReachResult",

@@ -11,7 +11,7 @@ Settings come from a preset, then ``--set KEY=VALUE`` overrides (``model.FIELD``
 ``train.FIELD`` or a bare field name; ``--list-fields`` lists them), then ``--max-steps``.
 The run folder (``--out``) receives ``log.csv`` (one row per step, one per evaluation),
 ``loss_curve.png``, TensorBoard events when ``tensorboard`` is installed, and
-checkpoints (see :mod:`longnet.checkpoint`). Ctrl-C stops after the current step and
+checkpoints (see :mod:`longnet.training.checkpoint`). Ctrl-C stops after the current step and
 saves a checkpoint (a second Ctrl-C aborts at once, still saving the last complete step
 when that is safe); ``--resume`` continues from the latest one and follows the same loss
 curve as an uninterrupted run on CPU.
@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fileio import atomic_savefig, atomic_write_text
-from .config import (PRESETS, LongNetConfig, TrainConfig, apply_overrides, check_compatible,
+from ..fileio import atomic_savefig, atomic_write_text
+from ..config import (PRESETS, LongNetConfig, TrainConfig, apply_overrides, check_compatible,
                      config_fields_help, lr_factor, preset)
 
 __all__ = ["add_arguments", "run", "train", "CSV_FIELDS"]
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rank = os.environ.get("RANK", "0")
     try:
-        from .distributed.training import resolve_parallel_sizes
+        from ..distributed.training import resolve_parallel_sizes
         S, D, world = resolve_parallel_sizes(getattr(args, "sequence_parallel", 1),
                                              getattr(args, "data_parallel", None))
         setup = _setup(args, parallel=(S, D) if world > 1 else None)
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_distributed(setup: Dict[str, Any], S: int, D: int) -> int:
-    from .distributed.training import init_distributed, shutdown_distributed
+    from ..distributed.training import init_distributed, shutdown_distributed
     mcfg, tcfg = setup["model_config"], setup["train_config"]
     ctx = None
     try:
@@ -173,7 +173,7 @@ def _setup(args: argparse.Namespace, parallel: Optional[Tuple[int, int]] = None)
     if tcfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use train.precision=fp32")
     if parallel is not None:
-        from .distributed.training import check_parallel_config
+        from ..distributed.training import check_parallel_config
         check_parallel_config(tcfg.seq_len, tcfg.batch_size, mcfg.segment_lengths, mcfg.dilation_rates,
                               *parallel)
         if args.compile:
@@ -363,7 +363,7 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
 
     from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
     from .evaluate import autocast_context, evaluate_lm, evaluate_passkey
-    from .model import LongNetLM
+    from ..model import LongNetLM
 
     mcfg, tcfg = model_config, train_config
     ctx = dist_ctx
@@ -403,7 +403,7 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
         set_rng_state(state["rng"])
         step = int(state["step"])
     if ctx is not None:
-        from .distributed.training import parallelize
+        from ..distributed.training import parallelize
         train_module = parallelize(model, ctx)  # model stays the unwrapped module
     else:
         train_module = model
@@ -430,7 +430,7 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
 
     def evaluate() -> Dict[str, float]:
         if ctx is not None:
-            from .distributed.training import GatheredLM, evaluate_lm_distributed
+            from ..distributed.training import GatheredLM, evaluate_lm_distributed
             if is_passkey:
                 return evaluate_passkey(GatheredLM(model, ctx), data["task"], tcfg.eval_windows,
                                         batch_size=tcfg.eval_batch_size, seed=tcfg.seed + 1, device=device,
@@ -458,7 +458,7 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
         # global batch everywhere), so rank 0's copy is the run's; the weights are the unwrapped
         # model's state_dict, with no DDP prefix and nothing about the mesh.
         if ctx is not None and collective:
-            from .distributed.training import barrier
+            from ..distributed.training import barrier
             barrier(ctx)
         path = os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
         if is_main:
@@ -486,12 +486,12 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
                 t0 = time.perf_counter()
                 loss_sum = 0.0
                 if ctx is not None:
-                    from .distributed.training import step_seed
+                    from ..distributed.training import step_seed
                     torch.manual_seed(step_seed(tcfg.seed, step, ctx.rank))
                 for micro in range(tcfg.grad_accum):
                     x, y = sampler.next_batch()
                     if ctx is not None:
-                        from .distributed.training import shard_batch
+                        from ..distributed.training import shard_batch
                         x, y = shard_batch(x, y, ctx)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     # DDP all-reduces gradients on the last micro-batch of the step only.
@@ -506,7 +506,7 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
                 if ctx is not None:
                     # One all-reduce carries the loss (mean over the mesh: equal token counts per
                     # rank) and the ranks' stop requests, so every rank stops after the same step.
-                    from .distributed.training import all_reduce_sum
+                    from ..distributed.training import all_reduce_sum
                     time_up = bool(tcfg.time_limit_s and time.perf_counter() - t_start >= tcfg.time_limit_s)
                     loss_sum, n_stop, n_time = all_reduce_sum([loss_sum, stop.requested, time_up], ctx)
                     loss_sum /= ctx.world_size
@@ -600,12 +600,12 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
         # with the single-device attention (the other ranks wait at the barrier below).
         local = contextlib.nullcontext()
         if ctx is not None:
-            from .distributed.parallel import sequence_parallel_disabled
+            from ..distributed.parallel import sequence_parallel_disabled
             local = sequence_parallel_disabled(model)
         with local:
             _sample_at_end(model, data, tcfg, device, is_passkey)
     if ctx is not None:
-        from .distributed.training import barrier
+        from ..distributed.training import barrier
         barrier(ctx)
     return 0
 

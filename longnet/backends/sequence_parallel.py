@@ -44,9 +44,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends import kernels
-from ..backends.torch_backend import accumulate_grads, acc_dtype, merge_partial, merge_patterns, pad_last
-from .comm import all_gather_chunks, reduce_scatter_chunks, segment_group
+from . import kernels
+from .torch_backend import accumulate_grads, acc_dtype, merge_partial, merge_patterns, pad_last
+from .collectives import all_gather_chunks, reduce_scatter_chunks, segment_group
 
 __all__ = ["sequence_parallel_dilated_attention", "check_sequence_parallel", "prepare_sequence_parallel",
            "SegmentSpan"]

@@ -32,8 +32,8 @@ import torch
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
-from .config import LongNetConfig, TrainConfig
-from .fileio import atomic_write_json, atomic_write_text
+from ..config import LongNetConfig, TrainConfig
+from ..fileio import atomic_write_json, atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "resolve_checkpoint", "rng_state",
            "set_rng_state", "atomic_write_text", "atomic_write_json", "CheckpointError"]
@@ -174,7 +174,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
 def load_model(path: str, *, map_location="cpu"):
     """A :class:`longnet.model.LongNetLM` with the weights of the checkpoint at ``path``, in eval mode."""
-    from .model import LongNetLM
+    from ..model import LongNetLM
     info = load_checkpoint(path)
     model = LongNetLM(info["model_config"])
     _st_load_model(model, os.path.join(info["dir"], "model.safetensors"), strict=True, device=str(map_location))

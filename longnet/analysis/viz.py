@@ -24,10 +24,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .fileio import atomic_savefig
-from .patterns import DilatedPattern, dense_flops, dilated_flops
+from ..fileio import atomic_savefig
+from ..patterns import DilatedPattern, dense_flops, dilated_flops
 from . import reach as _reach
-from .argtypes import positive_int
+from ..argtypes import positive_int
 
 __all__ = [
     "keep_masks",

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .argtypes import positive_int, positive_int_list
+from ..argtypes import positive_int, positive_int_list
 
 __all__ = ["evaluate_lm", "evaluate_passkey", "prompt_length_curve", "add_arguments", "run",
            "autocast_context", "pick_device"]
@@ -183,7 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError, load_checkpoint, load_model
-    from .config import xpos_max_length
+    from ..config import xpos_max_length
     from .data import LongNetDataError, PasskeyTask, open_corpus
     try:
         device = pick_device(args.device)

@@ -9,14 +9,14 @@ whole N on its own.
 
 Two ways to run:
 
-* On one machine (default): ``python -m longnet.distributed.bench`` spawns
+* On one machine (default): ``python -m longnet.bench.sp`` spawns
   P = 1, 2, 4 gloo processes in turn (``--world-sizes``) and prints a table,
   writes a CSV and a PNG.
 * Under torchrun (any backend, several nodes): one measurement at
   P = WORLD_SIZE per launch; rank 0 appends its row to the CSV and redraws
   the plot from every row in it::
 
-      torchrun --nproc_per_node 8 -m longnet.distributed.bench --device cuda --dtype bf16 \\
+      torchrun --nproc_per_node 8 -m longnet.bench.sp --device cuda --dtype bf16 \\
           --block-length 32768 --csv sp.csv --plot sp.png
 """
 
@@ -83,7 +83,7 @@ def _sync(device):
 def _measure(args, group, device) -> dict:
     """This rank's median forward/backward ms and bytes per call."""
     from .. import dilated_attention
-    from .comm import comm_stats
+    from ..backends.collectives import comm_stats
     w, r = _pattern(args)
     dtype = DTYPES[args.dtype]
     rank = dist.get_rank(group) if group is not None else 0
@@ -322,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longnet.distributed.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m longnet.bench.sp", description=__doc__.splitlines()[0])
     add_arguments(p)
     return run(p.parse_args(argv))
 
