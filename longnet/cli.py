@@ -15,6 +15,8 @@ COMMANDS = {
     "generate": ("longnet.training.generate", "sample text from a checkpoint"),
     "bench": ("longnet.bench.op", "time and memory of dilated vs dense attention"),
     "viz": ("longnet.analysis.viz", "draw dilation patterns, count matrices and reach"),
+    "experiment": ("longnet.training.experiment.command",
+                   "train LongNet and baselines at equal compute and compare them (scaled-down Table 2)"),
 }
 
 

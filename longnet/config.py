@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Iterable, Optional, Tuple
 
-from .patterns import validate_pattern
+from .patterns import DilatedPattern, validate_pattern, validate_phases
 
 __all__ = ["LongNetConfig", "TrainConfig", "PRESETS", "preset", "apply_overrides", "parse_override",
            "config_fields_help", "xpos_max_length"]
@@ -70,10 +70,11 @@ def _check_choice(name: str, value, choices) -> str:
 def xpos_max_length(scale_base: float) -> int:
     """Longest sequence a full forward with XPOS supports before its decay overflows float32.
 
-    :class:`longnet.modules.XPOS` centres the decay on the middle of the positions and
-    refuses ``|p - c| * -log(zeta_min) / scale_base > 80`` (zeta_min = 2/7).
+    :class:`longnet.modules.XPOS` centres the decay on the middle of the positions, so
+    this is twice its limit on ``|p - c|`` (:func:`longnet.modules.xpos_max_distance`).
     """
-    return int(2 * 80.0 / -math.log(2 / 7) * scale_base)
+    from .modules import xpos_max_distance
+    return int(2 * xpos_max_distance(scale_base))
 
 
 @dataclass
@@ -84,6 +85,12 @@ class LongNetConfig:
         vocab_size: tokens; 256 for bytes.
         n_layers, d_model, n_heads, d_ffn: depth, width, attention heads, FFN hidden size.
         segment_lengths, dilation_rates: the dilation patterns (w_i, r_i) of every layer.
+        segment_phases: empty (all 0), or one phase 0 <= phi_i < w_i per pattern: pattern i's
+            segments start at phi_i + k * w_i (and [0, phi_i) is a short first segment).
+        local_window: 0, or an even length l >= 2: add a causal local window to every layer's
+            mixture, as two r = 1 patterns of length l with segment phases 0 and l/2
+            (:meth:`longnet.DilatedPattern.with_local_window`). It links every pair of
+            neighbouring tokens, which the paper's causal pattern does not (SPEC.md §2.1).
         dropout: on the embeddings, attention output, FFN hidden and residual branches.
         activation: FFN activation, one of gelu, relu, silu/swish.
         tie_embeddings: share the input embedding and the output projection.
@@ -102,6 +109,8 @@ class LongNetConfig:
     d_ffn: int = 1024
     segment_lengths: Tuple[int, ...] = (128, 256, 512)
     dilation_rates: Tuple[int, ...] = (1, 2, 4)
+    segment_phases: Tuple[int, ...] = ()
+    local_window: int = 0
     dropout: float = 0.0
     activation: str = "gelu"
     tie_embeddings: bool = True
@@ -122,6 +131,11 @@ class LongNetConfig:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         self.segment_lengths, self.dilation_rates = validate_pattern(self.segment_lengths, self.dilation_rates)
+        self.segment_phases = (validate_phases(self.segment_phases, self.segment_lengths)
+                               if self.segment_phases else ())
+        self.local_window = _check_int("local_window", self.local_window, 0)
+        if self.local_window == 1 or self.local_window % 2:
+            raise ValueError(f"local_window must be 0 (off) or an even length >= 2, got {self.local_window}")
         self.dropout = _check_float("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         _check_choice("activation", self.activation, ACTIVATIONS)
         for name in ("tie_embeddings", "bias", "qk_norm", "xpos", "activation_checkpointing"):
@@ -139,8 +153,14 @@ class LongNetConfig:
         return self.d_model // self.n_heads
 
     @property
+    def pattern(self) -> DilatedPattern:
+        """Every layer's patterns (w, r, phase), with the local window's two r = 1 patterns if set."""
+        p = DilatedPattern(self.segment_lengths, self.dilation_rates, self.segment_phases or None)
+        return p.with_local_window(self.local_window) if self.local_window else p
+
+    @property
     def max_segment(self) -> int:
-        return max(self.segment_lengths)
+        return max(self.pattern.segment_lengths)
 
     def num_parameters(self) -> int:
         """Parameter count of :class:`longnet.model.LongNetLM` with this config."""
@@ -156,6 +176,7 @@ class LongNetConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["segment_lengths"], d["dilation_rates"] = list(self.segment_lengths), list(self.dilation_rates)
+        d["segment_phases"] = list(self.segment_phases)
         return d
 
     @classmethod

@@ -1,7 +1,12 @@
 """``longnet.dilated_attention``: the op, shaped like ``F.scaled_dot_product_attention``.
 
 Layouts: q, k, v and the output are (B, N, H, D) — batch, positions, heads,
-head dim. lse is (B, N, H), float32 (float64 for float64 inputs).
+head dim — and q, k, v may have any strides (e.g. a transposed (B, H, N, D)
+tensor). lse is (B, N, H), float32 (float64 for float64 inputs).
+
+:func:`dilated_attention` is the public entry and validates everything.
+Modules validate their pattern once, when they are built, and call
+:func:`_dilated_attention`, which trusts the pattern and scale it is given.
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
+from .backends.numerics import default_scale
 from .backends.registry import available_backends, get_backend, register_backend
-from .patterns import validate_pattern
+from .patterns import validate_pattern, validate_phases
 
 __all__ = ["dilated_attention", "available_backends", "register_backend"]
 
@@ -43,7 +49,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _check_scale(scale, head_dim: int) -> float:
     if scale is None:
-        return head_dim ** -0.5
+        return default_scale(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
     scale = float(scale)
@@ -57,11 +63,21 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor,
                       dilation_rates: Union[int, Sequence[int]], *,
                       is_causal: bool = False, scale: Optional[float] = None,
                       return_lse: bool = False, backend: Optional[str] = None,
-                      group=None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                      group=None, segment_phases: Optional[Sequence[int]] = None
+                      ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Dilated attention of LongNet (SPEC.md §1-2), a mixture of dilation patterns.
 
+    By default this computes exactly SPEC.md §1-2. ``segment_phases`` opts in
+    to shifted segment boundaries (an extension, see :mod:`longnet.patterns`):
+    pattern i cuts the positions into [0, φ_i), [φ_i, φ_i + w_i), ... instead
+    of [0, w_i), [w_i, 2 w_i), .... Its main use is the local-window variant
+    of :meth:`longnet.DilatedPattern.with_local_window`, which adds the
+    patterns (window, 1, phase 0) and (window, 1, phase window/2) so that in
+    every head each pair of neighbours shares a segment, which removes the
+    causal blind spot of SPEC.md §2.1.
+
     Args:
-        q, k, v: (B, N, H, D), same shape, dtype and device.
+        q, k, v: (B, N, H, D), same shape, dtype and device, any strides.
         segment_lengths: w_i, an int or a sequence. Any N is allowed (the last
             segment may be short; w >= N means one segment).
         dilation_rates: r_i, same length as ``segment_lengths``, 1 <= r_i <= w_i.
@@ -74,7 +90,10 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor,
             further registered ones, or None for the best available.
         group: a ``torch.distributed`` process group for sequence parallelism:
             each rank passes its contiguous block of the sequence (see
-            :mod:`longnet.distributed`).
+            :mod:`longnet.distributed`); or a ``SequenceParallelPlan`` made for
+            this block length and pattern, which skips re-checking the split.
+        segment_phases: φ_i, same length as ``segment_lengths``, 0 <= φ_i < w_i;
+            None (default) means all 0, i.e. exactly SPEC.md.
 
     Returns:
         out (B, N, H, D), or (out, lse). Rows kept by no pattern get 0. The
@@ -82,11 +101,43 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor,
     """
     _check_inputs(q, k, v)
     w, r = validate_pattern(segment_lengths, dilation_rates)
+    phases = validate_phases(segment_phases, w)
     scale = _check_scale(scale, q.shape[-1])
+    return _run(q, k, v, w, r, is_causal, scale, return_lse, backend, group, phases)
+
+
+def _dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Tuple[int, ...],
+                       dilation_rates: Tuple[int, ...], *, is_causal: bool = False,
+                       scale: Optional[float] = None, return_lse: bool = False,
+                       backend: Optional[str] = None, group=None,
+                       segment_phases: Optional[Tuple[int, ...]] = None
+                       ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """:func:`dilated_attention` for callers that validated the pattern and scale already.
+
+    ``segment_lengths``/``dilation_rates`` must be what
+    :func:`longnet.patterns.validate_pattern` returned, ``segment_phases``
+    what :func:`longnet.patterns.validate_phases` returned (or None), and
+    ``scale`` a finite float or None: modules check them once at construction,
+    so no layer re-checks them on every forward. q, k, v are still checked
+    (cheap, no sync).
+    """
+    _check_inputs(q, k, v)
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    return _run(q, k, v, segment_lengths, dilation_rates, is_causal, scale, return_lse, backend, group,
+                segment_phases)
+
+
+def _run(q, k, v, w, r, is_causal, scale, return_lse, backend, group, phases=None):
+    """Dispatch checked arguments: to the sequence-parallel op with a group, else to a backend.
+
+    Backends get ``segment_phases`` only when some phase is not 0, so the
+    default path (and a backend that knows no phases) is exactly as before.
+    """
+    extra = {"segment_phases": tuple(phases)} if phases is not None and any(phases) else {}
     if group is not None:
         from .backends.sequence_parallel import sequence_parallel_dilated_attention
         out, lse = sequence_parallel_dilated_attention(q, k, v, w, r, group=group, is_causal=is_causal,
-                                                       scale=scale, backend=backend)
+                                                       scale=scale, backend=backend, **extra)
     else:
-        out, lse = get_backend(backend, q).fn(q, k, v, w, r, is_causal=bool(is_causal), scale=scale)
+        out, lse = get_backend(backend, q).fn(q, k, v, w, r, is_causal=bool(is_causal), scale=scale, **extra)
     return (out, lse) if return_lse else out

@@ -13,10 +13,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import dilated_attention
-from .patterns import broadcast_pattern, validate_pattern
+from .backends.numerics import default_scale
+from .backends.registry import check_backend_name
+from .functional import _dilated_attention
+from .patterns import broadcast_pattern, validate_pattern, validate_phases
 
-__all__ = ["XPOS", "RelativePositionBias", "MultiheadDilatedAttention", "DilatedAttention"]
+__all__ = ["XPOS", "RelativePositionBias", "MultiheadDilatedAttention", "DilatedAttention",
+           "xpos_max_distance"]
+
+# XPOS's smallest decay base: zeta = (2i + 0.4 D) / (1.4 D) at i = 0, whatever D is.
+_XPOS_ZETA_MIN = 2 / 7
+# float32 overflows at exp(88.7); the decay factor zeta^(-|p - c| / scale_base) must stay below e^80.
+_XPOS_MAX_EXPONENT = 80.0
+
+
+def xpos_max_distance(scale_base: float) -> float:
+    """The largest |p - c| (position minus XPOS centre) whose decay factor stays finite in float32.
+
+    The one home of XPOS's length limit: :class:`XPOS` refuses positions past
+    it, and :func:`longnet.config.xpos_max_length` (twice this, as a full
+    forward centres on the middle) is derived from it.
+    """
+    return _XPOS_MAX_EXPONENT / -math.log(_XPOS_ZETA_MIN) * scale_base
 
 
 class XPOS(nn.Module):
@@ -41,7 +59,7 @@ class XPOS(nn.Module):
         self.register_buffer("inv_freq", 1.0 / theta ** (half / head_dim), persistent=False)
         self.register_buffer("zeta", zeta, persistent=False)
         # A Python float, so range checks never read a device tensor back to the host.
-        self._neg_log_zeta_min = float(-zeta.min().log())
+        self._max_distance = xpos_max_distance(self.scale_base)
         self._range_cache = None  # (key, cos, sin, factor) of the last contiguous range
 
     @staticmethod
@@ -50,12 +68,11 @@ class XPOS(nn.Module):
         return (first + last) / 2
 
     def _check_range(self, first: float, last: float, center: float) -> None:
-        worst = max(abs(first - center), abs(last - center)) / self.scale_base * self._neg_log_zeta_min
-        if worst > 80.0:
+        if max(abs(first - center), abs(last - center)) > self._max_distance:
             raise ValueError(
                 f"XPOS decay overflows float32 for positions {int(first)}..{int(last)} around centre "
                 f"{float(center):.0f} with scale_base={self.scale_base}: |p - c| must stay below "
-                f"{int(80.0 / self._neg_log_zeta_min * self.scale_base)}; raise xpos_scale_base or use "
+                f"{int(self._max_distance)}; raise xpos_scale_base or use "
                 "xpos=False for longer sequences")
 
     def _angles(self, positions: Tensor) -> Tuple[Tensor, Tensor]:
@@ -106,14 +123,23 @@ class XPOS(nn.Module):
         n = q.shape[1]
         if center is None:
             center = self.default_center(start, start + n - 1)
-        key = (start, n, float(center), q.device)
-        if self._range_cache is None or self._range_cache[0] != key:
-            self._check_range(start, start + n - 1, center)
-            positions = torch.arange(start, start + n, device=q.device)
-            cos, sin = self._angles(positions)
-            self._range_cache = (key, cos, sin, self._factor(positions, center)[None, :, None, :])
-        _, cos, sin, f = self._range_cache
+        if torch.compiler.is_compiling():
+            # In a compiled graph the tables are part of the graph; a cache kept on the module
+            # would be guarded on, and every new sequence length would recompile.
+            cos, sin, f = self._range_tables(start, n, center, q.device)
+        else:
+            key = (start, n, float(center), q.device)
+            if self._range_cache is None or self._range_cache[0] != key:
+                self._range_cache = (key, *self._range_tables(start, n, center, q.device))
+            _, cos, sin, f = self._range_cache
         return self.scale(self._rotate(q, cos, sin), self._rotate(k, cos, sin), f)
+
+    def _range_tables(self, start: int, n: int, center: float, device: torch.device):
+        """(cos, sin, factor) for positions start..start+n-1, range-checked on Python numbers."""
+        self._check_range(start, start + n - 1, center)
+        positions = torch.arange(start, start + n, device=device)
+        cos, sin = self._angles(positions)
+        return cos, sin, self._factor(positions, center)[None, :, None, :]
 
 
 class RelativePositionBias(nn.Module):
@@ -162,10 +188,14 @@ class MultiheadDilatedAttention(nn.Module):
     the hooks that sequence parallelism sets from outside (see
     :mod:`longnet.distributed`); ``xpos_center`` fixes XPOS's centre (None:
     the middle of this call's positions).
+
+    The pattern and the backend name are checked here, once; forwards call the
+    op's internal entry, which does not check them again.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Union[int, Sequence[int]],
-                 dilation_rates: Union[int, Sequence[int]], *, dropout: float = 0.0, bias: bool = True,
+                 dilation_rates: Union[int, Sequence[int]], *, segment_phases: Optional[Sequence[int]] = None,
+                 dropout: float = 0.0, bias: bool = True,
                  causal: bool = False, qk_norm: bool = False, sub_layernorm: bool = True,
                  xpos: bool = False, xpos_scale_base: float = 512.0, layer_norm_eps: float = 1e-5,
                  backend: Optional[str] = None, magneto_gain: float = 1.0,
@@ -179,6 +209,10 @@ class MultiheadDilatedAttention(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.segment_lengths, self.dilation_rates = validate_pattern(segment_lengths, dilation_rates)
+        self.segment_phases = validate_phases(segment_phases, self.segment_lengths)
+        # Only a phased pattern passes phases on, so the default path stays the SPEC one, unchanged.
+        self._pattern_kwargs = {"segment_phases": self.segment_phases} if any(self.segment_phases) else {}
+        check_backend_name(backend)
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.head_dim = embed_dim // num_heads
         self.causal, self.backend, self.dropout = causal, backend, dropout
@@ -191,7 +225,8 @@ class MultiheadDilatedAttention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=layer_norm_eps, **fk) if qk_norm else None
         self.sub_ln = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **fk) if sub_layernorm else None
         self.xpos = XPOS(self.head_dim, xpos_scale_base) if xpos else None
-        self.attention_fn: Callable = dilated_attention
+        # Same signature as longnet.dilated_attention; the pattern above is already validated.
+        self.attention_fn: Callable = _dilated_attention
         self.position_offset: int = 0
         self.xpos_center: Optional[float] = None
         self.magneto_gain = magneto_gain
@@ -243,7 +278,7 @@ class MultiheadDilatedAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.attention_fn(q, k, v, self.segment_lengths, self.dilation_rates,
-                                 is_causal=self.causal, backend=self.backend)
+                                 is_causal=self.causal, backend=self.backend, **self._pattern_kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 3 or x.shape[-1] != self.embed_dim:
@@ -252,19 +287,35 @@ class MultiheadDilatedAttention(nn.Module):
         return self.finish(self.attend(q, k, v))
 
 
+def _one_name(name: str, value, alias: str, alias_value):
+    """The value of an argument that has two accepted names; exactly one must be given."""
+    if value is not None and alias_value is not None:
+        raise TypeError(f"DilatedAttention got both {name}={value!r} and {alias}={alias_value!r}: "
+                        f"they are one argument under two names, pass only one")
+    if value is None and alias_value is None:
+        raise TypeError(f"DilatedAttention needs {name} (or its other name {alias})")
+    return value if value is not None else alias_value
+
+
 class DilatedAttention(MultiheadDilatedAttention):
     """The seed ``longnet`` package's API with correct math: x (B, N, dim) -> (B, N, dim).
 
+    ``dim``/``heads`` may also be spelled ``d_model``/``num_heads``, as the seed README does.
     ``dilation_rate`` and ``segment_size`` take an int or a sequence.
     ``use_rel_pos_bias=True`` adds a T5-style bucketed bias per head on
     original positions and runs the slower pure-PyTorch path
     (:mod:`longnet.backends.biased`), which materialises each segment's scores.
     """
 
-    def __init__(self, dim: int, heads: int, dilation_rate: Union[int, Sequence[int]] = 2,
+    def __init__(self, dim: Optional[int] = None, heads: Optional[int] = None,
+                 dilation_rate: Union[int, Sequence[int]] = 2,
                  segment_size: Union[int, Sequence[int]] = 64, dropout: float = 0.0,
                  causal: bool = False, use_xpos: bool = False, use_rel_pos_bias: bool = False,
-                 qk_norm: bool = False, **kwargs):
+                 qk_norm: bool = False, *, d_model: Optional[int] = None, num_heads: Optional[int] = None,
+                 **kwargs):
+        # The seed README spells dim/heads as d_model/num_heads: accept either name, never both.
+        dim = _one_name("dim", dim, "d_model", d_model)
+        heads = _one_name("heads", heads, "num_heads", num_heads)
         sizes, rates = broadcast_pattern(segment_size, dilation_rate)
         super().__init__(dim, heads, sizes, rates, dropout=dropout, causal=causal, qk_norm=qk_norm,
                          xpos=use_xpos, **kwargs)
@@ -275,6 +326,6 @@ class DilatedAttention(MultiheadDilatedAttention):
             return super().attend(q, k, v)
         from .backends.biased import dilated_attention_biased
         out, _ = dilated_attention_biased(q, k, v, self.segment_lengths, self.dilation_rates,
-                                          is_causal=self.causal, scale=self.head_dim ** -0.5,
-                                          bias_fn=self.rel_pos_bias)
+                                          is_causal=self.causal, scale=default_scale(self.head_dim),
+                                          bias_fn=self.rel_pos_bias, **self._pattern_kwargs)
         return out

@@ -30,6 +30,21 @@ CASES = {
     "mixed": (2, 4, 8, 16, (8, 16, 32, 64), (1, 2, 4, 8), True, None),
     "uneven_last_segment": (1, 3, 8, 16, (48,), (4,), False, None),
     "math_backend": (1, 2, 8, 16, (8, 32), (1, 2), False, "math"),
+    # q, k, v as (B, L, H, D) views of (B, H, L, D) tensors, as Hugging Face passes them.
+    "transposed": (2, 3, 8, 16, (8, 32, 64), (1, 2, 4), True, None),
+    # Shifted segments (segment_phases below): halo exchanges with the neighbouring ranks.
+    "halo_window": (2, 3, 8, 16, (16, 8, 8), (2, 1, 1), True, None),
+    "halo_rates": (1, 3, 8, 16, (12, 8, 32), (2, 4, 2), True, None),
+    "halo_and_span": (1, 3, 8, 16, (32, 8), (4, 1), False, None),
+    "halo_math": (1, 2, 8, 16, (8, 8), (1, 1), True, "math"),
+}
+TRANSPOSED = {"transposed"}
+# name -> segment_phases of the cases with shifted segments (the others have none).
+PHASES = {
+    "halo_window": (0, 0, 4),  # the local-window variant: segments straddle every boundary
+    "halo_rates": (6, 4, 0),  # r > 1, halos of different sizes at each boundary, r = 4 > H
+    "halo_and_span": (16, 2),  # w' > L with a phase: whole-block segments shared by ranks
+    "halo_math": (0, 4),
 }
 
 
@@ -43,6 +58,7 @@ def _finite(lse):
 
 def _parity(rank, world, name, causal):
     b, h, d, L, w, r, lse_grad, backend = CASES[name]
+    phases = PHASES.get(name)
     n = L * world
     g = torch.Generator().manual_seed(zlib.crc32(f"{name}{causal}".encode()))
     q, k, v, go = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for _ in range(4))
@@ -54,24 +70,30 @@ def _parity(rank, world, name, causal):
 
     full = [x.clone().requires_grad_() for x in (q, k, v)]
     ref_out, ref_lse = longnet.dilated_attention(*full, w, r, is_causal=causal, return_lse=True,
-                                                 backend="reference")
+                                                 backend="reference", segment_phases=phases)
     loss(ref_out, ref_lse, go, gl).backward()
     blk = slice(rank * L, (rank + 1) * L)
-    part = [x[:, blk].clone().requires_grad_() for x in (q, k, v)]
+    if name in TRANSPOSED:
+        leaves = [x[:, blk].transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
+        part = [t.transpose(1, 2) for t in leaves]
+        assert not part[0].is_contiguous()
+    else:
+        leaves = part = [x[:, blk].clone().requires_grad_() for x in (q, k, v)]
     with comm_stats() as stats:
         out, lse = longnet.dilated_attention(*part, w, r, is_causal=causal, return_lse=True,
-                                             group=dist.group.WORLD, backend=backend)
+                                             group=dist.group.WORLD, backend=backend, segment_phases=phases)
         loss(out, lse, go[:, blk], gl[:, blk] if gl is not None else None).backward()
     ref_l = ref_lse[:, blk]
+    grads = [t.grad.transpose(1, 2) if name in TRANSPOSED else t.grad for t in leaves]
     return {
         "out": _max_err(out, ref_out[:, blk]),
         "lse": _max_err(_finite(lse), _finite(ref_l)),
         "lse_inf_match": bool(torch.equal(torch.isinf(lse), torch.isinf(ref_l))),
         "has_empty_rows": bool(torch.isinf(ref_l).any()),
-        "dq": _max_err(part[0].grad, full[0].grad[:, blk]),
-        "dk": _max_err(part[1].grad, full[1].grad[:, blk]),
-        "dv": _max_err(part[2].grad, full[2].grad[:, blk]),
-        "finite": bool(all(torch.isfinite(t.grad).all() for t in part)),
+        "dq": _max_err(grads[0], full[0].grad[:, blk]),
+        "dk": _max_err(grads[1], full[1].grad[:, blk]),
+        "dv": _max_err(grads[2], full[2].grad[:, blk]),
+        "finite": bool(all(torch.isfinite(g).all() for g in grads)),
         "bytes": {ph: list(v) for ph, v in stats.by_phase.items()},
         "sent": stats.bytes_sent, "received": stats.bytes_received,
     }
@@ -137,6 +159,41 @@ def _mesh_training_parity(rank, world):
             "sp_rank": mesh.get_local_rank("sp"), "refusals": refusals}
 
 
+def _plan_once(rank, world):
+    """How often the split is checked: once per block length for a whole model, not per layer or call."""
+    from longnet.backends import sequence_parallel as sp
+    calls = []
+    real = sp.check_sequence_parallel
+
+    def counting(*a, **kw):
+        calls.append(a[0])
+        return real(*a, **kw)
+
+    sp.check_sequence_parallel = counting
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[longnet.MultiheadDilatedAttention(16, 2, (8, 32), (1, 2), causal=True)
+                                for _ in range(3)]).double()
+        apply_sequence_parallel(model, dist.group.WORLD, block_length=16)
+        after_apply = list(calls)
+        for _ in range(3):
+            model(torch.randn(2, 16, 16, dtype=torch.float64)).sum().backward()
+        after_forwards = list(calls)
+        model(torch.randn(1, 8, 16, dtype=torch.float64))  # a new block length: checked once more
+        model(torch.randn(1, 8, 16, dtype=torch.float64))
+        plan = model[0].attention_fn.plans.get(16, (8, 32), (1, 2))
+        q = torch.randn(1, 8, 2, 8)
+        try:
+            longnet.dilated_attention(q, q, q, (8, 32), (1, 2), group=plan)
+            wrong_length = None
+        except ValueError as e:
+            wrong_length = str(e)
+    finally:
+        sp.check_sequence_parallel = real
+    return {"after_apply": after_apply, "after_forwards": after_forwards, "final": list(calls),
+            "wrong_length": wrong_length}
+
+
 def _errors(rank, world):
     msgs = {}
     # L = 12 with w = 8: a segment straddles two blocks. All ranks raise before any collective.
@@ -146,6 +203,33 @@ def _errors(rank, world):
         msgs["straddle"] = None
     except ValueError as e:
         msgs["straddle"] = str(e)
+    return msgs
+
+
+def _phase_extras(rank, world):
+    """Shifted segments: the halo rule's error, a plan made for other phases, the model wrapper."""
+    from longnet.backends.sequence_parallel import plan_sequence_parallel
+    from longnet.distributed.parallel import _Plans, _SequenceParallelAttention
+    msgs = {}
+    q = torch.randn(1, 16, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))
+    for key, call in (
+            ("halo_rate", lambda: longnet.dilated_attention(q, q, q, (12,), (4,), segment_phases=(2,),
+                                                            group=dist.group.WORLD)),
+            ("plan_phases", lambda: longnet.dilated_attention(
+                q, q, q, (8,), (1,), segment_phases=(4,),
+                group=plan_sequence_parallel(dist.group.WORLD, 16, (8,), (1,))))):
+        try:
+            call()
+            msgs[key] = None
+        except ValueError as e:
+            msgs[key] = str(e)
+    # apply_sequence_parallel's wrapper makes (and keeps) the plan of the call's phases.
+    wrapped = _SequenceParallelAttention(longnet.dilated_attention, _Plans(dist.group.WORLD))
+    got = wrapped(q, q, q, (8, 16), (1, 2), segment_phases=(4, 0), is_causal=True)
+    want = longnet.dilated_attention(q, q, q, (8, 16), (1, 2), segment_phases=(4, 0), is_causal=True,
+                                     group=dist.group.WORLD)
+    msgs["wrapped_err"] = _max_err(got, want)
+    msgs["wrapped_plans"] = [k[3] for k in wrapped.plans.plans]
     return msgs
 
 
@@ -166,6 +250,10 @@ def _worker(rank, world, tmpdir, tasks):
                 res[task] = [(sp.first, sp.count, sp.position) for sp in spans]
             elif task[0] == "errors":
                 res[task] = _errors(rank, world)
+            elif task[0] == "plan_once":
+                res[task] = _plan_once(rank, world)
+            elif task[0] == "phase_extras":
+                res[task] = _phase_extras(rank, world)
     except Exception:
         res["error"] = traceback.format_exc()
         raise

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from longnet.training.data import (
-    ENWIK8_URL, Corpus, LongNetDataError, PasskeyTask, RandomWindowSampler, iter_eval_windows, num_eval_windows,
-    open_builtin, open_corpus, open_enwik8, open_text,
+    ENWIK8_URL, Corpus, LongNetDataError, PasskeyTask, RandomWindowSampler, check_sampler_state, iter_eval_windows,
+    num_eval_windows, open_builtin, open_corpus, open_enwik8, open_text,
 )
 from longnet.training.data import _bucket, _byte_split
 
@@ -320,6 +320,27 @@ def test_sampler_resume_state_dict():
     RandomWindowSampler(data, 3, 17).load_state_dict(state, strict=False)
     with pytest.raises(ValueError, match="PasskeyTask"):
         b.load_state_dict(PasskeyTask(128).state_dict())
+
+
+def test_sampler_states_are_checked_and_their_differences_named():
+    data = _ramp()
+    a = RandomWindowSampler(data, 3, 16, seed=1)
+    a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    other = RandomWindowSampler(np.zeros(data.size + 7, np.uint8), 3, 8)
+    assert other.state_differences(state) == {"seq_len": (16, 8), "data_size": (data.size, data.size + 7)}
+    assert a.state_differences(state) == {}
+    task = PasskeyTask(128, key_digits=3)
+    assert PasskeyTask(128, key_digits=4).state_differences(task.state_dict()) == {"key_digits": (3, 4)}
+    check_sampler_state(state)
+    check_sampler_state(task.state_dict())
+    for bad, match in [([1, 2], "JSON object"), ({**state, "kind": "Other"}, "'kind'"),
+                       ({**state, "step": -1}, "'step'"), ({**state, "step": "3"}, "'step'"),
+                       ({**state, "bit_generator": {"bit_generator": "PCG64"}}, "'bit_generator'")]:
+        with pytest.raises(ValueError, match=match):
+            check_sampler_state(bad)
+        with pytest.raises(ValueError, match=match):
+            RandomWindowSampler(data, 3, 16).load_state_dict(bad, strict=False)
 
 
 def test_sampler_bad_inputs():

@@ -194,8 +194,10 @@ def test_generate_cache_matches_no_cache_and_checks_inputs():
     with pytest.raises(ValueError, match=r"\[0, 256\)"):
         model.generate(torch.tensor([1, 300]), 2)
     _, cache = model.prefill(prompt[None], capacity=11)
-    with pytest.raises(ValueError, match="cache is full"):
-        model.decode_step(torch.tensor([1]), cache)
+    with pytest.raises(ValueError, match=r"shape \(B,\) = \(1,\)"):
+        model.decode_step(torch.tensor([1, 2]), cache)
+    with pytest.raises(ValueError, match="capacity"):
+        model.prefill(prompt[None], capacity=0)
 
 
 # ----------------------------------------------------------------------------- config

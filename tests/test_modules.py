@@ -7,6 +7,7 @@ import longnet
 from longnet.backends.biased import dilated_attention_biased
 from longnet.backends.reference import dilated_attention_reference
 from longnet.modules import XPOS, RelativePositionBias
+from tests.helpers import assert_close
 
 
 @pytest.mark.parametrize("xpos", [False, True])
@@ -67,18 +68,19 @@ def test_rel_pos_bias_path_matches_reference(causal):
     b, n, h, d, w, r = 2, 37, 3, 4, (8, 20), (2, 5)
     rb = RelativePositionBias(h, causal=causal).double()
     torch.nn.init.normal_(rb.embedding.weight)
-    q, k, v = (torch.randn(b, n, h, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64).transpose(1, 2).detach().requires_grad_()
+               for _ in range(3))  # any strides: a transposed (B, H, N, D) layout
     out, lse = dilated_attention_biased(q, k, v, w, r, is_causal=causal, scale=0.5, bias_fn=rb)
     pos = torch.arange(n)
     r_out, r_lse = dilated_attention_reference(q, k, v, w, r, is_causal=causal, scale=0.5,
                                                score_bias=rb(pos[:, None] - pos[None, :]))
-    torch.testing.assert_close(out, r_out)
-    torch.testing.assert_close(lse.nan_to_num(neginf=0), r_lse.nan_to_num(neginf=0))
+    assert_close(out, r_out, torch.float64)
+    assert_close(lse.nan_to_num(neginf=0), r_lse.nan_to_num(neginf=0), torch.float64, "lse")
     do = torch.randn_like(out)
     g = torch.autograd.grad((out * do).sum(), (q, k, v, rb.embedding.weight))
     rg = torch.autograd.grad((r_out * do).sum(), (q, k, v, rb.embedding.weight))
     for a, e in zip(g, rg):
-        torch.testing.assert_close(a, e)
+        assert_close(a, e, torch.float64, "grad")
 
 
 def test_xpos_is_relative():
@@ -143,3 +145,54 @@ def test_xpos_cached_range_equals_general_path():
             torch.testing.assert_close(got[1], want[1])
     with pytest.raises(ValueError, match="XPOS decay overflows"):
         xp.forward_range(torch.randn(1, 8, 1, 16), torch.randn(1, 8, 1, 16), 10**6, 0.0)
+
+
+def test_pattern_is_validated_once_at_construction(monkeypatch):
+    import longnet.functional as F_
+    m = longnet.MultiheadDilatedAttention(32, 4, [8, 16], [1, 2], causal=True)
+    d = longnet.DilatedAttention(32, 4, 2, 8)
+    calls = []
+
+    def counting(*a):
+        calls.append(a)
+        raise AssertionError("validate_pattern called on a forward")
+
+    monkeypatch.setattr(F_, "validate_pattern", counting)
+    x = torch.randn(2, 20, 32)
+    for mod in (m, d):
+        for _ in range(2):
+            mod(x).sum().backward()
+    assert calls == []
+    # The public op still validates every call.
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(AssertionError, match="validate_pattern called"):
+        longnet.dilated_attention(q, q, q, 4, 1)
+
+
+def test_module_checks_its_pattern_and_backend_at_construction():
+    with pytest.raises(TypeError, match=r"segment_lengths\[0\] must be an integer, got True"):
+        longnet.MultiheadDilatedAttention(32, 4, [True], [1])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        longnet.MultiheadDilatedAttention(32, 4, [8], [1], backend="bogus")
+
+
+def test_module_output_equals_the_op_on_its_projections():
+    torch.manual_seed(5)
+    m = longnet.MultiheadDilatedAttention(32, 4, [8, 16], [1, 2], causal=True, sub_layernorm=False).double()
+    x = torch.randn(2, 30, 32, dtype=torch.float64)
+    q, k, v = m.project(x)
+    want = m.out_proj(longnet.dilated_attention(q, k, v, [8, 16], [1, 2], is_causal=True).reshape(2, 30, 32))
+    torch.testing.assert_close(m(x), want)
+
+
+def test_xpos_length_limit_has_one_owner():
+    from longnet.config import xpos_max_length
+    from longnet.modules import xpos_max_distance
+    for base in (64.0, 512.0, 3000.0):
+        assert xpos_max_length(base) == int(2 * xpos_max_distance(base))
+        xp = XPOS(16, scale_base=base)
+        limit = int(xpos_max_distance(base))
+        xp.decay(torch.tensor([0, limit]), 0.0)  # at the limit: accepted, finite
+        assert torch.isfinite(xp.decay(torch.tensor([0, limit]), 0.0)).all()
+        with pytest.raises(ValueError, match=f"must stay below {limit}"):
+            xp.decay(torch.tensor([0, limit + 1]), 0.0)

@@ -1,6 +1,9 @@
 """dilated_attention: every backend against the dense reference, forward, lse and gradients."""
 
 
+import sys
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -8,7 +11,7 @@ from hypothesis import strategies as st
 
 import longnet
 from longnet.backends.reference import count_matrix, dilated_attention_reference
-from tests.helpers import TOL, loop_reference
+from tests.helpers import assert_close, loop_reference, tol
 
 FAST = ["torch", "math"]
 
@@ -29,19 +32,19 @@ def _inputs(b, n, h, d, dtype, requires_grad=True):
     return [torch.randn(b, n, h, d, dtype=dtype, requires_grad=requires_grad) for _ in range(3)]
 
 
-def _compare(backend, b, n, h, d, w, r, causal, dtype, lse_grad=False):
-    q, k, v = _inputs(b, n, h, d, dtype)
+def _compare(backend, b, n, h, d, w, r, causal, dtype, lse_grad=False, inputs=None):
+    """One backend against the float64 reference on the same inputs: out, lse, and the gradients
+    (through lse too with ``lse_grad``). ``inputs``: leaf q, k, v to use (any strides)."""
+    q, k, v = inputs if inputs is not None else _inputs(b, n, h, d, dtype)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     out, lse = longnet.dilated_attention(q, k, v, w, r, is_causal=causal, return_lse=True, backend=backend)
     r_out, r_lse = dilated_attention_reference(*ref_in, w, r, is_causal=causal)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (b, n, h)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(out.double(), r_out, atol=atol, rtol=rtol)
+    assert_close(out, r_out, dtype, "out")
     assert torch.equal(torch.isinf(lse), torch.isinf(r_lse)), "rows kept by no pattern differ"
-    torch.testing.assert_close(lse.double().nan_to_num(neginf=0), r_lse.nan_to_num(neginf=0),
-                               atol=atol, rtol=rtol)
+    assert_close(lse.nan_to_num(neginf=0), r_lse.nan_to_num(neginf=0), dtype, "lse")
     do = torch.randn_like(out)
     dl = torch.randn_like(lse).masked_fill(torch.isinf(lse), 0.0)
 
@@ -55,7 +58,7 @@ def _compare(backend, b, n, h, d, w, r, causal, dtype, lse_grad=False):
     r_grads = torch.autograd.grad(objective(r_out, r_lse), ref_in)
     for name, g, rg in zip("qkv", grads, r_grads):
         assert torch.isfinite(g).all(), f"d{name} has non-finite values"
-        torch.testing.assert_close(g.double(), rg, atol=atol * 5, rtol=rtol * 5, msg=f"d{name} mismatch")
+        assert_close(g, rg, dtype, "grad", msg=f"d{name} mismatch")
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -64,6 +67,15 @@ def _compare(backend, b, n, h, d, w, r, causal, dtype, lse_grad=False):
 @pytest.mark.parametrize("b,n,h,d,w,r", SHAPES)
 def test_fast_matches_reference(seed, backend, causal, dtype, b, n, h, d, w, r):
     _compare(backend, b, n, h, d, w, r, causal, dtype)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b,n,h,d,w,r", [SHAPES[1], SHAPES[4], SHAPES[6]])
+def test_half_precision_matches_reference(seed, backend, causal, dtype, b, n, h, d, w, r):
+    # The same table as fp64/fp32, at its half-precision rows (fp32 accumulation inside).
+    _compare(backend, b, n, h, d, w, r, causal, dtype, lse_grad=True)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -98,8 +110,8 @@ def test_reference_matches_loop_over_segments(seed, causal, b, n, h, d, w, r):
     q, k, v = _inputs(b, n, h, d, torch.float64, requires_grad=False)
     out, lse = dilated_attention_reference(q, k, v, w, r, is_causal=causal)
     l_out, l_lse = loop_reference(q, k, v, w, r, is_causal=causal)
-    torch.testing.assert_close(out, l_out, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(lse.nan_to_num(neginf=0), l_lse.nan_to_num(neginf=0), atol=1e-12, rtol=1e-12)
+    assert_close(out, l_out, torch.float64)
+    assert_close(lse.nan_to_num(neginf=0), l_lse.nan_to_num(neginf=0), torch.float64, "lse")
     assert torch.equal(torch.isinf(lse), torch.isinf(l_lse))
 
 
@@ -135,7 +147,7 @@ def test_bfloat16_close_to_fp32():
     ref = dilated_attention_reference(q.double(), k.double(), v.double(), w, r, is_causal=True)[0]
     out = longnet.dilated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), w, r, is_causal=True)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+    assert_close(out, ref, torch.bfloat16)
 
 
 def test_default_scale_and_custom_scale():
@@ -148,12 +160,43 @@ def test_default_scale_and_custom_scale():
     assert not torch.allclose(a, c)
 
 
-def test_backend_none_picks_a_fast_backend():
-    q, k, v = _inputs(1, 20, 2, 8, torch.float32, requires_grad=False)
-    a = longnet.dilated_attention(q, k, v, [8, 16], [1, 2])
-    b = longnet.dilated_attention(q, k, v, [8, 16], [1, 2], backend="torch")
-    torch.testing.assert_close(a, b)
-    assert {"reference", "torch", "math"} <= set(longnet.available_backends())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_backend_none_picks_torch_on_cpu_and_matches_the_reference(dtype):
+    from longnet.backends.registry import pick_backend
+    q, k, v = _inputs(2, 40, 3, 8, dtype, requires_grad=False)
+    assert pick_backend(q).name == "torch"
+    w, r = (8, 16), (1, 2)
+    out, lse = longnet.dilated_attention(q, k, v, w, r, is_causal=True, return_lse=True)
+    ref_out, ref_lse = dilated_attention_reference(q.double(), k.double(), v.double(), w, r, is_causal=True)
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, dtype, "lse")
+    # backend=None ran exactly what backend="torch" runs
+    assert torch.equal(out, longnet.dilated_attention(q, k, v, w, r, is_causal=True, backend="torch"))
+
+
+def test_backend_none_picks_by_priority_among_those_that_accept(monkeypatch):
+    from longnet.backends import registry
+    # Undone after the test, with the loading state (a meta input below loads optional backends).
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    monkeypatch.setattr(registry, "_optional_loaded", registry._optional_loaded)
+    calls = []
+
+    def fp64_only(q, k, v, w, r, *, is_causal, scale):
+        calls.append(q.dtype)
+        return registry.BACKENDS["reference"].fn(q, k, v, w, r, is_causal=is_causal, scale=scale)
+
+    registry.register_backend("fp64-only", fp64_only,
+                              lambda q: q.dtype == torch.float64 or "it only runs float64", priority=100)
+    q64 = torch.randn(1, 12, 2, 4, dtype=torch.float64)
+    assert registry.pick_backend(q64).name == "fp64-only"
+    assert registry.pick_backend(q64.float()).name == "torch"
+    # The torch backend refuses devices other than cpu/cuda; then math (which runs anything) is picked.
+    assert registry.pick_backend(torch.empty(1, 12, 2, 4, device="meta")).name == "math"
+    out = longnet.dilated_attention(q64, q64, q64, 4, 2)
+    assert calls == [torch.float64]
+    assert_close(out, dilated_attention_reference(q64, q64, q64, (4,), (2,))[0], torch.float64)
+    with pytest.raises(ValueError, match="it only runs float64"):
+        longnet.dilated_attention(q64.float(), q64.float(), q64.float(), 4, 2, backend="fp64-only")
 
 
 def test_batch_items_are_independent():
@@ -164,12 +207,57 @@ def test_batch_items_are_independent():
         torch.testing.assert_close(full[i:i + 1], one)
 
 
-def test_non_contiguous_inputs():
-    base = torch.randn(1, 4, 30, 8, dtype=torch.float64)
-    q = base.transpose(1, 2)  # (B, N, H, D) view with unusual strides
-    out = longnet.dilated_attention(q, q, q, [8, 16], [1, 2], backend="torch")
-    ref = dilated_attention_reference(q.contiguous(), q.contiguous(), q.contiguous(), [8, 16], [1, 2])[0]
-    torch.testing.assert_close(out, ref)
+# ---- any strides ----------------------------------------------------------------------------
+
+def _hf_layout(b, n, h, d, dtype):
+    """(B, N, H, D) views of (B, H, N, D) tensors, as Hugging Face models pass them."""
+    return torch.randn(b, h, n, d, dtype=dtype).transpose(1, 2)
+
+
+LAYOUTS = {
+    "hf-transposed": _hf_layout,
+    "fused-qkv-slice": lambda b, n, h, d, dt: torch.randn(b, n, 3, h, d, dtype=dt)[:, :, 1],
+    "strided-last-dim": lambda b, n, h, d, dt: torch.randn(b, n, h, 2 * d, dtype=dt)[..., ::2],
+    "sequence-slice": lambda b, n, h, d, dt: torch.randn(b, n + 5, h, d, dtype=dt)[:, 2:2 + n],
+    "permuted": lambda b, n, h, d, dt: torch.randn(n, d, b, h, dtype=dt).permute(2, 0, 3, 1),
+    "expanded-batch": lambda b, n, h, d, dt: torch.randn(1, n, h, d, dtype=dt).expand(b, n, h, d),
+}
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_any_strides_match_reference(seed, backend, causal, dtype, layout):
+    # Several segments per batch item (nseg > 1) and B > 1: batch and segment dims cannot share
+    # one strided dim for most of these layouts. Leaves keep their strides (detach of a view).
+    q, k, v = (LAYOUTS[layout](3, 45, 4, 8, dtype).detach().requires_grad_() for _ in range(3))
+    assert not q.is_contiguous()
+    _compare(backend, 3, 45, 4, 8, (8, 16, 64), (1, 2, 4), causal, dtype, lse_grad=True, inputs=(q, k, v))
+
+
+def test_hugging_face_layout_from_the_issue():
+    q = torch.randn(2, 4, 64, 16).transpose(1, 2)
+    out = longnet.dilated_attention(q, q, q, (16, 32), (1, 2))
+    ref = dilated_attention_reference(q.double(), q.double(), q.double(), (16, 32), (1, 2))[0]
+    assert_close(out, ref, torch.float32)
+
+
+def test_strided_inputs_reach_the_kernel_without_a_copy(monkeypatch):
+    # r = 1 units are strided views of the caller's tensors: the kernel must read q, k, v's own memory.
+    from longnet.backends import kernels
+    q, k, v = (_hf_layout(2, 48, 3, 8, torch.float32) for _ in range(3))
+    seen = []
+    real = kernels._attn_fwd
+
+    def spy(a, b, c, *rest):
+        seen.append([x.untyped_storage().data_ptr() for x in (a, b, c)])
+        return real(a, b, c, *rest)
+
+    monkeypatch.setattr(kernels, "_attn_fwd", spy)
+    longnet.dilated_attention(q, k, v, (16,), (1,), backend="torch")
+    own = [x.untyped_storage().data_ptr() for x in (q, k, v)]
+    assert seen and all(ptrs == own for ptrs in seen), "a strided input was copied before the kernel"
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -197,6 +285,17 @@ def _ok(**over):
     (dict(dilation_rates=[1.5]), TypeError, "dilation_rates[0] must be an integer"),
     (dict(dilation_rates=[5]), ValueError, "must be <= segment_lengths[0]"),
     (dict(segment_lengths="48"), TypeError, "segment_lengths must be an int or a sequence"),
+    # A bool is not a length, however it is spelled (Python, numpy, a 0-d tensor), alone or in a list.
+    (dict(segment_lengths=True), TypeError, "segment_lengths must be an integer, got True"),
+    (dict(segment_lengths=np.bool_(True)), TypeError, "segment_lengths must be an integer, got True"),
+    (dict(segment_lengths=torch.tensor(True)), TypeError, "segment_lengths must be an integer, got True"),
+    (dict(segment_lengths=[np.bool_(True)]), TypeError, "segment_lengths[0] must be an integer, got True"),
+    (dict(dilation_rates=[torch.tensor(True)]), TypeError, "dilation_rates[0] must be an integer, got True"),
+    (dict(dilation_rates=torch.tensor([True])), TypeError, "dilation_rates[0] must be an integer, got True"),
+    (dict(segment_lengths=[np.float64(4.0)]), TypeError, "segment_lengths[0] must be an integer"),
+    (dict(segment_lengths=[2**63]), ValueError, "segment_lengths[0] must fit in int64"),
+    (dict(segment_lengths=[10**30]), ValueError, "segment_lengths[0] must fit in int64"),
+    (dict(segment_lengths=[2**64], dilation_rates=[2**63]), ValueError, "segment_lengths[0] must fit in int64"),
 ])
 def test_bad_input_errors(over, exc, words):
     args = _ok(**over)
@@ -223,6 +322,95 @@ def test_int_arguments_accepted():
     q = torch.randn(1, 10, 2, 4)
     out = longnet.dilated_attention(q, q, q, 4, 2)
     assert out.shape == q.shape and torch.isfinite(out).all()
+    # numpy and 0-d tensor integers are integers
+    for w, r in ((np.int64(4), torch.tensor(2)), ([np.int32(4)], torch.tensor([2]))):
+        torch.testing.assert_close(longnet.dilated_attention(q, q, q, w, r), out)
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+@pytest.mark.parametrize("huge", [2**63 - 1, 2**62, 10**12])
+def test_huge_segment_lengths_are_one_segment(backend, huge):
+    # w >= N is one segment whatever w is, up to int64's limit (no overflow in any backend).
+    q, k, v = _inputs(2, 30, 3, 4, torch.float64, requires_grad=False)
+    out, lse = longnet.dilated_attention(q, k, v, (8, huge), (1, 3), is_causal=True, return_lse=True,
+                                         backend=backend)
+    ref_out, ref_lse = dilated_attention_reference(q, k, v, (8, 30), (1, 3), is_causal=True)
+    assert_close(out, ref_out, torch.float64)
+    assert_close(lse, ref_lse, torch.float64, "lse")
+
+
+# ---- a backend that refuses an input says why ------------------------------------------------
+
+def test_torch_backend_names_the_device_it_refuses():
+    q = torch.empty(1, 8, 2, 4, device="meta")
+    with pytest.raises(ValueError, match="backend 'torch' cannot run this input: it runs on cpu and cuda "
+                                         "tensors, got a tensor on meta"):
+        longnet.dilated_attention(q, q, q, 4, 1, backend="torch")
+
+
+def test_missing_optional_backend_names_the_import_error(monkeypatch):
+    from longnet.backends import registry
+    monkeypatch.setattr(registry, "BACKENDS", {k: b for k, b in registry.BACKENDS.items() if k != "triton"})
+    monkeypatch.setattr(registry, "_UNAVAILABLE", {})
+    monkeypatch.setattr(registry, "_optional_loaded", False)
+    # As if triton were not installed: importing the backend raises ImportError.
+    import longnet.backends
+    monkeypatch.delattr(longnet.backends, "triton_backend", raising=False)
+    monkeypatch.setitem(sys.modules, "longnet.backends.triton_backend", None)
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(ValueError, match=r"backend 'triton' is not available: importing it failed \(\w*Error"):
+        longnet.dilated_attention(q, q, q, 4, 1, backend="triton")
+    with pytest.raises(ValueError, match="backend 'triton' is not available"):
+        longnet.MultiheadDilatedAttention(32, 2, [4], [1], backend="triton")
+
+
+def test_sequence_parallel_names_why_it_refuses_a_backend():
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="sequence parallelism runs the torch backend's kernels"):
+        longnet.dilated_attention(q, q, q, 4, 1, backend="reference", group=object())
+
+
+# ---- non-finite inputs never leak into rows that cannot see them (reference) -----------------
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_reference_keeps_non_finite_keys_out_of_rows_that_cannot_see_them(seed, causal):
+    b, n, h, d, w, r = 2, 24, 3, 4, (8, 24), (1, 2)
+    q, k, v = _inputs(b, n, h, d, torch.float64, requires_grad=False)
+    bad_k, bad_v = 13, 17  # in the middle: earlier rows (causal) and other segments cannot see them
+    k_bad, v_bad, q_bad = k.clone(), v.clone(), q.clone()
+    k_bad[:, bad_k, :, 0] = float("inf")
+    v_bad[:, bad_v, :, 1] = float("nan")
+    q_bad[:, bad_k, :, 2] = float("-inf")
+    c = count_matrix(n, h, w, r, is_causal=causal)  # (H, N, N)
+    clean_rows = ((c[:, :, bad_k] == 0) & (c[:, :, bad_v] == 0)).T  # (N, H)
+    clean_rows[bad_k] = False  # its own q is -inf
+    assert clean_rows.any() and (~clean_rows).any()
+
+    def run(q, k, v):
+        xs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = dilated_attention_reference(*xs, w, r, is_causal=causal)
+        # A loss on the clean rows only: its gradient must not see the bad entries either.
+        loss = (out * clean_rows[None, :, :, None]).sum() + lse.masked_fill(~clean_rows[None], 0).sum()
+        return (out, lse, *torch.autograd.grad(loss, xs))
+
+    bad = run(q_bad, k_bad, v_bad)
+    good = run(q, k, v)  # finite inputs, same values elsewhere
+    keep = clean_rows[None].expand(b, n, h)
+    torch.testing.assert_close(bad[0][keep], good[0][keep])
+    torch.testing.assert_close(bad[1][keep], good[1][keep])
+    # Gradients of the clean rows' queries, and of keys/values that only clean rows see, are the
+    # finite-input ones: no 0 * inf is formed for a pair with C = 0. (A row that does see a bad
+    # entry is NaN, and autograd carries 0 * NaN from it, as any attention does.)
+    dirty_sees = ((c > 0) & ~clean_rows.T[:, :, None]).any(dim=1).T  # (N, H): seen by a dirty row
+    clean_keys = (~dirty_sees)[None].expand(b, n, h)
+    for g_bad, g_good, rows in zip(bad[2:], good[2:], (keep, clean_keys, clean_keys)):
+        assert torch.isfinite(g_bad[rows]).all()
+        torch.testing.assert_close(g_bad[rows], g_good[rows])
+    assert clean_keys.any() and (~clean_keys).any()
+    # Rows that do see the NaN value get NaN there, not a silently finite result.
+    sees_nan = (c[:, :, bad_v] > 0).T.clone()
+    sees_nan[bad_k] = False  # its -inf query may give key bad_v probability 0
+    assert sees_nan.any() and torch.isnan(bad[0][..., 1][sees_nan[None].expand(b, n, h)]).all()
 
 
 @pytest.mark.parametrize("max_elements,max_bh", [(700, 65535), (10**9, 3), (150, 2)])

@@ -1,7 +1,11 @@
+import numpy as np
 import pytest
+import torch
 
-from longnet.patterns import (PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS, DilatedPattern, dense_flops,
-                              dilated_flops, validate_pattern)
+from longnet.patterns import (PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS, DilatedPattern, clip_segment,
+                              dense_flops, dilated_flops, head_offset, heads_with_offset, keep_mask,
+                              kept_count, kept_positions, row_offset, used_offsets, validate_pattern,
+                              visible_keys)
 
 
 def test_paper_preset():
@@ -51,3 +55,60 @@ def test_parse_and_errors():
         DilatedPattern.parse("8,x", "1,2")
     with pytest.raises(ValueError, match="same length"):
         validate_pattern([8, 16], [1])
+
+
+# ---- the kept-rows rule: one definition, every form of it agrees ------------------------------
+
+def test_rule_by_hand():
+    # w = 8, r = 3, H = 2: head 0 keeps rows 0, 3, 6 of each segment, head 1 keeps 1, 4, 7.
+    assert [head_offset(h, 3) for h in range(5)] == [0, 1, 2, 0, 1]
+    assert [row_offset(p, 8, 3) for p in range(10)] == [0, 1, 2, 0, 1, 2, 0, 1, 0, 1]
+    assert list(used_offsets(3, 2)) == [0, 1] and list(used_offsets(3, 7)) == [0, 1, 2]
+    assert list(heads_with_offset(1, 3, 8)) == [1, 4, 7]
+    assert [kept_count(8, s, 3) for s in range(3)] == [3, 3, 2] and kept_count(2, 2, 3) == 0
+    assert kept_positions(10, 8, 3, 1) == [1, 4, 7, 9]
+    assert kept_positions(10, 100, 3, 2) == [2, 5, 8]  # w >= N: one segment
+    assert clip_segment(100, 10) == 10 and clip_segment(4, 10) == 4
+    # Query 13 in segment [8, 16): offset (13 - 8) mod 3 = 2, keys 10 and 13.
+    assert visible_keys(13, 8, 3) == (2, 10, 2)
+
+
+@pytest.mark.parametrize("n,h,w,r", [(10, 3, 4, 2), (37, 5, 8, 3), (20, 2, 100, 4), (9, 1, 9, 9)])
+def test_rule_forms_agree(n, h, w, r):
+    pos, heads = np.arange(n), np.arange(h)
+    mask_np = keep_mask(pos, heads, w, r)
+    mask_t = keep_mask(torch.arange(n), torch.arange(h), w, r)
+    assert isinstance(mask_np, np.ndarray) and isinstance(mask_t, torch.Tensor)
+    np.testing.assert_array_equal(mask_np, mask_t.numpy())
+    pattern = DilatedPattern((w,), (r,))
+    for head in range(h):
+        rows = np.flatnonzero(mask_np[head]).tolist()
+        assert rows == kept_positions(n, w, r, head_offset(head, r)) == pattern.kept_rows(0, head, n)
+        wc = clip_segment(w, n)
+        counts = [kept_count(min(a + wc, n) - a, head_offset(head, r), r) for a in range(0, n, wc)]
+        assert sum(counts) == len(rows)
+    for p in range(n):
+        s, first, count = visible_keys(p, w, r)
+        kept_by = [hd for hd in range(h) if mask_np[hd, p]]
+        assert kept_by == list(heads_with_offset(s, r, h))
+        a = p - p % w
+        assert list(range(first, p + 1, r)) == [j for j in range(a, p + 1) if row_offset(j, w, r) == s]
+        assert count == len(range(first, p + 1, r))
+
+
+def test_values_must_fit_in_int64():
+    assert validate_pattern([2**63 - 1], [2**62]) == ((2**63 - 1,), (2**62,))
+    with pytest.raises(ValueError, match=r"segment_lengths\[1\] must fit in int64"):
+        validate_pattern([4, 2**63], [1, 2])
+    with pytest.raises(ValueError, match=r"must fit in int64"):
+        DilatedPattern.geometric(2**40, 30)
+    with pytest.raises(TypeError, match="must be an integer, got True"):
+        DilatedPattern((np.bool_(True),), (1,))
+
+
+def test_tests_are_seeded_with_a_fixed_seed_by_default(seed, request):
+    import os
+    import zlib
+    assert torch.initial_seed() == seed
+    if request.config.getoption("--seed") is None and not os.environ.get("LONGNET_TEST_SEED"):
+        assert seed == zlib.crc32(request.node.nodeid.encode()) % 2**31

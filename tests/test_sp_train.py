@@ -14,10 +14,12 @@ import contextlib
 import csv
 import io
 import os
-import random
 import shutil
 import signal
 import socket
+import subprocess
+import sys
+import time
 import traceback
 
 import pytest
@@ -28,6 +30,7 @@ from safetensors.torch import load_file
 import longnet.training.trainer as train_mod
 from longnet.training.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint
 from longnet.cli import main
+from tests.train_helpers import write_corpus
 
 MICRO = ["--set", "model.n_layers=2", "--set", "d_model=32", "--set", "n_heads=4", "--set", "d_ffn=64",
          "--set", "segment_lengths=16,32,64", "--set", "dilation_rates=1,2,4", "--set", "seq_len=64",
@@ -36,6 +39,7 @@ MICRO = ["--set", "model.n_layers=2", "--set", "d_model=32", "--set", "n_heads=4
          "--set", "warmup_steps=2", "--set", "precision=fp32", "--set", "num_threads=1",
          "--max-steps", "6", "--no-progress"]
 RTOL = 1e-5  # losses are logged with 6 significant digits
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -57,13 +61,13 @@ def _worker(rank, world, tasks, result_dir):
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     results = {}
-    for name, argv, port, sigint_at in tasks:
+    for name, argv, port, signal_at in tasks:
         os.environ["MASTER_PORT"] = str(port)
 
-        def after_step(step, sigint_at=sigint_at):
-            # Ctrl-C reaching one rank only: the others must stop after the same step.
-            if sigint_at is not None and rank == world - 1 and step == sigint_at:
-                os.kill(os.getpid(), signal.SIGINT)
+        def after_step(step, signal_at=signal_at):
+            # A signal reaching one rank only: the others must stop after the same step.
+            if signal_at is not None and rank == world - 1 and step == signal_at[0]:
+                os.kill(os.getpid(), signal_at[1])
         train_mod._after_step = after_step
         out, err = io.StringIO(), io.StringIO()
         try:
@@ -90,11 +94,8 @@ def _weights(out):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sp_train")
-    rng = random.Random(0)
-    words = "def class return self import for in if else while yield lambda print value".split()
-    (root / "code.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(800)))
-    data = (f"text:{root / 'code.txt'}", str(root / "cache"))
-    d = {name: root / name for name in ("single", "single_cut", "sp2", "sp2_cut", "dp2", "dp2_sp2")}
+    data = (write_corpus(root), str(root / "cache"))
+    d = {name: root / name for name in ("single", "single_cut", "sp2", "sp2_cut", "sp2_term", "dp2", "dp2_sp2")}
 
     # Single-process references: straight, and cut by an exception after step 3 (saves step 3).
     single_out = io.StringIO()
@@ -113,7 +114,9 @@ def runs(tmp_path_factory):
 
     tasks = [
         ("sp2", _argv(data, d["sp2"], "--sequence-parallel", "2"), _free_port(), None),
-        ("sp2_cut", _argv(data, d["sp2_cut"], "--sequence-parallel", "2"), _free_port(), 2),
+        ("sp2_cut", _argv(data, d["sp2_cut"], "--sequence-parallel", "2"), _free_port(), (3, signal.SIGINT)),
+        ("sp2_term", _argv(data, d["sp2_term"], "--sequence-parallel", "2", "--set", "eval_interval=0"),
+         _free_port(), (2, signal.SIGTERM)),
         ("resume_1_to_2", ["train", "--resume", "--out", str(d["single_cut"]), "--sequence-parallel", "2",
                            "--no-progress"], _free_port(), None),
         ("dp2", _argv(data, d["dp2"], "--data-parallel", "2"), _free_port(), None),
@@ -135,7 +138,7 @@ def runs(tmp_path_factory):
     sp2_cut_at_3 = root / "sp2_cut_at_3"
     shutil.copytree(d["sp2_cut"], sp2_cut_at_3)
     assert main(["train", "--resume", "--out", str(d["sp2_cut"]), "--no-progress"]) == 0
-    return {"dirs": d, "world": world, "world4": world4, "single_out": single_out.getvalue(),
+    return {"dirs": d, "data": data, "world": world, "world4": world4, "single_out": single_out.getvalue(),
             "sp2_cut_at_3": sp2_cut_at_3, "single_cut_at_3": cut_at_3}
 
 
@@ -216,12 +219,77 @@ def test_checkpoint_saved_at_s1_resumes_at_s2(runs):
 
 
 def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(runs):
-    # SIGINT reached rank 1 after step 2; the flag travels with step 3's loss all-reduce.
+    # SIGINT reached rank 1 after step 3; the ranks agree on the stop at that step's boundary.
     for rank, res in enumerate(runs["world"]):
         assert res["sp2_cut"]["rc"] == 130, (rank, res["sp2_cut"])
     assert "stopped at step 3" in runs["world"][0]["sp2_cut"]["err"]
     assert "torchrun --nproc_per_node 2 -m longnet train --resume" in runs["world"][0]["sp2_cut"]["err"]
     assert runs["world"][1]["sp2_cut"]["err"] == ""
+
+
+def test_sigterm_on_one_rank_stops_every_rank_and_saves(runs):
+    # What a scheduler preempting one node sends: every rank stops after step 2, exit 128 + 15.
+    for rank, res in enumerate(runs["world"]):
+        assert res["sp2_term"]["rc"] == 128 + signal.SIGTERM, (rank, res["sp2_term"])
+    assert "stopped at step 2" in runs["world"][0]["sp2_term"]["err"]
+    assert load_checkpoint(str(runs["dirs"]["sp2_term"]))["step"] == 2
+    assert [s for s, _ in _train_rows(runs["dirs"]["sp2_term"])] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- torchrun, two nodes
+
+
+def _launch_nodes(tmp_path, argv, port):
+    """Two torchrun launchers, one process each, meeting through a c10d rendezvous on 127.0.0.1."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"longnet-{port}",
+           "-m", "longnet", *argv]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+             for log in logs]
+    return procs, logs
+
+
+def _wait(procs, logs, timeout=300):
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [log.read_text() for log in logs]
+
+
+def test_two_torchrun_nodes_follow_the_single_process_loss_curve(runs, tmp_path):
+    out = tmp_path / "nodes"
+    procs, logs = _launch_nodes(tmp_path, _argv(runs["data"], out, "--sequence-parallel", "2"), _free_port())
+    texts = _wait(procs, logs)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(texts)
+    assert any("mesh: 2 processes (gloo) = data-parallel 1 x sequence-parallel 2" in t for t in texts)
+    single = runs["dirs"]["single"]
+    _assert_same_curve(_train_rows(out), _train_rows(single), "2 nodes train loss")
+    _assert_same_curve(_train_rows(out, "valid"), _train_rows(single, "valid"), "2 nodes val loss")
+    _assert_close_weights(out, single)
+
+
+def test_sigterm_to_one_torchrun_node_stops_both_and_saves(runs, tmp_path):
+    out = tmp_path / "nodes"
+    argv = _argv(runs["data"], out, "--sequence-parallel", "2", "--max-steps", "100000")
+    procs, logs = _launch_nodes(tmp_path, argv, _free_port())
+    deadline = time.monotonic() + 240
+    while not (os.path.isfile(out / "log.csv") and len(_train_rows(out)) >= 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), _wait(procs, logs, 1)
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)  # one node is preempted
+    texts = _wait(procs, logs)
+    assert all(p.returncode != 0 for p in procs), "\n".join(texts)
+    last = _train_rows(out)[-1][0]
+    assert any(f"stopped at step {last}; checkpoint" in t for t in texts), "\n".join(texts)
+    assert load_checkpoint(str(out))["step"] == last
+    _, data_state = load_trainer_state(str(out))
+    assert data_state["step"] == last * 2  # grad_accum 2: the sampler state of that very step
 
 
 # ----------------------------------------------------------------------------- errors
@@ -289,3 +357,24 @@ def test_stop_flag_counts_a_forwarded_sigint_once():
     plain._handle(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):
         plain._handle(signal.SIGINT, None)
+
+
+def test_a_stop_adopted_from_another_rank_is_not_a_second_signal():
+    flag = train_mod._StopFlag(debounce_s=0.0, quiet=True)
+    assert flag.agree([sig == signal.SIGTERM for sig in train_mod._stop_signals()])  # rank 1 got SIGTERM
+    assert flag.requested and flag.exit_code == 128 + signal.SIGTERM
+    flag._handle(signal.SIGTERM, None)  # then this rank's own first one: still only a request
+    with pytest.raises(KeyboardInterrupt):
+        flag._handle(signal.SIGTERM, None)
+    assert not train_mod._StopFlag(quiet=True).agree([False, False, False])
+
+
+def test_one_process_never_imports_the_distributed_package(runs, tmp_path):
+    code = ("import sys\nfrom longnet.cli import main\n"
+            f"assert main({_argv(runs['data'], tmp_path / 'one', '--max-steps', '2')!r}) == 0\n"
+            "print(sorted(m for m in sys.modules if m.startswith('longnet.distributed')))")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().splitlines()[-1] == "[]"

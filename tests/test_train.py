@@ -3,44 +3,32 @@
 import csv
 import json
 import os
-import random
 import signal
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import longnet.training.trainer as train_mod
-from longnet.training.checkpoint import (CheckpointError, load_checkpoint, load_model, load_trainer_state,
-                                resolve_checkpoint, save_checkpoint)
 from longnet.cli import main
 from longnet.config import TrainConfig, preset
 from longnet.model import LongNetLM
-
-MICRO = ["--set", "model.n_layers=2", "--set", "d_model=32", "--set", "n_heads=4", "--set", "d_ffn=64",
-         "--set", "segment_lengths=8,16", "--set", "dilation_rates=1,2", "--set", "seq_len=32",
-         "--set", "batch_size=2", "--set", "eval_windows=2", "--set", "eval_interval=2",
-         "--set", "sample_tokens=8", "--set", "warmup_steps=2", "--no-progress"]
+from longnet.training.checkpoint import (CheckpointError, load_checkpoint, load_model, load_trainer_state,
+                                         resolve_checkpoint, save_checkpoint)
+from longnet.training.data import RandomWindowSampler
+from tests.train_helpers import MICRO, train_rows, write_corpus
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = "def class return self import for in if else while yield lambda print value".split()
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(800))
-    (d / "code.txt").write_text(text)
-    return f"text:{d / 'code.txt'}", str(d / "cache")
+    return write_corpus(d), str(d / "cache")
 
 
 def _train(out, corpus, *extra):
     spec, cache = corpus
     return main(["train", "--data", spec, "--cache-dir", cache, "--out", str(out), *MICRO, *extra])
-
-
-def _train_losses(out):
-    with open(os.path.join(out, "log.csv")) as f:
-        return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -53,9 +41,11 @@ def test_checkpoint_round_trip(tmp_path):
     model.loss(torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 9))).backward()
     opt.step()
     tcfg = TrainConfig(max_steps=5)
+    sampler = RandomWindowSampler(np.arange(100, dtype=np.uint8), 2, 8, seed=0)
     for step in (1, 2, 3):
+        sampler.next_batch()
         path = save_checkpoint(str(tmp_path), model=model, train_config=tcfg, data_spec="builtin", step=step,
-                               optimizer=opt, data_state={"kind": "x", "step": step}, keep=2)
+                               optimizer=opt, data_state=sampler.state_dict(), keep=2)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002", "step_00000003"]
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_00000003"
     assert resolve_checkpoint(str(tmp_path)) == path
@@ -69,7 +59,7 @@ def test_checkpoint_round_trip(tmp_path):
     x = torch.randint(0, 256, (1, 20))
     torch.testing.assert_close(loaded(x), model.eval()(x), atol=0, rtol=0)
     state, data_state = load_trainer_state(path)
-    assert data_state == {"kind": "x", "step": 3}
+    assert data_state == json.loads(json.dumps(sampler.state_dict())) and data_state["step"] == 3
     opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
     opt2.load_state_dict(state["optimizer"])
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
@@ -132,7 +122,7 @@ def test_tensorboard_events_are_written(tmp_path, corpus, capsys):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/bpb", "valid/bpb"} <= tags
-    csv_losses = [float(loss) for _, loss in _train_losses(out)]
+    csv_losses = [float(loss) for _, loss in train_rows(out)]
     tb_losses = [e.value for e in acc.Scalars("train/loss")]
     assert tb_losses == pytest.approx(csv_losses, rel=1e-5)
 
@@ -152,7 +142,7 @@ def test_resume_follows_the_uninterrupted_run(tmp_path, corpus, monkeypatch, cap
     assert load_checkpoint(str(pieces))["step"] == 3
     monkeypatch.setattr(train_mod, "_after_step", lambda step: None)
     assert main(["train", "--resume", "--out", str(pieces), "--no-progress"]) == 0
-    a, b = _train_losses(straight), _train_losses(pieces)
+    a, b = train_rows(straight), train_rows(pieces)
     assert [s for s, _ in a] == [1, 2, 3, 4, 5, 6]
     assert a == b
     wa = load_file(os.path.join(resolve_checkpoint(str(straight)), "model.safetensors"))

@@ -247,11 +247,34 @@ def test_cli_bad_options(argv, needle, tmp_path, capsys):
     (["--n", "64", "--image-size", "640"], "--image-size: expected WIDTHxHEIGHT"),
     (["--n", "64", "--image-size", "50x50"], "--image-size: width and height must be in"),
     (["--paper"], "--n"),
+    (["--paper", "--n", "1000000000"], "--n: expected an integer <= 4194304 (the largest N viz draws)"),
+    (["--paper", "--n", "-5"], "--n: expected a positive integer"),
+    (["--paper", "--n", "64", "--heads", "0"], "--heads: expected a positive integer, got 0"),
+    (["--paper", "--n", "64", "--head-dim", "0"], "--head-dim: expected a positive integer"),
+    (["--paper", "--n", "64", "--max-pixels", "-1"], "--max-pixels: expected a positive integer"),
+    (["--paper", "--n", "64", "--reach-max-n", "1000000"], "--reach-max-n: expected an integer <= 131072"),
+    (["--paper", "--n", "64", "--out", "{file}"], "--out: expected a folder, but"),
+    (["--paper", "--n", "64", "--out", "{file}/sub"], "--out: expected a folder, but"),
 ])
-def test_cli_argparse_errors(argv, needle, capsys):
+def test_cli_argparse_errors(argv, needle, capsys, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(SystemExit) as e:
-        main(["viz", *argv])
+        main(["viz", *[a.format(file=tmp_path / "a_file") for a in argv]])
     assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["a_file"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--n", "200000", "--reach"], "--reach needs --n <= 131072"),
+    (["--n", "4194304", "--heads", "64"], "--n 4194304 x --heads 64 = 268435456 kept-row entries"),
+])
+def test_cli_refuses_sizes_too_large_before_any_work(argv, needle, tmp_path, capsys, monkeypatch):
+    import longnet.analysis.viz as viz
+    monkeypatch.setattr(viz, "count_stats", lambda *a, **k: pytest.fail("worked despite a bad argument"))
+    assert main(["viz", "--paper", "--out", str(tmp_path / "x"), *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("longnet viz: error: ") and needle in captured.err, captured.err
+    assert captured.out == "" and not (tmp_path / "x").exists()
 
 
 def test_api_errors(tmp_path):

@@ -33,6 +33,7 @@ from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from .. import patterns as _patterns
 from ..patterns import DilatedPattern, validate_pattern
 
 __all__ = [
@@ -64,7 +65,7 @@ def _wr(pattern) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
 
 def used_offsets(dilation_rate: int, num_heads: int) -> List[int]:
     """Offsets ``h mod r`` that some head uses; all of 0..r-1 only when H >= r."""
-    return sorted({h % dilation_rate for h in range(num_heads)})
+    return list(_patterns.used_offsets(dilation_rate, num_heads))
 
 
 def dead_rows(pattern, n: int, num_heads: int) -> np.ndarray:
@@ -77,7 +78,7 @@ def dead_rows(pattern, n: int, num_heads: int) -> np.ndarray:
     pos = np.arange(n)
     kept = np.zeros(n, dtype=bool)
     for w, r in zip(w_t, r_t):
-        kept |= np.isin((pos % w) % r, used_offsets(r, num_heads))
+        kept |= np.isin(_patterns.row_offset(pos, w, r), used_offsets(r, num_heads))
     return np.flatnonzero(~kept)
 
 

@@ -9,11 +9,12 @@ O(B * nseg * H * m^2) per unit instead of flash's O(m): use it for moderate N.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .numerics import acc_dtype
 from .torch_backend import iter_units, unit_view
 
 __all__ = ["dilated_attention_biased"]
@@ -21,18 +22,20 @@ __all__ = ["dilated_attention_biased"]
 
 def dilated_attention_biased(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
                              dilation_rates: Sequence[int], *, is_causal: bool, scale: float,
-                             bias_fn: Callable[[Tensor], Tensor]) -> Tuple[Tensor, Tensor]:
-    """q, k, v (B, N, H, D) -> (out (B, N, H, D), lse (B, N, H) fp32).
+                             bias_fn: Callable[[Tensor], Tensor],
+                             segment_phases: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
+    """q, k, v (B, N, H, D), any strides -> (out (B, N, H, D), lse (B, N, H) fp32, fp64 for fp64).
 
     ``bias_fn(rel)`` maps a LongTensor of original-position differences
     ``rel[i, j] = pos_i - pos_j`` of shape (m, m) to a bias of shape (H, m, m).
+    ``segment_phases``: validated, one per pattern, None for all 0.
     """
     b, n, h, d = q.shape
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q.dtype)
     n_pat = len(segment_lengths)
     outs = [torch.zeros(b, n, h, d, dtype=acc, device=q.device) for _ in range(n_pat)]
     lses = [torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device) for _ in range(n_pat)]
-    for u in iter_units(b, n, h, segment_lengths, dilation_rates):
+    for u in iter_units(b, n, h, segment_lengths, dilation_rates, (q, k, v), segment_phases):
         qu, ku, vu = (unit_view(x, u).to(acc) for x in (q, k, v))  # (Z, Hs, m, D)
         idx = torch.arange(u.kept, device=q.device)
         rel = (idx[:, None] - idx[None, :]) * u.rate
@@ -53,4 +56,4 @@ def dilated_attention_biased(q: Tensor, k: Tensor, v: Tensor, segment_lengths: S
     weights = torch.exp(lse_safe - lse[None]) * (~empty)[None].to(acc)
     out = sum(wt.unsqueeze(-1) * o for wt, o in zip(weights, outs))
     lse = lse.masked_fill(empty, float("-inf"))
-    return out.to(q.dtype), lse.to(torch.float64 if acc == torch.float64 else torch.float32)
+    return out.to(q.dtype), lse

@@ -4,8 +4,10 @@ Byte convention: what one rank puts on the wire and takes off it, for the
 ring algorithms gloo and NCCL use. An all-gather of a c-byte chunk among m
 ranks sends (m - 1) * c and receives (m - 1) * c bytes per rank; a
 reduce-scatter whose output is c bytes does the same. A collective among one
-rank is skipped and costs nothing. These are the bytes the algorithm must
-move; transport headers are not counted.
+rank is skipped and costs nothing. A point-to-point exchange (the halo of
+a shifted segment, see :mod:`.sequence_parallel`) counts the bytes of the
+messages this rank sends and receives, and is one call. These are the bytes
+the algorithm must move; transport headers are not counted.
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["CommStats", "comm_stats", "global_comm_stats", "segment_group", "all_gather_chunks",
-           "reduce_scatter_chunks"]
+           "reduce_scatter_chunks", "Message", "exchange"]
 
 
 @dataclass
@@ -178,3 +180,47 @@ def reduce_scatter_chunks(chunks: Tensor, pg, order: Sequence[int], phase: str =
     nbytes = out.numel() * out.element_size()
     _record(phase, (m - 1) * nbytes, (m - 1) * nbytes)
     return _Pending(work, out, order, False)
+
+
+class Message(NamedTuple):
+    """One point-to-point message: the tensor to send (or the buffer to receive into), the
+    peer's rank in the group, and a tag that tells apart messages between the same two ranks."""
+
+    tensor: Tensor
+    peer: int
+    tag: int
+
+
+class _PendingExchange:
+    """Started point-to-point messages; ``.wait()`` gives the receive buffers, filled, in order."""
+
+    def __init__(self, works, sends: Sequence[Tensor], recvs: Sequence[Tensor]):
+        # The sent tensors are held until the messages complete.
+        self.works, self.sends, self.recvs = list(works), list(sends), list(recvs)
+
+    def wait(self) -> List[Tensor]:
+        for w in self.works:
+            w.wait()
+        self.works, self.sends = [], []
+        return self.recvs
+
+
+def exchange(sends: Sequence[Message], recvs: Sequence[Message], pg, phase: str) -> _PendingExchange:
+    """Start sending and receiving point-to-point messages within ``pg``; nothing to do costs nothing.
+
+    Every message a rank sends must be matched by a receive of the same shape,
+    dtype and tag on its peer, posted in the same order among the messages
+    between those two ranks (NCCL matches by order, gloo by tag).
+    """
+    sends = [m._replace(tensor=m.tensor.contiguous()) for m in sends]
+    for m in recvs:
+        if not m.tensor.is_contiguous():
+            raise ValueError("a receive buffer must be contiguous")
+    if not sends and not recvs:
+        return _PendingExchange([], [], [])
+    ops = [dist.P2POp(dist.isend, m.tensor, group=pg, tag=m.tag, group_peer=m.peer) for m in sends]
+    ops += [dist.P2POp(dist.irecv, m.tensor, group=pg, tag=m.tag, group_peer=m.peer) for m in recvs]
+    works = dist.batch_isend_irecv(ops)
+    _record(phase, sum(m.tensor.numel() * m.tensor.element_size() for m in sends),
+            sum(m.tensor.numel() * m.tensor.element_size() for m in recvs))
+    return _PendingExchange(works, [m.tensor for m in sends], [m.tensor for m in recvs])

@@ -20,6 +20,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .numerics import acc_dtype
+
 aten = torch.ops.aten
 
 # Query rows per chunk in the math path: bounds its (chunk x L) score matrix.
@@ -64,13 +66,18 @@ def _chunked(fn, tensors):
     return tuple(results)
 
 
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def last_dim_contiguous(x: Tensor) -> Tensor:
+    """x itself when its last dimension is contiguous (all the kernels need), else a contiguous copy.
+
+    Every other stride may be anything, so strided views (transposed heads,
+    slices, unbound qkv) reach the kernels without a copy.
+    """
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 def math_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
     """Reference-quality (out, lse) for (Z, H, L, D) inputs, computed in fp32/fp64."""
-    acc = lse_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     L, S = q.shape[-2], k.shape[-2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=acc, device=q.device)
@@ -91,7 +98,7 @@ def math_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tup
 def math_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradient of attention given the (possibly merged) out and lse; see SPEC.md §7."""
-    acc = lse_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     L, S = q.shape[-2], k.shape[-2]
     kf, vf = k.to(acc), v.to(acc)
     dq = torch.empty(q.shape, dtype=acc, device=q.device)
@@ -151,12 +158,33 @@ def _attn_bwd(q, k, v, do, out, lse, causal, scale, force_math):
     if not force_math:
         if q.device.type == "cpu":
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                do, q, k, v, out, lse.to(lse_dtype(q.dtype)).contiguous(), 0.0, causal, scale=scale)
+                do, q, k, v, out, lse.to(acc_dtype(q.dtype)).contiguous(), 0.0, causal, scale=scale)
         if q.device.type == "cuda" and _cuda_flash_ok(q):
-            L, S = q.shape[-2], k.shape[-2]
-            empty = torch.empty(0, device=q.device)
-            zero = torch.zeros((), dtype=torch.int64, device=q.device)
             return aten._scaled_dot_product_flash_attention_backward(
-                do, q, k, v, out, lse.float().contiguous(), empty, empty, L, S, 0.0, causal,
-                zero, zero, scale=scale)
+                do, q, k, v, out, lse.float().contiguous(), *flash_forward_state(q, k), 0.0, causal,
+                *flash_rng_state(q.device), scale=scale)
     return math_bwd(do, q, k, v, out, lse, causal, scale)
+
+
+def flash_forward_state(q: Tensor, k: Tensor) -> tuple:
+    """(cum_seq_q, cum_seq_k, max_q, max_k) exactly as ``aten._scaled_dot_product_flash_attention`` returns them.
+
+    For dense (Z, H, L, D) inputs the forward returns undefined cum_seq
+    tensors (None in Python) and max_q = L, max_k = S; its backward switches
+    to the variable-length kernel whenever cum_seq_q is a defined tensor, so
+    these must be passed back as they are. The backward recomputes each
+    partial from q, k, so the equivalent values are rebuilt here rather than
+    saved from the forward.
+    """
+    return None, None, q.shape[-2], k.shape[-2]
+
+
+def flash_rng_state(device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(philox_seed, philox_offset) as the CUDA flash forward returns them for dropout_p = 0.
+
+    Its ``rng_state`` (2,) and ``unused`` () uint64 tensors are left
+    uninitialised without dropout, and the backward reads them only when
+    dropout_p > 0 (PyTorch's ``mha_fwd``/``mha_bwd``).
+    """
+    return (torch.empty(2, dtype=torch.uint64, device=device),
+            torch.empty((), dtype=torch.uint64, device=device))

@@ -2,9 +2,16 @@
 
 ``o = softmax(q k^T * scale + log C) v`` where ``C[h, p, j]`` counts the
 patterns in which query p and key j share a segment and are both kept by
-head h (and ``j <= p`` when causal). It materialises (B, H, N, N) scores, so
+head h (and ``j <= p`` when causal); with segment phases (see
+:mod:`longnet.patterns`), segments are those of each pattern's phase. It materialises (B, H, N, N) scores, so
 it is for small N only; every fast backend is tested against it, forward and
 backward (autograd through plain torch ops gives the exact gradient).
+
+It is the oracle, so non-finite inputs must not reach a row that cannot see
+them: a score (p, j) with C = 0 is replaced by -inf (``where``, never an
+addition of -inf, which would turn an inf score into NaN), and when q, k or v
+hold inf or NaN, each row's own keys and values are selected before any
+product, so 0 * inf never arises, forward or backward.
 """
 
 from __future__ import annotations
@@ -14,62 +21,90 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..patterns import clip_phase, clip_segment, keep_mask as _keep_mask, segment_start, validate_phases
+from .numerics import acc_dtype, default_scale
+
 __all__ = ["count_matrix", "dilated_attention_reference", "keep_mask"]
 
 
 def keep_mask(n: int, num_heads: int, segment_length: int, dilation_rate: int,
-              device=None) -> Tensor:
-    """(H, N) bool: rows kept by one pattern in each head (offset h mod r)."""
-    pos = torch.arange(n, device=device)
-    within = pos % segment_length
-    heads = torch.arange(num_heads, device=device)
-    offset = (heads % dilation_rate)[:, None]
-    return (within[None, :] % dilation_rate) == offset
+              device=None, phase: int = 0) -> Tensor:
+    """(H, N) bool: rows kept by one pattern in each head (:func:`longnet.patterns.keep_mask`)."""
+    return _keep_mask(torch.arange(n, device=device), torch.arange(num_heads, device=device),
+                      clip_segment(segment_length, n), dilation_rate, clip_phase(phase, n))
 
 
 def count_matrix(n: int, num_heads: int, segment_lengths: Sequence[int],
                  dilation_rates: Sequence[int], *, is_causal: bool = False,
-                 device=None) -> Tensor:
-    """(H, N, N) int64: C[h, p, j] of SPEC.md §2."""
+                 device=None, segment_phases: Optional[Sequence[int]] = None) -> Tensor:
+    """(H, N, N) int64: C[h, p, j] of SPEC.md §2 (with each pattern's segment phase, default 0)."""
     pos = torch.arange(n, device=device)
     c = torch.zeros(num_heads, n, n, dtype=torch.int64, device=device)
-    for w, r in zip(segment_lengths, dilation_rates):
-        seg = pos // w
+    for w, r, phi in zip(segment_lengths, dilation_rates, validate_phases(segment_phases, segment_lengths)):
+        # Clipped: w >= N is one segment (and no int64 overflow for huge w or phase).
+        w, phi = clip_segment(w, n), clip_phase(phi, n)
+        seg = segment_start(pos, w, phi)
         same = seg[:, None] == seg[None, :]
-        kept = keep_mask(n, num_heads, w, r, device=device)
+        kept = keep_mask(n, num_heads, w, r, device=device, phase=phi)
         c += (same[None] & kept[:, :, None] & kept[:, None, :]).long()
     if is_causal:
         c = c * torch.tril(torch.ones(n, n, dtype=torch.int64, device=device))
     return c
 
 
+def _scores(q: Tensor, k: Tensor, allowed: Tensor, finite: bool) -> Tensor:
+    """(B, H, N, N) q.k for the allowed (H, N, N) pairs; the others are arbitrary finite values.
+
+    With non-finite inputs each pair's q and k are selected first, so a masked
+    pair multiplies zeros, never an inf or NaN (forward or backward).
+    """
+    if finite:
+        return torch.einsum("bphd,bjhd->bhpj", q, k)
+    mask = allowed[None, :, :, :, None]
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    qs = torch.where(mask, q.permute(0, 2, 1, 3)[:, :, :, None, :], zero)
+    ks = torch.where(mask, k.permute(0, 2, 1, 3)[:, :, None, :, :], zero)
+    return (qs * ks).sum(-1)
+
+
+def _weighted_values(probs: Tensor, v: Tensor, allowed: Tensor, finite: bool) -> Tensor:
+    """(B, N, H, D) sum_j probs[b, h, p, j] v[b, j, h]; probs is 0 outside ``allowed``."""
+    if finite:
+        return torch.einsum("bhpj,bjhd->bphd", probs, v)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    vs = torch.where(allowed[None, :, :, :, None], v.permute(0, 2, 1, 3)[:, :, None, :, :], zero)
+    return (probs[..., None] * vs).sum(-2).transpose(1, 2)
+
+
 def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
                                 dilation_rates: Sequence[int], *, is_causal: bool = False,
                                 scale: Optional[float] = None,
-                                score_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """Dense dilated attention. q, k, v: (B, N, H, D). Returns (out (B, N, H, D), lse (B, N, H) fp32).
+                                score_bias: Optional[Tensor] = None,
+                                segment_phases: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
+    """Dense dilated attention. q, k, v: (B, N, H, D), any strides. Returns (out (B, N, H, D), lse (B, N, H)).
 
-    ``score_bias`` (H, N, N), if given, is added to the scores (used for the
-    relative-position bias). Rows kept by no pattern give out = 0 and
-    lse = -inf with finite gradients.
+    lse is float32 (float64 for float64 inputs). ``score_bias`` (H, N, N), if
+    given, is added to the scores (used for the relative-position bias). Rows
+    kept by no pattern give out = 0 and lse = -inf with finite gradients.
+    ``segment_phases``: one per pattern, default all 0 (see :mod:`longnet.patterns`).
     """
     b, n, h, d = q.shape
-    if scale is None:
-        scale = d ** -0.5
-    c = count_matrix(n, h, segment_lengths, dilation_rates, is_causal=is_causal, device=q.device)
-    empty = (c == 0).all(dim=-1)  # (H, N)
-    # Empty rows get a finite dummy bias so softmax stays finite; their output is zeroed below.
-    log_c = torch.where(c > 0, c.to(q.dtype).log(), torch.full((), float("-inf"), dtype=q.dtype,
-                                                                    device=q.device))
-    log_c = torch.where(empty[:, :, None], torch.zeros((), dtype=q.dtype, device=q.device), log_c)
-    scores = torch.einsum("bphd,bjhd->bhpj", q, k) * scale + log_c
+    scale = default_scale(d) if scale is None else scale
+    c = count_matrix(n, h, segment_lengths, dilation_rates, is_causal=is_causal, device=q.device,
+                     segment_phases=segment_phases)
+    allowed = c > 0
+    empty = ~allowed.any(dim=-1)  # (H, N)
+    finite = bool(all(torch.isfinite(x).all() for x in (q, k, v)))
+    scores = _scores(q, k, allowed, finite) * scale + c.clamp(min=1).to(q.dtype).log()
     if score_bias is not None:
         scores = scores + score_bias.to(scores.dtype)
+    # Rows kept by no pattern get constant scores so logsumexp and its backward stay finite;
+    # their probabilities are zeroed below, so their output is exactly 0.
+    fill = torch.where(empty, 0.0, float("-inf")).to(q.dtype)[:, :, None]
+    scores = torch.where(allowed, scores, fill)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, N)
-    probs = torch.exp(scores - lse[..., None])
-    out = torch.einsum("bhpj,bjhd->bphd", probs, v)
-    keep = (~empty).T[None, :, :, None]  # (1, N, H, 1)
-    out = out * keep.to(out.dtype)
+    probs = torch.where(allowed, torch.exp(scores - lse[..., None]),
+                        torch.zeros((), dtype=q.dtype, device=q.device))
+    out = _weighted_values(probs, v, allowed, finite)
     lse = torch.where(empty[None], torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device), lse)
-    lse_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return out, lse.transpose(1, 2).to(lse_dt)
+    return out, lse.transpose(1, 2).to(acc_dtype(q.dtype))

@@ -1,8 +1,9 @@
 """The backend registry: which implementations of the op exist and which one runs an input.
 
 A backend is ``fn(q, k, v, segment_lengths, dilation_rates, *, is_causal, scale) -> (out, lse)``
-on (B, N, H, D) tensors, a ``why_not(q) -> Optional[str]`` that names the reason it cannot
-run an input (None when it can), and a priority for ``backend=None`` (higher wins).
+on (B, N, H, D) tensors (the op adds ``segment_phases=`` only when some phase is not 0), a
+``why_not(q) -> Optional[str]`` that names the reason it cannot run an input (None when it
+can), and a priority for ``backend=None`` (higher wins).
 
 The built-in backends are declared here; the optional Triton one is imported on first
 need, and only for GPU inputs or when asked for by name, so ``import longnet`` stays light
@@ -17,7 +18,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 from torch import Tensor
 
-__all__ = ["Backend", "BACKENDS", "register_backend", "available_backends", "pick_backend", "get_backend"]
+# Imported, not looked up lazily: this registers the torch.ops.longnet custom ops (see
+# custom_ops.py) as soon as longnet is imported, which torch.compile and exported graphs need.
+from .custom_ops import dilated_attention_torch
+
+__all__ = ["Backend", "BACKENDS", "register_backend", "available_backends", "pick_backend", "get_backend",
+           "check_backend_name"]
 
 BackendFn = Callable[..., Tuple[Tensor, Tensor]]
 
@@ -30,19 +36,19 @@ class Backend:
     priority: int
 
 
-def _reference(q, k, v, w, r, *, is_causal, scale):
+def _reference(q, k, v, w, r, *, is_causal, scale, segment_phases=None):
     from .reference import dilated_attention_reference
-    return dilated_attention_reference(q, k, v, w, r, is_causal=is_causal, scale=scale)
+    return dilated_attention_reference(q, k, v, w, r, is_causal=is_causal, scale=scale,
+                                       segment_phases=segment_phases)
 
 
-def _torch(q, k, v, w, r, *, is_causal, scale):
-    from .torch_backend import dilated_attention_torch
-    return dilated_attention_torch(q, k, v, w, r, is_causal=is_causal, scale=scale)
+def _torch(q, k, v, w, r, *, is_causal, scale, segment_phases=None):
+    return dilated_attention_torch(q, k, v, w, r, is_causal=is_causal, scale=scale, segment_phases=segment_phases)
 
 
-def _math(q, k, v, w, r, *, is_causal, scale):
-    from .torch_backend import dilated_attention_torch
-    return dilated_attention_torch(q, k, v, w, r, is_causal=is_causal, scale=scale, force_math=True)
+def _math(q, k, v, w, r, *, is_causal, scale, segment_phases=None):
+    return dilated_attention_torch(q, k, v, w, r, is_causal=is_causal, scale=scale, force_math=True,
+                                   segment_phases=segment_phases)
 
 
 def _anything(q: Tensor) -> Optional[str]:
@@ -73,6 +79,8 @@ def register_backend(name: str, fn: BackendFn, supports: Callable[[Tensor], obje
 
 
 _optional_loaded = False
+# Why an optional backend is missing (its import error), so asking for it by name says so.
+_UNAVAILABLE: Dict[str, str] = {}
 
 
 def _load_optional() -> None:
@@ -83,7 +91,8 @@ def _load_optional() -> None:
     _optional_loaded = True
     try:
         from . import triton_backend
-    except ImportError:
+    except ImportError as e:
+        _UNAVAILABLE["triton"] = f"importing it failed ({type(e).__name__}: {e})"
         return
     # The interpreter is for tests: backend=None never picks it (math, priority 0, runs
     # everything), while backend="triton" still reaches it.
@@ -105,14 +114,22 @@ def pick_backend(q: Tensor) -> Backend:
     return BACKENDS[max(ok)[1]]
 
 
+def check_backend_name(name: Optional[str]) -> None:
+    """Raise ``ValueError`` unless ``name`` is None or a backend that can be loaded here, saying why."""
+    if name is None or name in BACKENDS:
+        return
+    _load_optional()
+    if name in _UNAVAILABLE:
+        raise ValueError(f"backend {name!r} is not available: {_UNAVAILABLE[name]}")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
+
+
 def get_backend(name: Optional[str], q: Tensor) -> Backend:
     """The backend called ``name`` (None: :func:`pick_backend`), checked against q, or a clear error."""
     if name is None:
         return pick_backend(q)
-    if name not in BACKENDS:
-        _load_optional()
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)} or None, got {name!r}")
+    check_backend_name(name)
     reason = BACKENDS[name].why_not(q)
     if reason is not None:
         raise ValueError(f"backend {name!r} cannot run this input: {reason}")

@@ -1,12 +1,18 @@
 """The fast path: strided views of each pattern's kept rows, a flash kernel, an exact merge.
 
-No gather copies are made: for a pattern (w, r) and head offset s, the kept
-rows of all segments and of all heads with ``h mod r == s`` form the strided
-view ``x.view(B, nseg, w, H, D)[:, :, s::r, s::r]``, which PyTorch's flash
-kernels read directly. Partial outputs are merged into one output buffer
+No gather copies are made for r = 1: for a pattern (w, r) and head offset s,
+the kept rows of all segments and of all heads with ``h mod r == s`` form the
+strided view ``x.unflatten(1, (nseg, w))[:, :, s::r, s::r]``, which PyTorch's
+flash kernels read directly. Inputs may have any strides (a transposed
+(B, H, N, D) tensor, a slice of a fused qkv, ...): batch items and segments
+share one kernel batch dimension when the strides allow it, else each batch
+item is a call of its own; only a last dimension that is not contiguous is
+copied, because the kernels need it. Partial outputs are merged into one output buffer
 with the stable update of SPEC.md §7, and the backward calls each partial's
 flash backward with the merged out and lse, which is the exact gradient of
 the mixture (weights included). Saved for backward: q, k, v, out, lse.
+The entry point, its autograd and its ``torch.library`` registration are in
+:mod:`.custom_ops`; a gradient flowing into lse is handled in :mod:`.lse_grad`.
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..patterns import heads_with_offset, kept_count, segment_groups, used_offsets
 from . import kernels
+from .numerics import acc_dtype
 
-__all__ = ["dilated_attention_torch", "iter_units", "unit_view", "group_units", "merge_patterns",
-           "accumulate_grads", "merge_partial", "pad_last", "acc_dtype"]
+__all__ = ["iter_units", "unit_view", "group_units", "merge_patterns", "accumulate_grads", "merge_partial",
+           "acc_dtype"]
 
 
 class Unit(NamedTuple):
@@ -41,36 +49,46 @@ class Unit(NamedTuple):
     batch: Optional[int]
 
 
+def _mergeable(tensors: Sequence[Tensor], batch: int, n: int, nseg: int, seg_len: int) -> bool:
+    """Whether batch and segment dims of every tensor (B, N, ...) merge into one strided dim.
+
+    They do when one of them has size 1, or when the segments cover the whole
+    sequence and every tensor steps from one batch item to the next by N rows
+    (true of contiguous (B, N, ...) buffers, false of e.g. a transposed (B, H, N, D)).
+    """
+    if batch == 1 or nseg == 1:
+        return True
+    return nseg * seg_len == n and all(t.stride(0) == n * t.stride(1) for t in tensors)
+
+
 def iter_units(batch: int, n: int, num_heads: int, segment_lengths: Sequence[int],
-               dilation_rates: Sequence[int]) -> Iterator[Unit]:
+               dilation_rates: Sequence[int], tensors: Sequence[Tensor] = (),
+               segment_phases: Optional[Sequence[int]] = None) -> Iterator[Unit]:
     """Every (pattern, segment group, head offset) unit, the r = 1 patterns first.
 
+    ``tensors``: the (B, N, ...) tensors the units will be viewed on, when their
+    strides may differ from a contiguous layout (see :func:`_mergeable`).
     r = 1 patterns cover every row, so running them first lets the merge start
-    from a plain copy.
+    from a plain copy. A pattern with a segment phase has up to three groups
+    (:func:`longnet.patterns.segment_groups`): the leading segment, the full
+    ones, the tail.
     """
+    phases = segment_phases or (0,) * len(segment_lengths)
     order = sorted(range(len(segment_lengths)), key=lambda i: dilation_rates[i] != 1)
     for i in order:
-        w, r = min(segment_lengths[i], n), dilation_rates[i]
-        n_full, tail = divmod(n, w)
-        groups = [(0, n_full, w)] if n_full else []
-        if tail:
-            groups.append((n_full * w, 1, tail))
-        for start, nseg, seg_len in groups:
-            # Batch and segment dims merge into one strided dim only if nothing lies between.
-            mergeable = batch == 1 or nseg * seg_len == n
-            for s in range(min(r, num_heads)):
-                if s >= seg_len:
+        r = dilation_rates[i]
+        for start, nseg, seg_len in segment_groups(n, segment_lengths[i], phases[i]):
+            batches = [None] if _mergeable(tensors, batch, n, nseg, seg_len) else range(batch)
+            for s in used_offsets(r, num_heads):
+                kept = kept_count(seg_len, s, r)
+                if kept == 0:
                     continue
-                kept = (seg_len - s + r - 1) // r
-                if mergeable:
-                    yield Unit(i, start, nseg, seg_len, s, r, kept, None)
-                else:
-                    for b in range(batch):
-                        yield Unit(i, start, nseg, seg_len, s, r, kept, b)
+                for b in batches:
+                    yield Unit(i, start, nseg, seg_len, s, r, kept, b)
 
 
 def unit_view(x: Tensor, u: Unit) -> Tensor:
-    """View of x (B, N, H, *rest) for unit u, as (Z, H_u, kept, *rest); no copy."""
+    """View of x (B, N, H, *rest), any strides, for unit u, as (Z, H_u, kept, *rest); no copy."""
     if u.batch is not None:
         x = x[u.batch:u.batch + 1]
     x = x[:, u.start:u.start + u.nseg * u.seg_len]
@@ -109,7 +127,7 @@ def group_units(units: Sequence[Unit]) -> List[List[Unit]]:
 
 
 def _heads(u: Unit, num_heads: int) -> int:
-    return len(range(u.offset, num_heads, u.rate))
+    return len(heads_with_offset(u.offset, u.rate, num_heads))
 
 
 def _stacked(x: Tensor, group: List[Unit]) -> Tensor:
@@ -130,16 +148,6 @@ def _adopt(t: Tensor, b: int, n: int, dtype: torch.dtype) -> Optional[Tensor]:
 def _merge01(x: Tensor) -> Tensor:
     # view() raises rather than copies, so a wrong stride assumption cannot go unnoticed.
     return x.view(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of outputs and gradients: fp32 for half types."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
-def pad_last(x: Tensor, value: float) -> Tensor:
-    """x with one more column of ``value`` in its last dimension."""
-    return torch.cat([x, torch.full_like(x[..., :1], value)], -1)
 
 
 def merge_partial(out: Tensor, lse: Tensor, o_p: Tensor, l_p: Tensor) -> None:
@@ -167,15 +175,17 @@ def _first_plan(units: List[Unit], fresh: bool) -> Tuple[Optional[int], bool]:
 
 def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, causal: bool,
                    scale: float, force_math: bool = False, out: Optional[Tensor] = None,
-                   lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                   lse: Optional[Tensor] = None, segment_phases: Optional[Sequence[int]] = None
+                   ) -> Tuple[Tensor, Tensor]:
     """Merge every pattern's partial attention into out (B, N, H, D) and lse (B, N, H).
 
     Given buffers are merged into in place; without them, fresh ones are made
     (out in the accumulation dtype) and returned (see :func:`_first_plan`).
+    ``segment_phases``: one per pattern, None for all 0 (see :func:`iter_units`).
     """
     b, n, h, d = q.shape
-    acc, lse_dt = acc_dtype(q.dtype), kernels.lse_dtype(q.dtype)
-    units = list(iter_units(b, n, h, segment_lengths, dilation_rates))
+    acc = lse_dt = acc_dtype(q.dtype)
+    units = list(iter_units(b, n, h, segment_lengths, dilation_rates, (q, k, v), segment_phases))
     copy_pattern, adopt = _first_plan(units, fresh=out is None)
     for group in group_units(units):
         o_g, l_g = kernels.attn_fwd(_stacked(q, group), _stacked(k, group), _stacked(v, group), causal,
@@ -205,7 +215,8 @@ def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
 
 def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                      segment_lengths, dilation_rates, causal: bool, scale: float,
-                     force_math: bool = False, grads: Optional[Sequence[Tensor]] = None) -> List[Tensor]:
+                     force_math: bool = False, grads: Optional[Sequence[Tensor]] = None,
+                     segment_phases: Optional[Sequence[int]] = None) -> List[Tensor]:
     """Exact (dq, dk, dv) of the mixture: each partial's flash backward at the merged out and lse.
 
     Adds into given ``grads`` (B, N, H, D) in place, or makes and returns fresh
@@ -213,7 +224,8 @@ def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     """
     b, n, h, d = q.shape
     acc = acc_dtype(q.dtype)
-    units = list(iter_units(b, n, h, segment_lengths, dilation_rates))
+    units = list(iter_units(b, n, h, segment_lengths, dilation_rates, (do, q, k, v, out, lse, *(grads or ())),
+                            segment_phases))
     copy_pattern, adopt = _first_plan(units, fresh=grads is None)
     for group in group_units(units):
         parts = kernels.attn_bwd(_stacked(do, group), _stacked(q, group), _stacked(k, group),
@@ -237,41 +249,3 @@ def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     if grads is None:
         grads = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
     return list(grads)
-
-
-class _DilatedAttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, segment_lengths, dilation_rates, causal, scale, force_math):
-        out, lse = merge_patterns(q, k, v, segment_lengths, dilation_rates, causal, scale, force_math)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (segment_lengths, dilation_rates, causal, scale, force_math)
-        ctx.set_materialize_grads(False)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        segment_lengths, dilation_rates, causal, scale, force_math = ctx.args
-        if dout is None:
-            dout = torch.zeros_like(out)
-        d = q.shape[-1]
-        if dlse is not None:
-            # d lse_p / d s_pj = P_pj, so an lse gradient adds P * dlse to dS. A column of ones on
-            # v (dP gains dlse) and of zeros on out (the row term is unchanged) let the same exact
-            # backward carry it; q and k get zero columns so head dims agree and scores are unchanged.
-            dout = torch.cat([dout, dlse.unsqueeze(-1).to(dout.dtype)], -1)
-            q, k, v, out = pad_last(q, 0.0), pad_last(k, 0.0), pad_last(v, 1.0), pad_last(out, 0.0)
-        # contiguous(): autograd may hand over an expanded (stride-0) gradient.
-        grads = accumulate_grads(dout.contiguous(), q, k, v, out, lse, segment_lengths, dilation_rates,
-                                 causal, scale, force_math)
-        dq, dk, dv = (g[..., :d].to(q.dtype) for g in grads)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def dilated_attention_torch(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, *,
-                            is_causal: bool = False, scale: float, force_math: bool = False
-                            ) -> Tuple[Tensor, Tensor]:
-    """(out (B, N, H, D), lse (B, N, H)); see the module docstring."""
-    return _DilatedAttentionFn.apply(q, k, v, tuple(segment_lengths), tuple(dilation_rates),
-                                     bool(is_causal), float(scale), bool(force_math))

@@ -10,8 +10,13 @@ How it works (no gather copies, no per-segment launches):
   segment ``i // nblk`` in head ``bh % H`` of batch item ``bh // H``. Kept row
   j of segment a in head h lives at position ``a + s + j * r`` (s = h mod r),
   so a block of kept rows is read with row stride ``r * stride_N`` directly
-  from the caller's tensors. The tail segment is shorter; segments or heads
+  from the caller's tensors. This is the kept-rows rule of
+  :mod:`longnet.patterns` (``head_offset``, ``kept_count``), spelled once
+  for the device in ``_program_rows``; the host side calls the rule itself. The tail segment is shorter; segments or heads
   that keep no row, and blocks past a segment's kept count, exit at once.
+  A segment phase φ (see :mod:`longnet.patterns`) adds a leading segment
+  [0, φ) as segment 0 and shifts the others to start at φ + j*w
+  (``segment_start``); the kernels take φ like w and r.
 - Inside a segment, attention is flash-style (online softmax in fp32 on
   exp2). In kept-row coordinates the causal mask is the plain lower
   triangle, because query and key rows share offset and stride.
@@ -50,6 +55,10 @@ from torch import Tensor
 
 import triton
 import triton.language as tl
+
+from ..patterns import clip_phase, clip_segment, kept_count, segment_groups
+from .kernels import last_dim_contiguous
+from .numerics import acc_dtype, default_scale
 
 __all__ = ["dilated_attention_triton", "supports", "why_not", "backend_fn", "BlockConfig", "default_config", "INTERPRET",
            "TRITON_VERSION"]
@@ -127,30 +136,48 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, k_rs, v_rs, offs_m, offs_d, m_l
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE,
-                s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
-                s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
-                N, H, W, R, n_blk, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, MERGE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _program_rows(n_blk, BLOCK: tl.constexpr, N, H, W, R, PH):
+    """This program's block of kept rows: (start, m_len, b64, h64, row0, r64).
+
+    The kept-rows rule of :mod:`longnet.patterns` on the device (device code
+    cannot call the host functions): program (i, bh) takes block ``i % n_blk``
+    (its first kept-row index is ``start``) of segment ``i // n_blk`` in head
+    h = bh % H of batch item b = bh // H; the head offset is s = h mod R
+    (``head_offset``), the segment keeps m_len = ``kept_count(seg_len, s, R)``
+    rows, the first at position row0 = segment start + s, then every R-th.
+    With a phase PH > 0 (clipped, PH <= W), segment 0 is [0, PH) and segment
+    j >= 1 starts at PH + (j - 1) * W (``segment_groups``).
+    """
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     seg = pid // n_blk
-    start_m = (pid % n_blk) * BLOCK_M
-    b = bh // H
+    start = (pid % n_blk) * BLOCK
     h = bh % H
     s = h % R
-    seg_start = seg * W
-    seg_len = tl.minimum(W, N - seg_start)
+    # PH, W or N may arrive as constexprs (Triton specialises some int values): widen via a
+    # tensor, in 64 bits since PH + (j + 1) * W may pass 2^31 near the end of a long sequence.
+    ph = (s * 0 + PH).to(tl.int64)
+    grid_seg = seg - (ph > 0).to(tl.int64)  # index on the grid PH + j * W; -1 for the leading segment
+    seg_start = tl.maximum(ph + grid_seg * W, 0)
+    seg_len = (tl.minimum(ph + (grid_seg + 1) * W, N) - seg_start).to(tl.int32)
     # Kept rows s, s + R, ... below seg_len (0 when s >= seg_len, as s < R).
     m_len = (seg_len - s + R - 1) // R
-    if start_m >= m_len:
-        return
-    row0 = (seg_start + s).to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    row0 = seg_start + s
     # R may arrive as a constexpr (Triton specialises some int values), so widen via a tensor.
     r64 = (s * 0 + R).to(tl.int64)
+    return start, m_len, (bh // H).to(tl.int64), h.to(tl.int64), row0, r64
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE,
+                s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
+                s_ob, s_on, s_oh, s_lb, s_ln, s_lh,
+                N, H, W, R, PH, n_blk, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, MERGE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    start_m, m_len, b64, h64, row0, r64 = _program_rows(n_blk, BLOCK_M, N, H, W, R, PH)
+    if start_m >= m_len:
+        return
     q_base = Q + b64 * s_qb + h64 * s_qh + row0 * s_qn
     k_base = K + b64 * s_kb + h64 * s_kh + row0 * s_kn
     v_base = V + b64 * s_vb + h64 * s_vh + row0 * s_vn
@@ -254,25 +281,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, l_base, d_base, q_rs, do_rs, 
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
                      s_ob, s_on, s_oh, s_gb, s_gn, s_gh, s_lb, s_ln, s_lh,
-                     N, H, W, R, n_blk, scale, qk_scale,
+                     N, H, W, R, PH, n_blk, scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, ACCUM: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    seg = pid // n_blk
-    start_n = (pid % n_blk) * BLOCK_N
-    b = bh // H
-    h = bh % H
-    s = h % R
-    seg_start = seg * W
-    seg_len = tl.minimum(W, N - seg_start)
-    m_len = (seg_len - s + R - 1) // R
+    start_n, m_len, b64, h64, row0, r64 = _program_rows(n_blk, BLOCK_N, N, H, W, R, PH)
     if start_n >= m_len:
         return
-    row0 = (seg_start + s).to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    r64 = (s * 0 + R).to(tl.int64)
     q_base = Q + b64 * s_qb + h64 * s_qh + row0 * s_qn
     k_base = K + b64 * s_kb + h64 * s_kh + row0 * s_kn
     v_base = V + b64 * s_vb + h64 * s_vh + row0 * s_vn
@@ -346,25 +360,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, k_rs, v_rs, offs_m, of
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
                    s_ob, s_on, s_oh, s_gb, s_gn, s_gh, s_lb, s_ln, s_lh,
-                   N, H, W, R, n_blk, scale, qk_scale,
+                   N, H, W, R, PH, n_blk, scale, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, ACCUM: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    seg = pid // n_blk
-    start_m = (pid % n_blk) * BLOCK_M
-    b = bh // H
-    h = bh % H
-    s = h % R
-    seg_start = seg * W
-    seg_len = tl.minimum(W, N - seg_start)
-    m_len = (seg_len - s + R - 1) // R
+    start_m, m_len, b64, h64, row0, r64 = _program_rows(n_blk, BLOCK_M, N, H, W, R, PH)
     if start_m >= m_len:
         return
-    row0 = (seg_start + s).to(tl.int64)
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    r64 = (s * 0 + R).to(tl.int64)
     k_base = K + b64 * s_kb + h64 * s_kh + row0 * s_kn
     v_base = V + b64 * s_vb + h64 * s_vh + row0 * s_vn
 
@@ -497,20 +498,22 @@ def _check_runnable(q: Tensor) -> None:
         raise ValueError(f"the triton backend cannot run this input: {reason}")
 
 
-def _last_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _order(segment_lengths: Sequence[int], dilation_rates: Sequence[int], n: int):
-    """(w, r) with w clipped to N, the r = 1 patterns first (they may start the merge by storing)."""
-    pats = [(min(w, n), r) for w, r in zip(segment_lengths, dilation_rates)]
+def _order(segment_lengths: Sequence[int], dilation_rates: Sequence[int], n: int,
+           segment_phases: Optional[Sequence[int]] = None):
+    """(w, r, φ) with w and φ clipped to N, the r = 1 patterns first (they may start the merge by storing)."""
+    phases = segment_phases or (0,) * len(segment_lengths)
+    pats = [(clip_segment(w, n), r, clip_phase(phi, n)) for w, r, phi in zip(segment_lengths, dilation_rates, phases)]
     return sorted(pats, key=lambda p: p[1] != 1)
 
 
-def _grid(n: int, w: int, r: int, block: int, bh: int) -> Tuple[int, int, int]:
-    nseg = -(-n // w)
-    kept = -(-w // r)
-    n_blk = -(-kept // block)
+def _most_kept(w: int, r: int) -> int:
+    """The most rows any head keeps in a segment of w: offset 0 keeps the most."""
+    return kept_count(w, 0, r)
+
+
+def _grid(n: int, w: int, r: int, phase: int, block: int, bh: int) -> Tuple[int, int, int]:
+    nseg = sum(count for _, count, _ in segment_groups(n, w, phase))
+    n_blk = -(-_most_kept(w, r) // block)
     return nseg * n_blk, bh, n_blk
 
 
@@ -526,32 +529,32 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, causal: bool, scale: float,
-             config: Optional[BlockConfig] = None) -> Tuple[Tensor, Tensor]:
+             config: Optional[BlockConfig] = None, segment_phases=None) -> Tuple[Tensor, Tensor]:
     """(out (B, N, H, D) in q's dtype, lse (B, N, H) fp32) of the mixture; no autograd."""
     b, n, h, d = q.shape
     config = config or _env_config() or default_config(d)
-    pats = _order(segment_lengths, dilation_rates, n)
+    pats = _order(segment_lengths, dilation_rates, n, segment_phases)
     single = len(pats) == 1
     store_first = pats[0][1] == 1
     # One pattern writes the final dtype directly; a mixture merges in fp32.
-    acc_dtype = q.dtype if single else torch.float32
+    acc = acc_dtype(q.dtype)  # float32: the kernels take no float64
     alloc = torch.empty if store_first else torch.zeros
-    out = alloc((b, n, h, d), dtype=acc_dtype, device=q.device)
-    lse = torch.empty((b, n, h), dtype=torch.float32, device=q.device) if store_first else \
-        torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=q.device)
+    out = alloc((b, n, h, d), dtype=q.dtype if single else acc, device=q.device)
+    lse = torch.empty((b, n, h), dtype=acc, device=q.device) if store_first else \
+        torch.full((b, n, h), float("-inf"), dtype=acc, device=q.device)
     qk_scale = scale * _LOG2E
     prec = _dot_precision(q.dtype)
     upcast = INTERPRET and q.dtype == torch.bfloat16
-    for i, (w, r) in enumerate(pats):
-        bm, bn, warps, stages = _fit(config.fwd, -(-w // r))
+    for i, (w, r, phi) in enumerate(pats):
+        bm, bn, warps, stages = _fit(config.fwd, _most_kept(w, r))
         merge = not (i == 0 and store_first)
         for b0, b1 in _batch_chunks(b, h):
             qs, ks, vs, os_, ls = q[b0:b1], k[b0:b1], v[b0:b1], out[b0:b1], lse[b0:b1]
-            g0, g1, n_blk = _grid(n, w, r, bm, (b1 - b0) * h)
+            g0, g1, n_blk = _grid(n, w, r, phi, bm, (b1 - b0) * h)
             _fwd_kernel[(g0, g1)](
                 qs, ks, vs, os_, ls,
                 *qs.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *os_.stride()[:3], *ls.stride(),
-                n, h, w, r, n_blk, qk_scale,
+                n, h, w, r, phi, n_blk, qk_scale,
                 HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, MERGE=merge, DOT_PREC=prec, UPCAST=upcast,
                 num_warps=warps, num_stages=stages)
     return out.to(q.dtype), lse
@@ -559,7 +562,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, c
 
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
               segment_lengths, dilation_rates, causal: bool, scale: float,
-              config: Optional[BlockConfig] = None) -> Tuple[Tensor, Tensor, Tensor]:
+              config: Optional[BlockConfig] = None, segment_phases=None) -> Tuple[Tensor, Tensor, Tensor]:
     """Exact (dq, dk, dv) of the mixture, given the merged out and lse (and optionally dlse)."""
     b, n, h, d = q.shape
     config = config or _env_config() or default_config(d)
@@ -573,18 +576,18 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
                                                HAS_DLSE=dlse is not None)
     lse = lse.contiguous()
 
-    pats = _order(segment_lengths, dilation_rates, n)
+    pats = _order(segment_lengths, dilation_rates, n, segment_phases)
     single = len(pats) == 1
     store_first = pats[0][1] == 1
-    acc_dtype = q.dtype if single else torch.float32
     alloc = torch.empty if store_first else torch.zeros
-    dq, dk, dv = (alloc((b, n, h, d), dtype=acc_dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = (alloc((b, n, h, d), dtype=q.dtype if single else acc_dtype(q.dtype), device=q.device)
+                  for _ in range(3))
     qk_scale = scale * _LOG2E
     prec = _dot_precision(q.dtype)
     upcast = INTERPRET and q.dtype == torch.bfloat16
-    for i, (w, r) in enumerate(pats):
+    for i, (w, r, phi) in enumerate(pats):
         accum = not (i == 0 and store_first)
-        kept = -(-w // r)
+        kept = _most_kept(w, r)
         bn1, bm1, warps1, stages1 = _fit(config.dkdv, kept)
         bm2, bn2, warps2, stages2 = _fit(config.dq, kept)
         for b0, b1 in _batch_chunks(b, h):
@@ -593,14 +596,14 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
             dqs, dks, dvs = dq[b0:b1], dk[b0:b1], dv[b0:b1]
             common = (*qs.stride()[:3], *ks.stride()[:3], *vs.stride()[:3], *dos.stride()[:3],
                       *dks.stride()[:3], *ls.stride())
-            g0, g1, n_blk = _grid(n, w, r, bn1, (b1 - b0) * h)
+            g0, g1, n_blk = _grid(n, w, r, phi, bn1, (b1 - b0) * h)
             _bwd_dkdv_kernel[(g0, g1)](
-                qs, ks, vs, dos, ls, ds_, dks, dvs, *common, n, h, w, r, n_blk, scale, qk_scale,
+                qs, ks, vs, dos, ls, ds_, dks, dvs, *common, n, h, w, r, phi, n_blk, scale, qk_scale,
                 HEAD_DIM=d, BLOCK_M=bm1, BLOCK_N=bn1, CAUSAL=causal, ACCUM=accum, DOT_PREC=prec, UPCAST=upcast,
                 num_warps=warps1, num_stages=stages1)
-            g0, g1, n_blk = _grid(n, w, r, bm2, (b1 - b0) * h)
+            g0, g1, n_blk = _grid(n, w, r, phi, bm2, (b1 - b0) * h)
             _bwd_dq_kernel[(g0, g1)](
-                qs, ks, vs, dos, ls, ds_, dqs, *common, n, h, w, r, n_blk, scale, qk_scale,
+                qs, ks, vs, dos, ls, ds_, dqs, *common, n, h, w, r, phi, n_blk, scale, qk_scale,
                 HEAD_DIM=d, BLOCK_M=bm2, BLOCK_N=bn2, CAUSAL=causal, ACCUM=accum, DOT_PREC=prec, UPCAST=upcast,
                 num_warps=warps2, num_stages=stages2)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
@@ -608,38 +611,43 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
 
 class _TritonDilatedAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segment_lengths, dilation_rates, causal, scale):
-        out, lse = _forward(q, k, v, segment_lengths, dilation_rates, causal, scale)
+    def forward(ctx, q, k, v, segment_lengths, dilation_rates, causal, scale, segment_phases):
+        out, lse = _forward(q, k, v, segment_lengths, dilation_rates, causal, scale,
+                            segment_phases=segment_phases)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (segment_lengths, dilation_rates, causal, scale)
+        ctx.args = (segment_lengths, dilation_rates, causal, scale, segment_phases)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        segment_lengths, dilation_rates, causal, scale = ctx.args
+        segment_lengths, dilation_rates, causal, scale, segment_phases = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(dout, q, k, v, out, lse, dlse, segment_lengths, dilation_rates, causal, scale)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _backward(dout, q, k, v, out, lse, dlse, segment_lengths, dilation_rates, causal, scale,
+                               segment_phases=segment_phases)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, *,
-                             is_causal: bool = False, scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+                             is_causal: bool = False, scale: Optional[float] = None,
+                             segment_phases: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
     """(out (B, N, H, D), lse (B, N, H) fp32) of SPEC.md §2 with the fused kernels; differentiable.
 
     Call it through ``longnet.dilated_attention(..., backend="triton")``, which
-    validates the arguments.
+    validates the arguments (``segment_phases`` included; None means all 0).
     """
     _check_runnable(q)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
-    q, k, v = (_last_contiguous(x) for x in (q, k, v))
+        scale = default_scale(q.shape[-1])
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    phases = tuple(segment_phases) if segment_phases is not None else None
     return _TritonDilatedAttentionFn.apply(q, k, v, tuple(segment_lengths), tuple(dilation_rates),
-                                           bool(is_causal), float(scale))
+                                           bool(is_causal), float(scale), phases)
 
 
-def backend_fn(q, k, v, w, r, *, is_causal, scale):
+def backend_fn(q, k, v, w, r, *, is_causal, scale, segment_phases=None):
     """The registry's entry point (see :mod:`longnet.backends.registry`)."""
-    return dilated_attention_triton(q, k, v, w, r, is_causal=is_causal, scale=scale)
+    return dilated_attention_triton(q, k, v, w, r, is_causal=is_causal, scale=scale,
+                                    segment_phases=segment_phases)

@@ -5,6 +5,11 @@ and of dense causal ``F.scaled_dot_product_attention`` on the same machine in
 the same run, peak memory growth, and achieved GFLOP/s by SPEC.md §3's count.
 Prints a table; ``--csv`` and ``--plot`` write the results.
 
+``--figure5`` times the forward only, from 4K to 1M tokens, and plots time against N
+like the paper's Figure 5: dense is measured up to ``--dense-max-n`` (32768) and
+beyond it extrapolated by the quadratic fit t = a N + b N^2 of its measured times
+(rows ``dense-extrapolated``, drawn dashed), never presented as measured.
+
 Peak memory: on CUDA from the allocator's statistics; on CPU as growth of the
 resident set sampled in a thread, which the allocator's reuse of freed pages
 blurs for small tensors, so read it at large N (e.g. ``--n 65536 --no-dense``).
@@ -13,24 +18,21 @@ blurs for small tensors, so read it at large N (e.g. ``--n 65536 --no-dense``).
 from __future__ import annotations
 
 import argparse
-import csv
-import gc
-import os
-import platform
 import sys
-import threading
-import time
-from dataclasses import asdict, dataclass, fields
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from ..fileio import atomic_path, atomic_savefig
-from ..functional import dilated_attention
+from ..argtypes import nonneg_int, output_file, pattern_from_flags, positive_int, positive_int_list
 from ..patterns import DilatedPattern, dense_flops, dilated_flops
+from . import common
+from .common import DTYPES, Column, Panel, Series, machine_name
 
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+NAN = float("nan")
+EXTRAPOLATED = "dense-extrapolated"  # impl of --figure5's rows that come from the fit, not a measurement
+FIGURE5_N = [4096 * 2**i for i in range(9)]  # 4K .. 1M
+FIGURE5_DENSE_MAX_N = 32768
 
 
 @dataclass
@@ -44,263 +46,256 @@ class Row:
     peak_mem_mib: float
     io_mib: float
     mem_over_io: float
-    dense_over_dilated_fwd: float = float("nan")
-    dense_over_dilated_fwdbwd: float = float("nan")
+    dense_over_dilated_fwd: float = NAN
+    dense_over_dilated_fwdbwd: float = NAN
+    dense_over_dilated_flops: float = NAN  # the ideal speed-up: SPEC.md §3's FLOP ratio
 
 
-class _PeakRSS:
-    """Peak resident memory above a baseline, sampled in a thread (CPU has no allocator stats)."""
-
-    def __init__(self, interval: float = 0.002):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self):
-        gc.collect()
-        self.base = self.rss()
-        self.peak = self.base
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fn: Callable[[], None], device, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    # Best of R: interference from other processes only ever adds time.
-    return min(times)
-
-
-def _peak_growth(fn: Callable[[], None], device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with _PeakRSS() as m:
-        fn()
-    return m.growth
+COLUMNS = (
+    Column("impl", "impl", width=18, align="<"), Column("N", "n", width=8),
+    Column("fwd ms", "fwd_ms", ".1f"), Column("fwd+bwd ms", "fwdbwd_ms", ".1f", 11),
+    Column("fwd GF/s", "fwd_gflops", ".1f", 9), Column("f+b GF/s", "fwdbwd_gflops", ".1f", 9),
+    Column("mem MiB", "peak_mem_mib", ".0f", 8), Column("mem/io", "mem_over_io", ".2f", 7),
+    Column("dense/dil fwd", "dense_over_dilated_fwd", ".2f", 14),
+    Column("dense/dil f+b", "dense_over_dilated_fwdbwd", ".2f", 14),
+    Column("FLOP ratio", "dense_over_dilated_flops", ".2f", 11),
+)
 
 
 def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPattern, dtype,
             device, causal: bool, backend: Optional[str], repeats: int, warmup: int,
-            dense: bool, memory: bool) -> List[Row]:
+            dense: bool, memory: bool, fwdbwd: bool = True) -> List[Row]:
+    """One Row for the dilated op and, with ``dense``, one for dense SDPA, at length n.
+
+    ``fwdbwd=False`` times the forward only (fwd+bwd columns NaN, no memory measurement): what
+    ``--figure5`` needs at lengths where the gradients would not fit."""
     shape = (batch, n, heads, head_dim)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    q, k, v = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-    do = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    # Forward-only draws no output gradient: at N = 1M it would be 3 GiB more to hold.
+    q, k, v, *rest = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3 + fwdbwd))
+    do = rest[0] if rest else None
     io_bytes = 8 * q.numel() * q.element_size()  # q, k, v, out and their gradients
-    rows = []
-
-    def dilated_fwd():
-        with torch.no_grad():
-            dilated_attention(q, k, v, pattern.segment_lengths, pattern.dilation_rates,
-                              is_causal=causal, backend=backend)
-
-    def dilated_fwdbwd():
-        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        out = dilated_attention(qq, kk, vv, pattern.segment_lengths, pattern.dilation_rates,
-                                is_causal=causal, backend=backend)
-        out.backward(do)
-
-    def dense_fwd():
-        with torch.no_grad():
-            F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=causal)
-
-    def dense_fwdbwd():
-        qq, kk, vv = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
-        F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal).backward(do.transpose(1, 2))
-
-    impls = [(f"dilated[{backend or 'auto'}]", dilated_fwd, dilated_fwdbwd,
-              dilated_flops(n, heads, head_dim, pattern.segment_lengths, pattern.dilation_rates,
-                            causal=causal, batch=batch))]
+    kw = dict(causal=causal, batch=batch)
+    dil_flops = [dilated_flops(n, heads, head_dim, pattern.segment_lengths, pattern.dilation_rates,
+                               backward=bwd, **kw) for bwd in (False, True)]
+    dense_fl = [dense_flops(n, heads, head_dim, backward=bwd, **kw) for bwd in (False, True)]
+    impls = [(f"dilated[{backend or 'auto'}]", backend, dil_flops)]
     if dense:
-        impls.append(("dense-sdpa", dense_fwd, dense_fwdbwd,
-                      dense_flops(n, heads, head_dim, causal=causal, batch=batch)))
-    for name, fwd, fwdbwd, flops in impls:
-        t_f = _time(fwd, device, repeats, warmup)
-        t_fb = _time(fwdbwd, device, repeats, warmup)
-        mem = _peak_growth(fwdbwd, device) if memory else 0
-        rows.append(Row(name, n, t_f * 1e3, t_fb * 1e3, flops / t_f / 1e9, 3.5 * flops / t_fb / 1e9,
+        impls.append(("dense-sdpa", common.DENSE, dense_fl))
+    rows = []
+    for name, impl, (fl_f, fl_fb) in impls:
+        fwd, fb = (common.attention_call(impl, m, q, k, v, do, pattern, causal) for m in ("fwd", "fwdbwd"))
+        t_f = common.best_of(fwd, device, repeats, warmup)
+        t_fb = common.best_of(fb, device, repeats, warmup) if fwdbwd else NAN
+        mem = NAN if not fwdbwd else common.peak_memory_growth(fb, device) if memory else 0  # of fwd+bwd
+        rows.append(Row(name, n, t_f * 1e3, t_fb * 1e3, fl_f / t_f / 1e9, fl_fb / t_fb / 1e9,
                         mem / 2**20, io_bytes / 2**20, mem / io_bytes))
+    rows[0].dense_over_dilated_flops = dense_fl[0] / dil_flops[0]
     if dense:
         rows[0].dense_over_dilated_fwd = rows[1].fwd_ms / rows[0].fwd_ms
         rows[0].dense_over_dilated_fwdbwd = rows[1].fwdbwd_ms / rows[0].fwdbwd_ms
     return rows
 
 
-def machine_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 def format_table(rows: List[Row]) -> str:
-    head = (f"{'impl':<18}{'N':>8}{'fwd ms':>11}{'fwd+bwd ms':>12}{'fwd GF/s':>10}{'f+b GF/s':>10}"
-            f"{'mem MiB':>10}{'mem/io':>8}{'dense/dil fwd':>15}{'dense/dil f+b':>15}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        ratio = lambda x: "" if x != x else f"{x:.2f}"  # noqa: E731  (NaN -> blank)
-        lines.append(f"{r.impl:<18}{r.n:>8}{r.fwd_ms:>11.1f}{r.fwdbwd_ms:>12.1f}{r.fwd_gflops:>10.1f}"
-                     f"{r.fwdbwd_gflops:>10.1f}{r.peak_mem_mib:>10.0f}{r.mem_over_io:>8.2f}"
-                     f"{ratio(r.dense_over_dilated_fwd):>15}{ratio(r.dense_over_dilated_fwdbwd):>15}")
-    return "\n".join(lines)
+    return common.format_table(rows, COLUMNS)
 
 
 def write_csv(rows: List[Row], path: str) -> None:
-    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
+    common.write_csv(rows, path)
 
 
 def plot(rows: List[Row], path: str, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Time (log-log) and GFLOP/s against N, forward and forward+backward, one line per impl."""
+    log = ("log", {})
+    time_p = Panel("time", "sequence length N", "time (ms)", xscale=log, yscale=log)
+    rate_p = Panel("throughput", "sequence length N", "GFLOP/s (SPEC §3 count)", xscale=log)
     for impl in dict.fromkeys(r.impl for r in rows):
         rs = [r for r in rows if r.impl == impl]
         ns = [r.n for r in rs]
-        axes[0].loglog(ns, [r.fwd_ms for r in rs], "o-", label=f"{impl} fwd")
-        axes[0].loglog(ns, [r.fwdbwd_ms for r in rs], "s--", label=f"{impl} fwd+bwd")
-        axes[1].semilogx(ns, [r.fwd_gflops for r in rs], "o-", label=f"{impl} fwd")
-        axes[1].semilogx(ns, [r.fwdbwd_gflops for r in rs], "s--", label=f"{impl} fwd+bwd")
-    axes[0].set(xlabel="sequence length N", ylabel="time (ms)", title="time")
-    axes[1].set(xlabel="sequence length N", ylabel="GFLOP/s (SPEC §3 count)", title="throughput")
-    for ax in axes:
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
+        time_p.series += [Series(f"{impl} fwd", ns, [r.fwd_ms for r in rs], "o-"),
+                          Series(f"{impl} fwd+bwd", ns, [r.fwdbwd_ms for r in rs], "s--")]
+        rate_p.series += [Series(f"{impl} fwd", ns, [r.fwd_gflops for r in rs], "o-"),
+                          Series(f"{impl} fwd+bwd", ns, [r.fwdbwd_gflops for r in rs], "s--")]
+    common.plot_panels([time_p, rate_p], path, title)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n", default=None,
+    p.add_argument("--n", type=positive_int_list, default=None,
                    help="comma-separated sequence lengths (default 4096,8192,16384; --quick: 2048,4096)")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=positive_int, default=12)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--segment-lengths", default=None, help="comma-separated w_i (default: the paper's)")
     p.add_argument("--dilation-rates", default=None, help="comma-separated r_i (default: the paper's)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--non-causal", action="store_true", help="benchmark non-causal attention")
     p.add_argument("--backend", default=None, help="dilated_attention backend (default: auto)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baseline")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the best is reported")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--repeats", type=positive_int, default=3,
+                   help="timed runs per measurement; the best is reported")
+    p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run of seconds")
-    p.add_argument("--csv", default=None, help="write results to this CSV file")
-    p.add_argument("--plot", default=None, help="write a PNG plot to this file")
+    p.add_argument("--csv", type=output_file, default=None, help="write results to this CSV file")
+    p.add_argument("--plot", type=output_file, default=None, help="write a PNG plot to this file")
+    p.add_argument("--dense-max-n", type=positive_int, default=None,
+                   help=f"run dense SDPA only at N up to this (default: every N; --figure5: {FIGURE5_DENSE_MAX_N})")
+    p.add_argument("--figure5", action="store_true",
+                   help="forward time against N, dilated vs dense, like the paper's Figure 5 (default N 4096 to "
+                        "1048576): dense measured up to --dense-max-n and extrapolated beyond by a quadratic fit "
+                        "of its measured times, drawn dashed; needs --plot")
+    p.add_argument("--lm", action="store_true",
+                   help="run the LM training-throughput benchmark instead (its own options: longnet bench --lm --help)")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="run the weak-scaling benchmark of sequence parallelism instead (its own options: "
                         "longnet bench --sequence-parallel --help)")
 
 
-def _parse_ns(text: str) -> List[int]:
-    try:
-        ns = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise SystemExit(f"--n must be comma-separated integers, got {text!r}") from None
-    if not ns or min(ns) < 1:
-        raise SystemExit(f"--n must list positive integers, got {text!r}")
-    return ns
+def _lengths(args) -> List[int]:
+    if args.n:
+        return args.n
+    if args.figure5:
+        return FIGURE5_N
+    return [2048, 4096] if args.quick else [4096, 8192, 16384]
 
 
-def run(args: argparse.Namespace, argv_rest: Optional[List[str]] = None) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.segment_lengths or args.dilation_rates:
-        if not (args.segment_lengths and args.dilation_rates):
-            raise SystemExit("give both --segment-lengths and --dilation-rates, or neither")
-        try:
-            pattern = DilatedPattern.parse(args.segment_lengths, args.dilation_rates)
-        except (TypeError, ValueError) as e:
-            raise SystemExit(f"bad pattern: {e}") from None
-    else:
-        pattern = DilatedPattern.paper()
-    ns = _parse_ns(args.n) if args.n else ([2048, 4096] if args.quick else [4096, 8192, 16384])
-    repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)
+def _dense_max_n(args) -> Optional[int]:
+    """The longest N dense SDPA runs at (None: every N)."""
+    return FIGURE5_DENSE_MAX_N if args.figure5 and args.dense_max_n is None else args.dense_max_n
+
+
+def _check_figure5(args, ns: List[int]) -> None:
+    if not args.figure5:
+        return
+    if not args.plot:
+        raise ValueError("--figure5 draws a plot: give --plot FILE.png")
+    if args.no_dense:
+        raise ValueError("--figure5 compares against dense attention: drop --no-dense")
+    dense_ns = sorted({n for n in ns if n <= _dense_max_n(args)})
+    if len(dense_ns) < 2:
+        raise ValueError(f"--figure5 extrapolates dense from a fit of its measured times: give at least two "
+                         f"--n at or below --dense-max-n {_dense_max_n(args)}, got {dense_ns or 'none'}")
+
+
+def _checked(args) -> Tuple[DilatedPattern, torch.device, List[int]]:
+    """(pattern, device, lengths) once every argument is checked; ValueError naming the flag if not."""
+    from ..backends.registry import get_backend
+    from ..training.evaluate import pick_device  # the one rule for --device
+    pattern = pattern_from_flags(args.segment_lengths, args.dilation_rates)
+    device = pick_device(args.device)
+    ns = _lengths(args)
+    _check_figure5(args, ns)
     dtype = DTYPES[args.dtype]
-    causal = not args.non_causal
-    title = (f"{machine_name(device)} | {args.dtype} {'causal' if causal else 'non-causal'} | "
-             f"B={args.batch} H={args.heads} D={args.head_dim} | {pattern}")
-    print(title, flush=True)
+    tensors, what = (4, "q, k, v and out") if args.figure5 else (8, "q, k, v, out and their gradients")
+    need = tensors * args.batch * max(ns) * args.heads * args.head_dim * dtype.itemsize
+    have = common.memory_bytes(device)
+    if need > have:
+        raise ValueError(f"--n {max(ns)}: {what} alone need {need / 2**30:.1f} GiB "
+                         f"(--batch {args.batch} --heads {args.heads} --head-dim {args.head_dim} "
+                         f"--dtype {args.dtype}), more than the {have / 2**30:.1f} GiB of {device}")
+    try:
+        get_backend(args.backend, torch.empty(1, 1, args.heads, args.head_dim, dtype=dtype, device=device))
+    except ValueError as e:
+        raise ValueError(f"--backend {args.backend}: {e}") from None
+    return DilatedPattern.paper() if pattern is None else pattern, device, ns
+
+
+def extrapolate_dense(rows: List[Row], ns: List[int], *, heads: int, head_dim: int, batch: int,
+                      causal: bool) -> List[Row]:
+    """Rows (impl EXTRAPOLATED, forward only) at ``ns`` from the quadratic fit of the measured
+    dense forward times in ``rows`` (common.quadratic_fit): estimates, never measurements."""
+    dense = [r for r in rows if r.impl == "dense-sdpa"]
+    a, b = common.quadratic_fit([r.n for r in dense], [r.fwd_ms for r in dense])
+    out = []
+    for n in ns:
+        ms = a * n + b * n * n
+        flops = dense_flops(n, heads, head_dim, causal=causal, batch=batch)
+        out.append(Row(EXTRAPOLATED, n, ms, NAN, flops / ms / 1e6, NAN, NAN, NAN, NAN))
+    return out
+
+
+def plot_figure5(rows: List[Row], path: str, title: str) -> None:
+    """Forward time against N (log-log), dilated against dense: the paper's Figure 5.
+    Dense is solid where measured and dashed, labelled "extrapolated", where fitted."""
+    p = Panel("forward time (dense dashed: quadratic fit of its measured times)", "sequence length N",
+              "forward time (s)", xscale=("log", {"base": 2}), yscale=("log", {}))
+    dilated = [r for r in rows if r.impl.startswith("dilated")]
+    p.series.append(Series(dilated[0].impl, [r.n for r in dilated], [r.fwd_ms / 1e3 for r in dilated], "o-", "C0"))
+    p.series += common.extrapolated_series(
+        "dense SDPA", [(r.n, r.fwd_ms / 1e3) for r in rows if r.impl == "dense-sdpa"],
+        [(r.n, r.fwd_ms / 1e3) for r in rows if r.impl == EXTRAPOLATED], "s-", "C1")
+    common.plot_panels([p], path, title, size=(7, 4.8))
+
+
+def _measure_all(args, pattern: DilatedPattern, device: torch.device, ns: List[int]) -> List[Row]:
+    """Rows of every N (and, with --figure5, the extrapolated dense rows after them)."""
+    repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)
+    causal, max_n = not args.non_causal, _dense_max_n(args)
+    shape = dict(heads=args.heads, head_dim=args.head_dim, batch=args.batch)
     rows: List[Row] = []
     for n in ns:
-        rows += measure(n, heads=args.heads, head_dim=args.head_dim, batch=args.batch, pattern=pattern,
-                        dtype=dtype, device=device, causal=causal, backend=args.backend,
-                        repeats=repeats, warmup=warmup, dense=not args.no_dense,
-                        memory=not args.no_memory)
+        dense = not args.no_dense and (max_n is None or n <= max_n)
+        rows += measure(n, **shape, pattern=pattern, dtype=DTYPES[args.dtype], device=device, causal=causal,
+                        backend=args.backend, repeats=repeats, warmup=warmup, dense=dense,
+                        memory=not args.no_memory, fwdbwd=not args.figure5)
         print(f"  N={n}: done", flush=True)
+    if args.figure5:
+        rows += extrapolate_dense(rows, [n for n in ns if n > max_n], **shape, causal=causal)
+    return rows
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check every argument, then measure each N, print the table and write --csv/--plot."""
+    try:
+        pattern, device, ns = _checked(args)
+    except ValueError as e:
+        print(f"longnet bench: error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    title = (f"{machine_name(device)} | {args.dtype} {'non-causal' if args.non_causal else 'causal'} | "
+             f"B={args.batch} H={args.heads} D={args.head_dim} | {pattern}")
+    print(title, flush=True)
+    rows = _measure_all(args, pattern, device, ns)
     print(format_table(rows))
+    if args.figure5:
+        print(f"{EXTRAPOLATED}: dense forward time from the fit t = a N + b N^2 of the measured dense rows, "
+              "not measured")
     if args.csv:
         write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
     if args.plot:
-        plot(rows, args.plot, title)
+        (plot_figure5 if args.figure5 else plot)(rows, args.plot, title)
         print(f"wrote {args.plot}")
     return 0
 
 
-def cli_main(argv: List[str]) -> int:
-    """``longnet bench [...]``; with ``--sequence-parallel`` the rest goes to the SP benchmark."""
+def parse_cli(argv: List[str]) -> Tuple[Callable[[argparse.Namespace], int], argparse.Namespace]:
+    """(run function, parsed arguments) for ``longnet bench ARGV``; nothing is measured.
+
+    With ``--sequence-parallel`` the rest of argv belongs to the weak-scaling benchmark, with
+    ``--lm`` to the LM training-throughput benchmark (:mod:`.lm`).
+    """
     if "--sequence-parallel" in argv:
-        from . import sp as sp_bench
-        return sp_bench.main([a for a in argv if a != "--sequence-parallel"])
+        from . import sp
+        return sp.run, sp.build_parser("longnet bench --sequence-parallel").parse_args([a for a in argv if a != "--sequence-parallel"])
+    if "--lm" in argv:
+        from . import lm
+        return lm.run, lm.build_parser("longnet bench --lm").parse_args([a for a in argv if a != "--lm"])
     p = argparse.ArgumentParser(prog="longnet bench", description=__doc__.splitlines()[0],
-                                epilog="longnet bench --sequence-parallel --help: the weak-scaling benchmark")
+                                epilog="longnet bench --sequence-parallel --help: the weak-scaling benchmark; "
+                                       "longnet bench --lm --help: LM training throughput")
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return run, p.parse_args(argv)
+
+
+def cli_main(argv: List[str]) -> int:
+    """``longnet bench [...]``; with ``--sequence-parallel`` or ``--lm`` the rest goes to that benchmark."""
+    fn, args = parse_cli(argv)
+    return fn(args)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -23,22 +23,21 @@ Two ways to run:
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass, fields
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..fileio import atomic_path, atomic_savefig
-
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..argtypes import nonneg_int, output_file, pattern_from_flags, positive_int, positive_int_list
+from ..patterns import DilatedPattern
+from . import common
+from .common import DTYPES, Column, Panel, Series
 
 
 @dataclass
@@ -60,24 +59,37 @@ class Row:
     config: str
 
 
-def _pattern(args):
-    from ..patterns import DilatedPattern
-    if args.segment_lengths or args.dilation_rates:
-        if not (args.segment_lengths and args.dilation_rates):
-            raise SystemExit("give both --segment-lengths and --dilation-rates, or neither")
-        p = DilatedPattern.parse(args.segment_lengths, args.dilation_rates)
-    else:
+def _pair(a: float, b: float, fmt: str) -> str:
+    return "" if a != a else f"{a:{fmt}}/{b:{fmt}}"  # NaN (not measured) -> blank
+
+
+COLUMNS = (
+    Column("P", "world_size", width=3), Column("N", "seq_len", width=8),
+    Column("fwd ms mean/max", lambda r: _pair(r.fwd_ms_mean, r.fwd_ms_max, ".1f"), width=17),
+    Column("bwd ms mean/max", lambda r: _pair(r.bwd_ms_mean, r.bwd_ms_max, ".1f"), width=17),
+    Column("fwd sent/recv KiB", lambda r: _pair(r.fwd_sent_bytes / 1024, r.fwd_recv_bytes / 1024, ".0f"),
+           width=19),
+    Column("bwd sent/recv KiB", lambda r: _pair(r.bwd_sent_bytes / 1024, r.bwd_recv_bytes / 1024, ".0f"),
+           width=19),
+    Column("1-proc N fwd/bwd ms", lambda r: _pair(r.single_fwd_ms, r.single_bwd_ms, ".1f"), width=21),
+)
+
+
+def _pattern(args) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """(w, r) of --segment-lengths/--dilation-rates, else L/4, L/2, L, 2L with r = 1, 2, 4, 8."""
+    p = pattern_from_flags(args.segment_lengths, args.dilation_rates)
+    if p is None:
         # w/r = L/4 for every pattern; the largest (2L) spans two ranks once P >= 2.
         L = args.block_length
         if L % 32:
-            raise SystemExit(f"--block-length must be a multiple of 32 for the default pattern, got {L}")
+            raise ValueError(f"--block-length must be a multiple of 32 for the default pattern, got {L}")
         p = DilatedPattern((L // 4, L // 2, L, 2 * L), (1, 2, 4, 8))
     return p.segment_lengths, p.dilation_rates
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _barrier(group) -> None:
+    if group is not None:
+        dist.barrier(group)
 
 
 def _measure(args, group, device) -> dict:
@@ -97,23 +109,15 @@ def _measure(args, group, device) -> dict:
         for x in (q, k, v):
             x.grad = None
         with comm_stats() as s:
-            if group is not None:
-                dist.barrier(group)
-            _sync(device)
-            t0 = time.perf_counter()
-            out = dilated_attention(q, k, v, w, r, is_causal=not args.non_causal, group=group)
-            _sync(device)
-            t1 = time.perf_counter()
-            if group is not None:
-                dist.barrier(group)
-            _sync(device)
-            t2 = time.perf_counter()
-            out.backward(do)
-            _sync(device)
-            t3 = time.perf_counter()
+            _barrier(group)  # ranks start together, so no rank's time includes waiting for another
+            with common.timed(device) as t_fwd:
+                out = dilated_attention(q, k, v, w, r, is_causal=not args.non_causal, group=group)
+            _barrier(group)
+            with common.timed(device) as t_bwd:
+                out.backward(do)
         if it >= args.warmup:
-            fwd.append((t1 - t0) * 1e3)
-            bwd.append((t3 - t2) * 1e3)
+            fwd.append(t_fwd.ms)
+            bwd.append(t_bwd.ms)
             stats = s
     ph = stats.by_phase
     return {"fwd": statistics.median(fwd), "bwd": statistics.median(bwd),
@@ -175,7 +179,7 @@ def _run_spawned(args) -> List[Row]:
             results = [torch.load(f"{tmpdir}/rank{r}.pt") for r in range(world)]
         single = _single_process(args, world * args.block_length) if args.single_baseline else \
             (float("nan"), float("nan"))
-        rows.append(_row(args, results, world, f"cpu, {os.cpu_count()} cores (gloo, spawned)", single))
+        rows.append(_row(args, results, world, f"cpu, {cores} cores (gloo, spawned)", single))
         print(format_table(rows[-1:], header=len(rows) == 1), flush=True)
     return rows
 
@@ -197,114 +201,106 @@ def _run_torchrun(args) -> List[Row]:
         dist.all_gather_object(gathered, res)
     finally:
         dist.destroy_process_group()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = common.machine_name(device) if device.type == "cuda" else "cpu"
     return [_row(args, gathered, world, f"{name} ({'nccl' if device.type == 'cuda' else 'gloo'})")]
 
 
 # ---------------------------------------------------------------- output
 
 def format_table(rows: List[Row], header: bool = True) -> str:
-    lines = []
-    if header:
-        lines.append(f"{'P':>3} {'N':>8} {'fwd ms mean/max':>17} {'bwd ms mean/max':>17} "
-                     f"{'fwd sent/recv KiB':>19} {'bwd sent/recv KiB':>19} {'1-proc N fwd/bwd ms':>21}")
-    for r in rows:
-        lines.append(f"{r.world_size:>3} {r.seq_len:>8} {r.fwd_ms_mean:>8.1f}/{r.fwd_ms_max:<8.1f} "
-                     f"{r.bwd_ms_mean:>8.1f}/{r.bwd_ms_max:<8.1f} "
-                     f"{r.fwd_sent_bytes / 1024:>9.0f}/{r.fwd_recv_bytes / 1024:<9.0f} "
-                     f"{r.bwd_sent_bytes / 1024:>9.0f}/{r.bwd_recv_bytes / 1024:<9.0f} "
-                     f"{r.single_fwd_ms:>10.1f}/{r.single_bwd_ms:<10.1f}")
-    return "\n".join(lines)
+    return common.format_table(rows, COLUMNS, header=header)
 
 
 def write_csv(rows: List[Row], path: str, append: bool = False) -> List[Row]:
     """Write rows (after the rows already in ``path`` when ``append``); returns all rows written."""
     if append and os.path.exists(path):
-        with open(path, newline="") as f:
-            types = {fl.name: fl.type for fl in fields(Row)}
-            conv = {"int": int, "float": float, "str": str}
-            old = [Row(**{k: conv[types[k]](v) for k, v in rec.items()}) for rec in csv.DictReader(f)]
-        rows = old + rows
-    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
+        rows = common.read_csv(path, Row) + rows
+    common.write_csv(rows, path)
     return rows
 
 
 def plot(rows: List[Row], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Per-rank time and traffic against P (log2 axis), one set of lines per (device, config, L)."""
+    ticks = sorted({r.world_size for r in rows})
+    log2 = ("log", {"base": 2})
+    time_p = Panel("weak scaling: time per rank", "ranks P (N = P*L)", "ms per rank (max over ranks)",
+                   xscale=log2, xticks=ticks)
+    comm_p = Panel("traffic per rank", "ranks P (N = P*L)", "MiB per rank per step", xscale=log2, xticks=ticks)
     for (dev, cfg, L) in dict.fromkeys((r.device, r.config, r.block_length) for r in rows):
         rs = sorted((r for r in rows if (r.device, r.config, r.block_length) == (dev, cfg, L)),
                     key=lambda r: r.world_size)
-        ps = [r.world_size for r in rs]
-        lab = f"{dev}, L={L}"
-        axes[0].plot(ps, [r.fwd_ms_max for r in rs], "o-", label=f"forward ({lab})")
-        axes[0].plot(ps, [r.bwd_ms_max for r in rs], "s--", label=f"backward ({lab})")
+        ps, lab = [r.world_size for r in rs], f"{dev}, L={L}"
+        time_p.series += [Series(f"forward ({lab})", ps, [r.fwd_ms_max for r in rs], "o-"),
+                          Series(f"backward ({lab})", ps, [r.bwd_ms_max for r in rs], "s--")]
         if any(r.single_fwd_ms == r.single_fwd_ms for r in rs):
-            axes[0].plot(ps, [r.single_fwd_ms + r.single_bwd_ms for r in rs], "x:",
-                         label=f"1 process, whole N, fwd+bwd ({lab})")
-        axes[1].plot(ps, [(r.fwd_sent_bytes + r.bwd_sent_bytes) / 2**20 for r in rs], "o-",
-                     label=f"sent fwd+bwd ({lab})")
-        axes[1].plot(ps, [(r.fwd_recv_bytes + r.bwd_recv_bytes) / 2**20 for r in rs], "s--",
-                     label=f"received fwd+bwd ({lab})")
-    axes[0].set(xlabel="ranks P (N = P*L)", ylabel="ms per rank (max over ranks)",
-                title="weak scaling: time per rank")
-    axes[1].set(xlabel="ranks P (N = P*L)", ylabel="MiB per rank per step", title="traffic per rank")
-    ticks = sorted({r.world_size for r in rows})
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(rows[-1].config, fontsize=9)
-    fig.tight_layout()
-    atomic_savefig(fig, path, dpi=110)
+            time_p.series.append(Series(f"1 process, whole N, fwd+bwd ({lab})", ps,
+                                        [r.single_fwd_ms + r.single_bwd_ms for r in rs], "x:"))
+        comm_p.series += [
+            Series(f"sent fwd+bwd ({lab})", ps, [(r.fwd_sent_bytes + r.bwd_sent_bytes) / 2**20 for r in rs], "o-"),
+            Series(f"received fwd+bwd ({lab})", ps,
+                   [(r.fwd_recv_bytes + r.bwd_recv_bytes) / 2**20 for r in rs], "s--")]
+    common.plot_panels([time_p, comm_p], path, rows[-1].config)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--block-length", type=int, default=4096, help="positions per rank L (fixed)")
-    p.add_argument("--world-sizes", default="1,2,4",
+    p.add_argument("--block-length", type=positive_int, default=4096, help="positions per rank L (fixed)")
+    p.add_argument("--world-sizes", type=positive_int_list, default=[1, 2, 4],
                    help="comma-separated P to spawn on this machine (ignored under torchrun)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--segment-lengths", default=None,
                    help="comma-separated w_i (default L/4, L/2, L, 2L with r = 1, 2, 4, 8)")
     p.add_argument("--dilation-rates", default=None, help="comma-separated r_i")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default=None, help="cpu or cuda (torchrun mode; spawn mode is CPU only)")
     p.add_argument("--non-causal", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed calls per rank; the median is reported")
+    p.add_argument("--warmup", type=nonneg_int, default=1, help="untimed calls before the timed ones")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per process")
     p.add_argument("--no-single-baseline", dest="single_baseline", action="store_false",
                    help="skip timing one process on the whole N")
-    p.add_argument("--csv", default="sp_weak_scaling.csv", help="CSV path ('' to skip)")
-    p.add_argument("--plot", default="sp_weak_scaling.png", help="PNG path ('' to skip)")
+    p.add_argument("--csv", type=output_file, default="sp_weak_scaling.csv", help="CSV path ('' to skip)")
+    p.add_argument("--plot", type=output_file, default="sp_weak_scaling.png", help="PNG path ('' to skip)")
+
+
+def build_parser(prog: str = "python -m longnet.bench.sp") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_arguments(p)
+    p.set_defaults(prog=prog)  # run() names the command in its errors as the user typed it
+    return p
+
+
+def _validate(args, torchrun: bool) -> None:
+    """Every check that can fail, before any process is spawned or any group is formed."""
+    from ..backends.sequence_parallel import check_sequence_parallel
+    from ..training.evaluate import pick_device  # the one rule for --device
+    w, r = _pattern(args)
+    if torchrun:
+        pick_device(args.device or "cpu")
+    elif args.device not in (None, "cpu"):
+        raise ValueError(f"--device {args.device}: spawn mode runs gloo processes on the CPU; "
+                         "launch with torchrun for other devices")
+    worlds: Sequence[int] = [int(os.environ["WORLD_SIZE"])] if torchrun else args.world_sizes
+    for world in (p for p in worlds if p > 1):  # one process runs the plain op: any pattern fits
+        try:
+            check_sequence_parallel(args.block_length, world, w, r)
+        except ValueError as e:
+            raise ValueError(f"--block-length {args.block_length} at P = {world}: {e}") from None
+    if torchrun and args.csv and os.path.exists(args.csv):
+        try:  # under torchrun the row is appended: refuse another kind of CSV before measuring
+            common.read_csv(args.csv, Row)
+        except ValueError as e:
+            raise ValueError(f"--csv {args.csv}: rows are appended to it under torchrun, but {e}") from None
 
 
 def run(args: argparse.Namespace) -> int:
-    defaults = argparse.ArgumentParser()
-    add_arguments(defaults)
-    for k, v in vars(defaults.parse_args([])).items():
-        if not hasattr(args, k):
-            setattr(args, k, v)  # tolerate a caller's namespace that lacks some of our options
-    if isinstance(args.world_sizes, str):
-        try:
-            args.world_sizes = [int(t) for t in args.world_sizes.split(",") if t.strip()]
-        except ValueError:
-            raise SystemExit(f"--world-sizes must be comma-separated integers, got {args.world_sizes!r}")
-    if not args.world_sizes or min(args.world_sizes) < 1:
-        raise SystemExit(f"--world-sizes must list positive integers, got {args.world_sizes}")
-    _pattern(args)  # validate early
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    try:
+        _validate(args, torchrun)
+    except ValueError as e:
+        print(f"{getattr(args, 'prog', 'longnet.bench.sp')}: error: {e}", file=sys.stderr)
+        return 2
     print(_config(args), flush=True)
     rows = _run_torchrun(args) if torchrun else _run_spawned(args)
     if torchrun and int(os.environ["RANK"]) != 0:
@@ -322,9 +318,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m longnet.bench.sp", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,21 +22,30 @@ whose forward+backward fits (B=1, H=12, D=64; target >= 1M tokens).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from ..fileio import atomic_path
-from ..functional import dilated_attention
+from ..argtypes import output_file, positive_int
+from ..functional import dilated_attention  # for _fits
 from ..patterns import DilatedPattern, dense_flops, dilated_flops
+from . import common
+from .common import Column
 
 FIELDS = ("gpu", "backend", "heads", "head_dim", "n", "causal", "mode", "ms", "tflops",
           "frac_of_dense", "speedup_vs_torch", "note")
+
+COLUMNS = (
+    Column("backend", "backend", width=7), Column("H", "heads", width=3), Column("D", "head_dim", width=4),
+    Column("N", "n", width=8), Column("causal", lambda r: int(r["causal"]), width=6),
+    Column("mode", "mode", width=6, align="<"), Column("ms", "ms", ".3f", 10),
+    Column("TF/s", "tflops", ".1f", 7), Column("frac_dense", lambda r: r.get("frac_of_dense", ""), width=10),
+    Column("vs_torch", lambda r: r.get("speedup_vs_torch", ""), width=8),
+    Column("note", "note", width=4, align="<"),
+)
 
 SWEEP_CONFIGS = (
     "128,64,8,3;128,32,8,3;128,32,8,3",
@@ -49,26 +58,40 @@ SWEEP_CONFIGS = (
 
 
 def _size(text: str) -> int:
+    """A positive length, with an optional k (1024) or M (1024**2) suffix: 16k, 1M, 3000."""
     t = text.strip().lower()
     mult = {"k": 1 << 10, "m": 1 << 20}.get(t[-1:], 1)
-    return int(t[:-1] if mult > 1 else t) * mult
+    try:
+        v = int(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a length like 16384, 16k or 1M, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive length, got {text!r}")
+    return v
+
+
+def _sizes(text: str) -> List[int]:
+    return [_size(x) for x in text.split(",")]
 
 
 def _dims(text: str) -> List[Tuple[int, int]]:
+    """"12x64,16x128" -> [(12, 64), (16, 128)]: heads x head dim, both positive."""
     out = []
     for item in text.split(","):
-        h, d = item.lower().split("x")
-        out.append((int(h), int(d)))
+        try:
+            h, d = (int(t) for t in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected HxD pairs like 12x64,16x128, got {text!r}") from None
+        if h < 1 or d < 1:
+            raise argparse.ArgumentTypeError(f"heads and head dim must be positive, got {item!r}")
+        out.append((h, d))
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m longnet.bench.triton_kernel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--csv", default="triton_bench.csv", help="output CSV path (written atomically)")
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--csv", type=output_file, default="triton_bench.csv", help="output CSV path (written atomically)")
     p.add_argument("--dims", type=_dims, default=_dims("12x64,16x128"), help="HxD list, e.g. 12x64,16x128")
-    p.add_argument("--seq-lens", type=lambda s: [_size(x) for x in s.split(",")],
-                   default=[_size(x) for x in "16k,32k,64k,128k,256k,512k,1M".split(",")],
+    p.add_argument("--seq-lens", type=_sizes, default=_sizes("16k,32k,64k,128k,256k,512k,1M"),
                    help="sequence lengths, e.g. 16k,32k,1M")
     p.add_argument("--backends", default="triton,torch,sdpa", help="subset of triton,torch,sdpa")
     p.add_argument("--modes", default="fwd,fwdbwd", help="subset of fwd,fwdbwd")
@@ -82,8 +105,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-n-cap", type=_size, default=_size("16M"))
     p.add_argument("--sweep", action="store_true", help="time tile configs at N=--sweep-n and print them")
     p.add_argument("--sweep-n", type=_size, default=_size("128k"))
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
+    p.add_argument("--warmup", type=positive_int, default=25, help="do_bench warm-up, ms")
+    p.add_argument("--rep", type=positive_int, default=100, help="do_bench repetition time, ms")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m longnet.bench.triton_kernel", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
     args = p.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -93,40 +122,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for m in args.modes:
         if m not in ("fwd", "fwdbwd"):
             p.error(f"--modes: unknown mode {m!r}, expected fwd or fwdbwd")
+    if not args.backends or not args.modes:
+        p.error("--backends and --modes must each name at least one value")
     return args
-
-
-def _bench_ms(fn: Callable[[], None], warmup: int, rep: int) -> float:
-    from triton.testing import do_bench
-    return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-
-
-def _make_fn(backend: str, mode: str, q, k, v, do, pattern: DilatedPattern, causal: bool):
-    if backend == "sdpa":
-        qt, kt, vt, dot = (x.transpose(1, 2) for x in (q, k, v, do))
-
-        def attn(a, b, c):
-            return F.scaled_dot_product_attention(a, b, c, is_causal=causal)
-        args = (qt, kt, vt)
-        grad = dot
-    else:
-        def attn(a, b, c):
-            return dilated_attention(a, b, c, pattern.segment_lengths, pattern.dilation_rates,
-                                     is_causal=causal, backend=backend)
-        args = (q, k, v)
-        grad = do
-    if mode == "fwd":
-        def fn():
-            with torch.no_grad():
-                attn(*args)
-        return fn
-    leaves = [x.detach().requires_grad_() for x in args]
-
-    def fn():
-        for x in leaves:
-            x.grad = None
-        attn(*leaves).backward(grad)
-    return fn
 
 
 def measure(backend: str, mode: str, n: int, heads: int, head_dim: int, causal: bool, dtype,
@@ -136,8 +134,8 @@ def measure(backend: str, mode: str, n: int, heads: int, head_dim: int, causal: 
     shape = (1, n, heads, head_dim)
     try:
         q, k, v, do = (torch.randn(shape, device="cuda", dtype=dtype, generator=gen) for _ in range(4))
-        fn = _make_fn(backend, mode, q, k, v, do, pattern, causal)
-        ms = _bench_ms(fn, warmup, rep)
+        fn = common.attention_call(backend, mode, q, k, v, do, pattern, causal)
+        ms = common.gpu_median_ms(fn, warmup, rep)
     except torch.cuda.OutOfMemoryError:
         return {"ms": float("nan"), "tflops": float("nan"), "note": "oom"}
     finally:
@@ -187,11 +185,7 @@ def largest_n(dtype, pattern: DilatedPattern, cap: int, start: int = 1 << 18, st
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
-    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in FIELDS})
+    common.write_csv(rows, path, FIELDS)
 
 
 def sweep(args, dtype, pattern: DilatedPattern) -> None:
@@ -224,6 +218,29 @@ def sweep(args, dtype, pattern: DilatedPattern) -> None:
             os.environ["LONGNET_TRITON_CONFIG"] = old
 
 
+def _rows_at(args, n: int, heads: int, head_dim: int, causal: bool, mode: str, dtype,
+             pattern: DilatedPattern, gpu: str, dense_best: float) -> Tuple[List[Dict], float]:
+    """Rows of every backend at one (N, H, D, causal, mode), and dense SDPA's best TFLOP/s so far."""
+    res = {}
+    for backend in args.backends:
+        if (backend == "sdpa" and n > args.dense_max_n) or (backend == "torch" and n > args.torch_max_n):
+            continue
+        res[backend] = measure(backend, mode, n, heads, head_dim, causal, dtype, pattern, args.warmup, args.rep)
+    if "sdpa" in res and res["sdpa"]["tflops"] == res["sdpa"]["tflops"]:
+        # Dense TFLOP/s is flat in N once N >> tile size: compare with its best so far.
+        dense_best = res["sdpa"]["tflops"] if dense_best != dense_best else max(res["sdpa"]["tflops"], dense_best)
+    rows = []
+    for backend, m in res.items():
+        row = dict(gpu=gpu, backend=backend, heads=heads, head_dim=head_dim, n=n, causal=causal, mode=mode,
+                   ms=round(m["ms"], 4), tflops=round(m["tflops"], 2), note=m["note"])
+        if backend != "sdpa" and dense_best == dense_best:
+            row["frac_of_dense"] = round(m["tflops"] / dense_best, 3)
+        if backend == "triton" and "torch" in res:
+            row["speedup_vs_torch"] = round(res["torch"]["ms"] / m["ms"], 3)
+        rows.append(row)
+    return rows, dense_best
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -231,41 +248,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..backends import triton_backend as tb
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     pattern = DilatedPattern.paper()
-    gpu = torch.cuda.get_device_name()
+    gpu = common.machine_name(torch.device("cuda"))
     print(f"{gpu}, torch {torch.__version__}, triton {tb.TRITON_VERSION}, {args.dtype}, paper pattern, B=1")
     if args.sweep:
         sweep(args, dtype, pattern)
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     rows: List[Dict] = []
+    print(common.format_table([], COLUMNS), flush=True)
     for heads, head_dim in args.dims:
         for causal in causals:
             for mode in args.modes:
                 dense_best = float("nan")
                 for n in args.seq_lens:
-                    res = {}
-                    for backend in args.backends:
-                        if (backend == "sdpa" and n > args.dense_max_n) or \
-                                (backend == "torch" and n > args.torch_max_n):
-                            continue
-                        res[backend] = measure(backend, mode, n, heads, head_dim, causal, dtype, pattern,
-                                               args.warmup, args.rep)
-                    if "sdpa" in res and res["sdpa"]["tflops"] == res["sdpa"]["tflops"]:
-                        dense_best = max(res["sdpa"]["tflops"], dense_best) \
-                            if dense_best == dense_best else res["sdpa"]["tflops"]
-                    for backend, m in res.items():
-                        row = dict(gpu=gpu, backend=backend, heads=heads, head_dim=head_dim, n=n,
-                                   causal=causal, mode=mode, ms=round(m["ms"], 4),
-                                   tflops=round(m["tflops"], 2), note=m["note"])
-                        if backend != "sdpa" and dense_best == dense_best:
-                            # Dense TFLOP/s is flat in N once N >> tile size: compare with its best so far.
-                            row["frac_of_dense"] = round(m["tflops"] / dense_best, 3)
-                        if backend == "triton" and "torch" in res:
-                            row["speedup_vs_torch"] = round(res["torch"]["ms"] / m["ms"], 3)
-                        rows.append(row)
-                        print(f"{backend:>7} H={heads:<3} D={head_dim:<4} N={n:<8} causal={int(causal)} "
-                              f"{mode:<6} {m['ms']:9.3f} ms {m['tflops']:7.1f} TF/s "
-                              f"frac_dense={row.get('frac_of_dense', '')} "
-                              f"vs_torch={row.get('speedup_vs_torch', '')} {m['note']}", flush=True)
+                    new, dense_best = _rows_at(args, n, heads, head_dim, causal, mode, dtype, pattern,
+                                               gpu, dense_best)
+                    rows += new
+                    print(common.format_table(new, COLUMNS, header=False), flush=True)
                 write_csv(rows, args.csv)
     if args.max_n:
         n_max = largest_n(dtype, pattern, args.max_n_cap)

@@ -7,7 +7,7 @@ only rebinds two plain attributes of each attention module, and
 Typical use under ``torchrun --nproc_per_node D*S``::
 
     mesh = make_mesh(D, S, "cpu")                  # dims ("dp", "sp")
-    apply_sequence_parallel(model, mesh)
+    apply_sequence_parallel(model, mesh, block_length=N // S)  # checks the split once, here
     model = data_parallel(model, mesh)
     ids = shard_sequence(batch_ids, mesh)          # (B, N) -> (B, N/S), this rank's block
     targets = shard_sequence(batch_targets, mesh)  # shift targets on the FULL sequence first
@@ -18,11 +18,12 @@ Typical use under ``torchrun --nproc_per_node D*S``::
 from __future__ import annotations
 
 import contextlib
-import functools
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..backends.sequence_parallel import SequenceParallelPlan, plan_sequence_parallel
 from ..modules import XPOS
 
 __all__ = ["make_mesh", "sequence_group", "shard_sequence", "apply_sequence_parallel", "data_parallel",
@@ -87,29 +88,77 @@ def _set_offset_hook(rank: int, size: int, seq_dim: int):
     return hook
 
 
-def apply_sequence_parallel(model: nn.Module, mesh_or_group, *, seq_dim: int = 1) -> int:
+class _Plans:
+    """The sequence-parallel plans of one model, one per (block length, pattern), checked once each.
+
+    Every attention module of the model shares it, so a pattern used by every
+    layer is validated (and its sub-groups created) once, not per layer and call.
+    """
+
+    def __init__(self, group):
+        self.group = group
+        self.plans: Dict[Tuple[int, tuple, tuple, Optional[tuple]], SequenceParallelPlan] = {}
+
+    def get(self, block_length: int, segment_lengths: Sequence[int],
+            dilation_rates: Sequence[int], segment_phases: Optional[Sequence[int]] = None) -> SequenceParallelPlan:
+        phases = tuple(segment_phases) if segment_phases is not None and any(segment_phases) else None
+        key = (int(block_length), tuple(segment_lengths), tuple(dilation_rates), phases)
+        plan = self.plans.get(key)
+        if plan is None:
+            plan = self.plans[key] = plan_sequence_parallel(self.group, *key)
+        return plan
+
+
+class _SequenceParallelAttention:
+    """An attention module's ``attention_fn`` under sequence parallelism.
+
+    Calls the module's own function with ``group=`` the validated plan of this
+    call's block length (q is (B, L, H, D)), which the op then trusts.
+    """
+
+    def __init__(self, fn, plans: _Plans):
+        self.fn, self.plans = fn, plans
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, **kwargs):
+        plan = self.plans.get(q.shape[1], segment_lengths, dilation_rates, kwargs.get("segment_phases"))
+        return self.fn(q, k, v, segment_lengths, dilation_rates, group=plan, **kwargs)
+
+
+def apply_sequence_parallel(model: nn.Module, mesh_or_group, *, seq_dim: int = 1,
+                            block_length: Optional[int] = None) -> int:
     """Make every attention module of ``model`` run sequence-parallel; returns how many it changed.
 
     An attention module is one with the attributes ``attention_fn`` (a callable
     with :func:`longnet.dilated_attention`'s signature) and ``position_offset``
-    (int, the global position of its first row, used by XPOS). Each gets
-    ``attention_fn = functools.partial(attention_fn, group=<sp group>)`` and a
-    forward pre-hook that sets ``position_offset = sp_rank * L`` and (if the
-    module has one) ``xpos_center`` to the middle of the global sequence, L
-    being the length of the first tensor input along ``seq_dim`` (its input is
-    (B, L, E), this rank's block). Applying twice is an error.
+    (int, the global position of its first row, used by XPOS). Each gets an
+    ``attention_fn`` that calls the old one with ``group=`` a validated
+    :class:`~longnet.backends.sequence_parallel.SequenceParallelPlan` of the
+    sp group, and a forward pre-hook that sets ``position_offset = sp_rank * L``
+    and (if the module has one) ``xpos_center`` to the middle of the global
+    sequence, L being the length of the first tensor input along ``seq_dim``
+    (its input is (B, L, E), this rank's block). Applying twice is an error.
+
+    Plans are checked once per block length and pattern for the whole model.
+    With ``block_length`` (L), the patterns of modules that expose
+    ``segment_lengths``/``dilation_rates`` are checked here, on every rank
+    together, so a split that does not fit fails before any forward and no
+    process group is created inside one; other lengths are checked on first use.
     """
     group = sequence_group(mesh_or_group)
     rank, size = dist.get_rank(group), dist.get_world_size(group)
+    plans = _Plans(group)
     changed = 0
     for module in model.modules():
         if not (hasattr(module, "attention_fn") and hasattr(module, "position_offset")):
             continue
         if getattr(module, "_longnet_sp_applied", False):
             raise ValueError(f"sequence parallelism is already applied to {type(module).__name__}")
+        if block_length is not None and hasattr(module, "segment_lengths"):
+            plans.get(block_length, module.segment_lengths, module.dilation_rates,
+                      getattr(module, "segment_phases", None))
         module._longnet_sp_original = (module.attention_fn, module.position_offset,
                                        getattr(module, "xpos_center", None))
-        module.attention_fn = functools.partial(module.attention_fn, group=group)
+        module.attention_fn = _SequenceParallelAttention(module.attention_fn, plans)
         module.register_forward_pre_hook(_set_offset_hook(rank, size, seq_dim), with_kwargs=True)
         module._longnet_sp_applied = True
         changed += 1

@@ -21,7 +21,13 @@ everywhere); DDP over the whole mesh averages the gradients (see
 :func:`longnet.distributed.data_parallel` for why that is the exact gradient),
 and the logged loss is the mean of the per-rank losses over the mesh.
 
-Nothing here is imported by the model; the trainer calls these helpers.
+Stopping. Every rank handles SIGINT, SIGTERM and SIGHUP; the requests are all-reduced at
+each step boundary (:meth:`DistContext.any_rank`), so all ranks stop after the same step,
+rank 0 saves, and every rank exits with the same code.
+
+:class:`DistContext` implements :class:`longnet.training.context.TrainContext`, the
+interface the trainer and the evaluation call; one process uses that class itself, and
+never imports this module. Nothing here is imported by the model.
 """
 
 from __future__ import annotations
@@ -30,19 +36,19 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backends.sequence_parallel import check_sequence_parallel, prepare_sequence_parallel
-from .parallel import apply_sequence_parallel, data_parallel, make_mesh, sequence_group, shard_sequence
+from ..training.context import TrainContext
+from .parallel import (apply_sequence_parallel, data_parallel, make_mesh, sequence_group,
+                       sequence_parallel_disabled, shard_sequence)
 
 __all__ = ["DistContext", "resolve_parallel_sizes", "check_parallel_config", "init_distributed",
-           "shutdown_distributed", "parallelize", "shard_batch", "all_reduce_sum", "barrier",
-           "step_seed", "evaluate_lm_distributed", "GatheredLM", "launch_command"]
+           "shutdown_distributed", "parallelize", "step_seed", "GatheredLM", "launch_command"]
 
 
 def launch_command(processes: int, args: str = "...") -> str:
@@ -98,7 +104,8 @@ def resolve_parallel_sizes(sequence_parallel: int = 1, data_parallel: Optional[i
 
 
 def check_parallel_config(seq_len: int, batch_size: int, segment_lengths: Sequence[int],
-                          dilation_rates: Sequence[int], sequence_parallel: int, data_parallel: int) -> None:
+                          dilation_rates: Sequence[int], sequence_parallel: int, data_parallel: int,
+                          segment_phases: Optional[Sequence[int]] = None) -> None:
     """Shape rules of the mesh, checked before any process group exists (raises ValueError).
 
     seq_len % S == 0, batch_size % D == 0, and the pattern rule of
@@ -115,7 +122,8 @@ def check_parallel_config(seq_len: int, batch_size: int, segment_lengths: Sequen
                          f"rows")
     if S > 1:
         try:
-            check_sequence_parallel(seq_len // S, S, segment_lengths, dilation_rates)
+            check_sequence_parallel(seq_len // S, S, segment_lengths, dilation_rates,
+                                    segment_phases=segment_phases)
         except ValueError as e:
             raise ValueError(f"model pattern w={tuple(segment_lengths)} r={tuple(dilation_rates)} cannot be "
                              f"split into --sequence-parallel {S} blocks of train.seq_len / S = "
@@ -123,9 +131,10 @@ def check_parallel_config(seq_len: int, batch_size: int, segment_lengths: Sequen
 
 
 @dataclass
-class DistContext:
-    """Where this process sits on the mesh. ``owns_group``: this module initialised the default
-    process group (and so destroys it at the end)."""
+class DistContext(TrainContext):
+    """This process's place on the mesh: :class:`longnet.training.context.TrainContext` with
+    ``torch.distributed``. ``owns_group``: this module initialised the default process group
+    (and so destroys it at the end)."""
 
     world_size: int
     rank: int
@@ -138,19 +147,73 @@ class DistContext:
     device: torch.device
     backend: str
     owns_group: bool
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    # torchrun forwards a terminal's SIGINT (and a scheduler's SIGTERM) to workers that
+    # already received it: a repeat within this window is the same request.
+    debounce_s: float = 2.0
 
     @property
     def sp_group(self):
         return sequence_group(self.mesh)
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return parallelize(model, self)
+
+    def accumulate(self, module: nn.Module, sync: bool):
+        # DDP all-reduces gradients on the last micro-batch of a step only.
+        return contextlib.nullcontext() if sync or self.world_size == 1 else module.no_sync()
+
+    def seed_step(self, seed: int, step: int) -> None:
+        torch.manual_seed(step_seed(seed, step, self.rank))
+
+    def shard_batch(self, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+        """Rows of this rank's data-parallel group, then its block of the sequence:
+        x, y (B, N) -> (B / D, N / S)."""
+        b = x.shape[0]
+        if b % self.data_parallel:
+            raise ValueError(f"batch of {b} rows is not divisible by --data-parallel {self.data_parallel}")
+        rows = slice(self.dp_rank * (b // self.data_parallel), (self.dp_rank + 1) * (b // self.data_parallel))
+        return shard_sequence(x[rows], self.mesh), shard_sequence(y[rows], self.mesh)
+
+    def eval_shards(self, batches):
+        """Batch i goes to data-parallel group i % D; each rank of it scores its block of the sequence."""
+        for i, (x, y) in enumerate(batches):
+            if i % self.data_parallel == self.dp_rank:
+                yield shard_sequence(x, self.mesh), shard_sequence(y, self.mesh)
+
+    def all_reduce_sum(self, values: Sequence[float]) -> List[float]:
+        dev = self.device if self.backend == "nccl" else torch.device("cpu")
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(device_ids=[self.device.index]) if self.backend == "nccl" else dist.barrier()
+
+    def full_sequence(self, model: nn.Module) -> nn.Module:
+        return GatheredLM(model, self)
+
+    def single_device(self, model: nn.Module):
+        return sequence_parallel_disabled(model)
+
+    def describe(self, batch_size: int, seq_len: int) -> Optional[str]:
+        S, D = self.sequence_parallel, self.data_parallel
+        return (f"mesh: {self.world_size} processes ({self.backend}) = data-parallel {D} x sequence-parallel "
+                f"{S}; each process holds {batch_size // D} of {batch_size} rows x {seq_len // S} of "
+                f"{seq_len} positions per micro-step")
+
+    def resume_command(self, out_dir: str) -> str:
+        return (f"torchrun --nproc_per_node {self.world_size} -m longnet train --resume --out {out_dir} "
+                f"--sequence-parallel {self.sequence_parallel} (any S and D work)")
+
+    def close(self) -> None:
+        shutdown_distributed(self)
+
 
 def init_distributed(sequence_parallel: int, data_parallel: int, device: torch.device, *,
                      seq_len: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
-                     timeout_s: float = 1800.0) -> DistContext:
+                     segment_phases: Optional[Sequence[int]] = None, timeout_s: float = 1800.0) -> DistContext:
     """Join the torchrun world (or use an already initialised one) and build the mesh.
 
     NCCL for CUDA devices, gloo otherwise; on CUDA each process takes ``cuda:LOCAL_RANK``
@@ -177,7 +240,7 @@ def init_distributed(sequence_parallel: int, data_parallel: int, device: torch.d
     mesh = make_mesh(data_parallel, sequence_parallel, device.type)
     if sequence_parallel > 1:
         prepare_sequence_parallel(sequence_group(mesh), seq_len // sequence_parallel, segment_lengths,
-                                  dilation_rates)
+                                  dilation_rates, segment_phases)
     return DistContext(world_size=world, rank=dist.get_rank(), local_rank=local_rank,
                        sequence_parallel=sequence_parallel, data_parallel=data_parallel,
                        sp_rank=mesh.get_local_rank("sp"), dp_rank=mesh.get_local_rank("dp"), mesh=mesh,
@@ -214,74 +277,11 @@ def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:
     return data_parallel(model, ctx.mesh, **kw)
 
 
-def shard_batch(x: Tensor, y: Tensor, ctx: DistContext) -> Tuple[Tensor, Tensor]:
-    """This rank's part of a global batch: x, y (B, N) -> (B / D, N / S), rows of its
-    data-parallel group, then its block of the sequence."""
-    b = x.shape[0]
-    if b % ctx.data_parallel:
-        raise ValueError(f"batch of {b} rows is not divisible by --data-parallel {ctx.data_parallel}")
-    rows = slice(ctx.dp_rank * (b // ctx.data_parallel), (ctx.dp_rank + 1) * (b // ctx.data_parallel))
-    return shard_sequence(x[rows], ctx.mesh), shard_sequence(y[rows], ctx.mesh)
-
-
-def all_reduce_sum(values: Sequence[float], ctx: DistContext) -> List[float]:
-    """Sum of each value over every rank of the mesh (float64)."""
-    dev = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
-    if ctx.world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def barrier(ctx: Optional[DistContext]) -> None:
-    if ctx is not None and ctx.world_size > 1:
-        if ctx.backend == "nccl":
-            dist.barrier(device_ids=[ctx.device.index])
-        else:
-            dist.barrier()
-
-
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Torch seed for (run seed, optimiser step, global rank): dropout masks differ between
     ranks and do not depend on the RNG history, so a resumed run on the same mesh redraws
     the same masks without saving every rank's RNG state."""
     return (seed * 1_000_003 + step * 65_537 + rank * 7_919 + 1) % (2 ** 63)
-
-
-@torch.no_grad()
-def evaluate_lm_distributed(model: nn.Module, data, seq_len: int, ctx: DistContext, *,
-                            max_windows: Optional[int] = None, batch_size: int = 8,
-                            precision: str = "auto") -> Dict[str, float]:
-    """:func:`longnet.training.evaluate.evaluate_lm` on the mesh: same windows, same numbers.
-
-    Batch i of the deterministic windows goes to data-parallel group i % D; each rank scores
-    its block of the sequence (``model`` is the unwrapped, sequence-parallel model); the
-    summed losses and token counts are all-reduced over the mesh. Every rank returns the result.
-    """
-    import math
-
-    from ..training.data import iter_eval_windows
-    from ..training.evaluate import autocast_context
-    was_training = model.training
-    model.eval()
-    total, count, windows = 0.0, 0, 0
-    try:
-        for i, (x, y) in enumerate(iter_eval_windows(data, seq_len, batch_size=batch_size,
-                                                     max_windows=max_windows)):
-            if i % ctx.data_parallel != ctx.dp_rank:
-                continue
-            xs, ys = shard_sequence(x, ctx.mesh).to(ctx.device), shard_sequence(y, ctx.mesh).to(ctx.device)
-            with autocast_context(ctx.device, precision):
-                logits = model(xs)
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), ys.flatten(), reduction="sum"))
-            count += ys.numel()
-            windows += x.shape[0] if ctx.sp_rank == 0 else 0
-    finally:
-        model.train(was_training)
-    total, count, windows = all_reduce_sum([total, count, windows], ctx)
-    loss = total / count
-    return {"loss": loss, "bpb": loss / math.log(2.0), "ppl": math.exp(loss), "tokens": int(count),
-            "windows": int(windows)}
 
 
 class GatheredLM(nn.Module):

@@ -1,4 +1,4 @@
-"""Checkpoints of ``longnet train``: written atomically, loadable on any device.
+"""Checkpoints of ``longnet train``: written atomically and durably, checked when read.
 
 A run folder looks like::
 
@@ -7,15 +7,19 @@ A run folder looks like::
       checkpoints/step_00000300/  one complete checkpoint:
         model.safetensors         weights (tied weights stored once)
         config.json               {"model": LongNetConfig, "train": TrainConfig, "data": spec, "step": n, ...}
-        trainer_state.pt          optimizer, scheduler and RNG states (torch.save, loads with weights_only=True)
+        trainer_state.pt          optimizer, scheduler, grad scaler and RNG states (loads with weights_only=True)
         data_state.json           the data sampler's state_dict()
-      log.csv, loss_curve.png     (written by the trainer)
+      log.csv, loss_curve.png     (written by the trainer; tensorboard/ too when installed)
 
-A checkpoint folder is first written completely under a temporary name inside
-``checkpoints/`` and then renamed into place, so a crash or Ctrl-C never leaves a
-half-written checkpoint under a ``step_*`` name; ``latest`` is updated only after that
-(temporary file + ``os.replace``). Loaders accept the run folder (they follow ``latest``,
-or take the highest complete ``step_*``) or a checkpoint folder itself.
+Writing. A checkpoint folder is first written completely under a temporary name
+(``checkpoints/.tmp-step_*``), every file fsynced, then renamed into place and the folder
+fsynced, so a crash or Ctrl-C never leaves a half-written checkpoint under a ``step_*``
+name; ``latest`` is updated only after that. Temporary folders left by a process that died
+while saving are removed by the next save (and named by the loaders' errors until then).
+
+Reading. Every file is checked: a damaged or contradictory file raises
+:class:`CheckpointError`, one line that names the file. :func:`load_resume_state` tries the
+run's checkpoints newest first and falls back to the newest complete one.
 """
 
 from __future__ import annotations
@@ -26,26 +30,38 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
 from ..config import LongNetConfig, TrainConfig
-from ..fileio import atomic_write_json, atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text, fsync_path, replace_durably
+from .data import check_sampler_state
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "resolve_checkpoint", "rng_state",
-           "set_rng_state", "atomic_write_text", "atomic_write_json", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_weights", "resolve_checkpoint",
+           "load_trainer_state", "load_resume_state", "ResumeState", "update_metrics", "checkpoint_dir",
+           "checkpoint_steps", "holds_checkpoints",
+           "rng_state", "set_rng_state", "CheckpointError", "FILES"]
 
 FORMAT = "longnet-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-_FILES = ("model.safetensors", "config.json", "trainer_state.pt", "data_state.json")
+FILES = ("model.safetensors", "config.json", "trainer_state.pt", "data_state.json")
+_TMP_PREFIX, _OLD_PREFIX = ".tmp-step_", ".old-step_"
+_TRAINER_KEYS = ("optimizer", "scheduler", "rng", "step")
 
 
 class CheckpointError(ValueError):
-    """A path that is not a (complete) longnet checkpoint."""
+    """A path that is not a complete, readable longnet checkpoint (the message names the file)."""
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    """Where the checkpoint of ``step`` lives in ``run_dir``."""
+    return os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -71,66 +87,123 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wrapper
 
 
+# ----------------------------------------------------------------------------- writing
+
+
 def save_checkpoint(run_dir: str, *, model: torch.nn.Module, train_config: TrainConfig, data_spec: str,
                     step: int, optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None,
-                    rng: Optional[Dict[str, Any]] = None, data_state: Optional[Dict] = None,
+                    scaler=None, rng: Optional[Dict[str, Any]] = None, data_state: Optional[Dict] = None,
                     metrics: Optional[Dict[str, Any]] = None, keep: int = 2) -> str:
-    """Write ``run_dir/checkpoints/step_<step>`` atomically, point ``latest`` at it, prune old ones.
+    """Write ``run_dir/checkpoints/step_<step>`` atomically and durably, point ``latest`` at it,
+    prune old ones (keeping ``keep`` at or below ``step``). Returns the path.
 
     ``rng`` and ``data_state`` default to the current RNG state and nothing; pass the
-    snapshot taken at the end of ``step`` when saving from an interrupt. Returns the path.
+    snapshot taken at the end of ``step`` when saving from an interrupt.
     """
-    model = _unwrap(model)
     ckpt_root = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_root, exist_ok=True)
-    name = f"step_{step:08d}"
-    final = os.path.join(ckpt_root, name)
-    tmp = tempfile.mkdtemp(dir=ckpt_root, prefix=f".tmp-{name}-")
+    _recover_stale(ckpt_root)
+    final = checkpoint_dir(run_dir, step)
+    tmp = tempfile.mkdtemp(dir=ckpt_root, prefix=f"{_TMP_PREFIX}{step:08d}-")
     try:
-        _st_save_model(model, os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "version": VERSION, "step": int(step), "data": data_spec,
-                "model": model.config.to_dict(), "train": train_config.to_dict(),
-                "metrics": metrics or {}}
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
+        _st_save_model(_unwrap(model), os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
+        fsync_path(os.path.join(tmp, "model.safetensors"))
+        atomic_write_json(os.path.join(tmp, "config.json"), {
+            "format": FORMAT, "version": VERSION, "step": int(step), "data": data_spec,
+            "model": _unwrap(model).config.to_dict(), "train": train_config.to_dict(), "metrics": metrics or {}})
         torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
                     "rng": rng if rng is not None else rng_state(), "step": int(step)},
                    os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "data_state.json"), "w", encoding="utf-8") as f:
-            json.dump(data_state, f)
+        fsync_path(os.path.join(tmp, "trainer_state.pt"))
+        atomic_write_json(os.path.join(tmp, "data_state.json"), data_state)
         os.chmod(tmp, 0o755)
-        if os.path.exists(final):
-            # Same step saved again (e.g. Ctrl-C right after a periodic save): swap it out.
-            old = tempfile.mkdtemp(dir=ckpt_root, prefix=f".old-{name}-")
-            os.replace(final, os.path.join(old, name))
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        fsync_path(tmp)
+        _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(os.path.join(run_dir, "latest"), f"checkpoints/{name}\n")
-    _prune(ckpt_root, keep, protect=name)
+    atomic_write_text(os.path.join(run_dir, "latest"), f"checkpoints/{os.path.basename(final)}\n")
+    _prune(ckpt_root, keep, step)
     return final
 
 
-def _step_dirs(ckpt_root: str):
+def _move_into_place(tmp: str, final: str) -> None:
+    if not os.path.exists(final):
+        replace_durably(tmp, final)
+        return
+    # Same step saved again (e.g. a signal right after a periodic save): swap it out. A crash
+    # between the two renames leaves the old copy in .old-*, which _recover_stale puts back.
+    name = os.path.basename(final)
+    old = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=f"{_OLD_PREFIX}{name[5:]}-")
+    replace_durably(final, os.path.join(old, name))
+    replace_durably(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_stale(ckpt_root: str) -> None:
+    """Remove what a process that died while saving left behind; put back a swapped-out checkpoint."""
+    for name in _stale_saves(ckpt_root):
+        path = os.path.join(ckpt_root, name)
+        if name.startswith(_OLD_PREFIX):
+            for inner in os.listdir(path):
+                target = os.path.join(ckpt_root, inner)
+                if _STEP_DIR.match(inner) and not os.path.exists(target) and _is_complete(os.path.join(path, inner)):
+                    replace_durably(os.path.join(path, inner), target)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _stale_saves(ckpt_root: str) -> List[str]:
+    if not os.path.isdir(ckpt_root):
+        return []
+    return sorted(n for n in os.listdir(ckpt_root) if n.startswith((_TMP_PREFIX, _OLD_PREFIX))
+                  and os.path.isdir(os.path.join(ckpt_root, n)))
+
+
+def _is_complete(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, f)) for f in FILES)
+
+
+def _step_dirs(ckpt_root: str, complete: bool = True) -> List[Tuple[int, str]]:
+    """(step, name) of the ``step_*`` folders (only complete ones by default), oldest first."""
     out = []
     if os.path.isdir(ckpt_root):
         for name in os.listdir(ckpt_root):
             m = _STEP_DIR.match(name)
-            if m and all(os.path.isfile(os.path.join(ckpt_root, name, f)) for f in _FILES):
+            if m and (not complete or _is_complete(os.path.join(ckpt_root, name))):
                 out.append((int(m.group(1)), name))
     return sorted(out)
 
 
-def _prune(ckpt_root: str, keep: int, protect: str) -> None:
-    dirs = [name for _, name in _step_dirs(ckpt_root)]
+def checkpoint_steps(run_dir: str) -> List[int]:
+    """Steps of the complete checkpoint folders of ``run_dir``, oldest first."""
+    return [s for s, _ in _step_dirs(os.path.join(run_dir, "checkpoints"))]
+
+
+def holds_checkpoints(run_dir: str) -> bool:
+    """Whether ``run_dir`` has a checkpoint folder, complete or not (it is then a run folder)."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    return bool(_step_dirs(ckpt_root, complete=False) or _stale_saves(ckpt_root))
+
+
+def _prune(ckpt_root: str, keep: int, step: int) -> None:
+    # Checkpoints past ``step`` exist only when a resume fell back past damaged ones; they are
+    # replaced when the run reaches their step, never deleted here.
+    dirs = [name for s, name in _step_dirs(ckpt_root) if s <= step]
     for name in dirs[:max(0, len(dirs) - keep)]:
-        if name != protect:
-            shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+        shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+
+
+def update_metrics(ckpt: str, metrics: Dict[str, Any]) -> None:
+    """Record ``metrics`` in the checkpoint's config.json (atomically)."""
+    path = os.path.join(ckpt, "config.json")
+    meta = _read_json(path)
+    meta["metrics"] = dict(metrics)
+    atomic_write_json(path, meta)
+
+
+# ----------------------------------------------------------------------------- reading
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -143,33 +216,94 @@ def resolve_checkpoint(path: str) -> str:
                               "`longnet train` run or one of its checkpoints/step_* folders")
     if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors")):
         return path
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest, encoding="utf-8") as f:
-            target = os.path.join(path, f.read().strip())
-        if os.path.isfile(os.path.join(target, "model.safetensors")):
-            return target
+    target = _latest_target(path)
+    if target is not None and _is_complete(target):
+        return target
     found = _step_dirs(os.path.join(path, "checkpoints"))
     if found:
         return os.path.join(path, "checkpoints", found[-1][1])
-    raise CheckpointError(f"no checkpoint in {path!r}: expected model.safetensors + config.json there, or a "
-                          "run folder with checkpoints/step_*/ (written by `longnet train --out DIR`)")
+    raise CheckpointError(_no_checkpoint_message(path))
+
+
+def _latest_target(run_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(run_dir, "latest"), encoding="utf-8") as f:
+            return os.path.join(run_dir, f.read().strip())
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _no_checkpoint_message(path: str) -> str:
+    msg = (f"no checkpoint in {path!r}: expected model.safetensors + config.json there, or a run folder "
+           "with checkpoints/step_*/ (written by `longnet train --out DIR`)")
+    stale = _stale_saves(os.path.join(path, "checkpoints"))
+    if stale:
+        msg += (f"; {os.path.join(path, 'checkpoints', stale[0])} is an incomplete save (the process died while "
+                "writing it): start the run again without --resume, which removes it")
+    return msg
+
+
+def _read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{path} is damaged: not readable JSON ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_config(ckpt: str) -> Dict[str, Any]:
+    path = os.path.join(ckpt, "config.json")
+    meta = _read_json(path)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is damaged: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt} is not a longnet checkpoint (config.json format={meta.get('format')!r})")
+    if "step" not in meta:
+        raise CheckpointError(f"{path} is damaged: it has no 'step'")
+    step = meta["step"]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path} is damaged: 'step' must be a non-negative integer, got {step!r}")
+    try:
+        mcfg, tcfg = LongNetConfig.from_dict(meta.get("model")), TrainConfig.from_dict(meta.get("train"))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is damaged: {_one_line(e)}") from None
+    return {"dir": ckpt, "step": step, "data": meta.get("data"), "model_config": mcfg, "train_config": tcfg,
+            "metrics": meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}}
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Metadata of the checkpoint at ``path``: dict with ``dir``, ``step``, ``data``,
     ``model_config`` (LongNetConfig), ``train_config`` (TrainConfig), ``metrics``."""
-    ckpt = resolve_checkpoint(path)
+    return _read_config(resolve_checkpoint(path))
+
+
+def load_weights(model: torch.nn.Module, ckpt: str, *, device="cpu") -> None:
+    """Load ``ckpt``'s model.safetensors into ``model`` (built from its config.json), checked."""
+    path = os.path.join(ckpt, "model.safetensors")
+    expected = model.state_dict()
     try:
-        with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {os.path.join(ckpt, 'config.json')}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{ckpt} is not a longnet checkpoint (config.json format={meta.get('format')!r})")
-    return {"dir": ckpt, "step": int(meta["step"]), "data": meta.get("data"),
-            "model_config": LongNetConfig.from_dict(meta["model"]),
-            "train_config": TrainConfig.from_dict(meta["train"]), "metrics": meta.get("metrics", {})}
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                if name in expected and tuple(expected[name].shape) != shape:
+                    raise CheckpointError(
+                        f"{os.path.join(ckpt, 'config.json')} contradicts {path}: {name} has shape {shape} in "
+                        f"the weights but {tuple(expected[name].shape)} for the configured model")
+        _st_load_model(model, path, strict=True, device=str(device))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e)}") from None
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{path} is damaged: {name} holds non-finite values")
 
 
 def load_model(path: str, *, map_location="cpu"):
@@ -177,14 +311,119 @@ def load_model(path: str, *, map_location="cpu"):
     from ..model import LongNetLM
     info = load_checkpoint(path)
     model = LongNetLM(info["model_config"])
-    _st_load_model(model, os.path.join(info["dir"], "model.safetensors"), strict=True, device=str(map_location))
+    load_weights(model, info["dir"], device=map_location)
     return model.to(map_location).eval()
+
+
+def _read_trainer_state(ckpt: str, step: int, n_params: Optional[int] = None) -> Dict[str, Any]:
+    path = os.path.join(ckpt, "trainer_state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # noqa: BLE001  (torch.load raises many types on damaged files)
+        raise CheckpointError(f"{path} is damaged: torch.load cannot read it ({type(e).__name__}: "
+                              f"{_one_line(e, 120)})") from None
+    if not isinstance(state, dict) or any(k not in state for k in _TRAINER_KEYS):
+        raise CheckpointError(f"{path} is damaged: expected a dict with {', '.join(_TRAINER_KEYS)}")
+    if state["step"] != step:
+        raise CheckpointError(f"{path} is for step {state['step']!r}, but config.json says step {step}")
+    rng = state["rng"]
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) or "python" not in rng:
+        raise CheckpointError(f"{path} is damaged: its 'rng' entry is not an RNG state")
+    opt = state["optimizer"]
+    if n_params is not None and opt is not None:
+        groups = opt.get("param_groups") if isinstance(opt, dict) else None
+        count = sum(len(g.get("params", ())) for g in groups) if isinstance(groups, list) else -1
+        if count != n_params:
+            raise CheckpointError(f"{path} does not match the model: its optimizer state covers {count} "
+                                  f"parameters, the model has {n_params}")
+    return state
+
+
+def _read_data_state(ckpt: str) -> Dict[str, Any]:
+    path = os.path.join(ckpt, "data_state.json")
+    state = _read_json(path)
+    try:
+        check_sampler_state(state)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is damaged: {e}") from None
+    return state
 
 
 def load_trainer_state(path: str, *, map_location="cpu") -> Tuple[Dict[str, Any], Optional[Dict]]:
     """(trainer state dict, data sampler state) of the checkpoint at ``path``."""
     ckpt = resolve_checkpoint(path)
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), map_location=map_location, weights_only=True)
-    with open(os.path.join(ckpt, "data_state.json"), encoding="utf-8") as f:
-        data_state = json.load(f)
-    return state, data_state
+    state = _read_trainer_state(ckpt, _read_config(ckpt)["step"])
+    return state, _read_data_state(ckpt)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+@dataclass
+class ResumeState:
+    """A checkpoint read whole and checked: what ``longnet train --resume`` continues from.
+
+    ``model`` is a CPU :class:`longnet.model.LongNetLM` holding the weights; ``skipped``
+    holds one line per newer checkpoint that was damaged and passed over.
+    """
+
+    dir: str
+    step: int
+    data: Optional[str]
+    model_config: LongNetConfig
+    train_config: TrainConfig
+    metrics: Dict[str, Any]
+    model: torch.nn.Module
+    trainer_state: Dict[str, Any]
+    data_state: Dict[str, Any]
+    skipped: List[str] = field(default_factory=list)
+
+
+def _candidates(run_dir: str) -> List[str]:
+    """Checkpoint folders of a run, newest step first (``latest``'s target first among equals)."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    found = [os.path.join(ckpt_root, name) for _, name in reversed(_step_dirs(ckpt_root, complete=False))]
+    target = _latest_target(run_dir)
+    if target is not None and os.path.isdir(target) and os.path.normpath(target) not in map(os.path.normpath, found):
+        found.insert(0, target)
+    return found
+
+
+def _load_whole(ckpt: str) -> ResumeState:
+    from ..model import LongNetLM
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(ckpt, f))]
+    if missing:
+        raise CheckpointError(f"{ckpt} is incomplete: {', '.join(missing)} missing")
+    info = _read_config(ckpt)
+    model = LongNetLM(info["model_config"])
+    load_weights(model, ckpt)
+    n_params = len({id(p) for p in model.parameters() if p.requires_grad})
+    state = _read_trainer_state(ckpt, info["step"], n_params)
+    return ResumeState(ckpt, info["step"], info["data"], info["model_config"], info["train_config"],
+                       info["metrics"], model, state, _read_data_state(ckpt))
+
+
+def load_resume_state(run_dir: str) -> ResumeState:
+    """The newest checkpoint of ``run_dir`` whose files are all intact, read whole.
+
+    Newer damaged checkpoints are passed over (listed in ``skipped``). Raises
+    :class:`CheckpointError` naming the damaged file when none is intact.
+    """
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"--out {run_dir!r} does not exist; --resume continues the run in an existing "
+                              "--out folder")
+    errors: List[str] = []
+    for ckpt in _candidates(run_dir):
+        try:
+            state = _load_whole(ckpt)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        state.skipped = errors
+        return state
+    if not errors:
+        raise CheckpointError(_no_checkpoint_message(run_dir))
+    more = f" (and {len(errors) - 1} older checkpoint(s) are damaged too)" if len(errors) > 1 else ""
+    raise CheckpointError(errors[0] + more)

@@ -39,6 +39,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import math
+import numbers
 import os
 import shutil
 import sys
@@ -57,7 +59,7 @@ from ..fileio import atomic_path, atomic_write_json
 __all__ = [
     "LongNetDataError", "Corpus", "open_corpus", "open_builtin", "open_enwik8", "open_text",
     "default_cache_dir", "RandomWindowSampler", "iter_eval_windows", "num_eval_windows",
-    "PasskeyTask", "passkey_accuracy", "passkey_digit_accuracy",
+    "PasskeyTask", "passkey_accuracy", "passkey_digit_accuracy", "check_sampler_state", "DEFAULT_ANSWER_WEIGHT",
     "ENWIK8_URL", "ENWIK8_SIZE", "VOCAB_SIZE",
 ]
 
@@ -540,15 +542,16 @@ class RandomWindowSampler:
                 "step": self.step, "seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "data_size": int(self.data.size)}
 
+    def _settings(self) -> Dict:
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "data_size": int(self.data.size)}
+
+    def state_differences(self, state: Dict) -> Dict[str, Tuple]:
+        """{setting: (saved, now)} for each setting of ``state`` that differs from this sampler's."""
+        return _differences(state, self._settings())
+
     def load_state_dict(self, state: Dict, *, strict: bool = True) -> None:
         """Restore ``state``; with ``strict`` the batch size, seq_len and data size must match."""
-        if state.get("kind") != "RandomWindowSampler":
-            raise ValueError(f"state is for {state.get('kind')!r}, not RandomWindowSampler")
-        if strict:
-            _check_same(state, {"batch_size": self.batch_size, "seq_len": self.seq_len,
-                                "data_size": int(self.data.size)})
-        self.rng.bit_generator.state = state["bit_generator"]
-        self.step = int(state["step"])
+        _restore(self, "RandomWindowSampler", state, self._settings() if strict else None)
 
 
 def _plain(obj):
@@ -559,12 +562,40 @@ def _plain(obj):
     return obj
 
 
-def _check_same(state: Dict, current: Dict) -> None:
-    diff = {k: (state.get(k), v) for k, v in current.items() if state.get(k) != v}
+def _differences(state: Dict, current: Dict) -> Dict[str, Tuple]:
+    return {k: (state.get(k), v) for k, v in current.items() if state.get(k) != v}
+
+
+def check_sampler_state(state) -> None:
+    """Raise ValueError unless ``state`` is a well-formed sampler ``state_dict()`` (of either sampler).
+
+    Checks the structure and that the generator state is one numpy accepts, so a damaged
+    state is caught before anything depends on it.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"expected a JSON object, got {type(state).__name__}")
+    if state.get("kind") not in ("RandomWindowSampler", "PasskeyTask"):
+        raise ValueError(f"'kind' must be RandomWindowSampler or PasskeyTask, got {state.get('kind')!r}")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"'step' must be a non-negative integer, got {step!r}")
+    try:
+        np.random.default_rng().bit_generator.state = state.get("bit_generator")
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"'bit_generator' is not a numpy generator state ({e})") from None
+
+
+def _restore(sampler, kind: str, state: Dict, settings: Optional[Dict]) -> None:
+    check_sampler_state(state)
+    if state["kind"] != kind:
+        raise ValueError(f"state is for {state['kind']!r}, not {kind}")
+    diff = _differences(state, settings) if settings is not None else {}
     if diff:
         raise ValueError("sampler state does not match this sampler: "
                          + ", ".join(f"{k} saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
                          + " (pass strict=False to load anyway)")
+    sampler.rng.bit_generator.state = state["bit_generator"]
+    sampler.step = int(state["step"])
 
 
 def num_eval_windows(n: int, seq_len: int, *, stride: Optional[int] = None, max_windows: Optional[int] = None) -> int:
@@ -607,6 +638,9 @@ _FILLER = (b"The grass is green. The sky is blue. The sun is yellow. Here we go.
 _NEEDLE = "\nThe pass key is {key}. Remember it.\n"
 _KEY_OFFSET = _NEEDLE.index("{key}")  # bytes of needle before the first key digit
 _QUERY = b"\nWhat is the pass key? The pass key is "
+# Answer digits weigh this many filler bytes in the training loss (PasskeyTask.loss_weights):
+# with 5 digits in 1,024 bytes the answer then carries a third of the loss.
+DEFAULT_ANSWER_WEIGHT = 100.0
 
 
 class PasskeyTask:
@@ -627,11 +661,28 @@ class PasskeyTask:
     bool (B, seq_len), True at the positions of y that are the answer digits (the last
     key_digits positions). ``next_batch()`` -> ``x, y`` with the task's own generator, and
     ``state_dict`` / ``load_state_dict``, like :class:`RandomWindowSampler`.
+
+    Learning signal. The answer is key_digits of seq_len predicted bytes, so with a plain
+    mean loss the filler drowns it (at seq_len 1024 a model reaches filler loss 0.03 and
+    chance accuracy). :meth:`loss_weights` gives each answer position ``answer_weight``
+    times the weight of a filler position; the trainer minimises that weighted mean.
+    ``answer_weight=1`` is the plain mean. The weight changes no batch. ``curriculum_steps``
+    > 0 (with random distances) is a curriculum over distance for training: ``next_batch``
+    draws distances up to :meth:`longest_distance`, which grows linearly from the shortest
+    distance to the longest over that many batches; ``batch`` (evaluation) always draws from
+    the whole range.
     """
 
     def __init__(self, seq_len: int, distance: Optional[int] = None, *, key_digits: int = 5, seed: int = 0,
-                 batch_size: int = 8):
+                 batch_size: int = 8, answer_weight: float = DEFAULT_ANSWER_WEIGHT, curriculum_steps: int = 0):
         self.seq_len = _check_positive_int("seq_len", seq_len)
+        if isinstance(curriculum_steps, bool) or not isinstance(curriculum_steps, int) or curriculum_steps < 0:
+            raise ValueError(f"curriculum_steps must be an integer >= 0, got {curriculum_steps!r}")
+        self.curriculum_steps = curriculum_steps
+        if isinstance(answer_weight, bool) or not isinstance(answer_weight, numbers.Real) \
+                or not math.isfinite(answer_weight) or answer_weight <= 0:
+            raise ValueError(f"answer_weight must be a finite number > 0, got {answer_weight!r}")
+        self.answer_weight = float(answer_weight)
         self.key_digits = _check_positive_int("key_digits", key_digits)
         if self.key_digits > 32:
             raise ValueError(f"key_digits must be at most 32, got {key_digits}")
@@ -679,9 +730,22 @@ class PasskeyTask:
             rng = generator
         else:
             raise TypeError(f"generator must be a numpy.random.Generator or None, got {type(generator).__name__}")
+        return self._draw(batch_size, rng, self.max_distance)
+
+    def longest_distance(self, step: Optional[int] = None) -> int:
+        """The longest distance ``next_batch`` draws at sampler step ``step`` (default: the next
+        batch's): the task's longest, or during the curriculum a linear ramp up to it."""
+        step = self.step if step is None else step
+        if not self.curriculum_steps:
+            return self.max_distance
+        frac = min(1.0, (step + 1) / self.curriculum_steps)
+        return self.min_distance + round(frac * (self.max_distance - self.min_distance))
+
+    def _draw(self, batch_size: int, rng: np.random.Generator, longest: int
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         digits = rng.integers(0, 10, size=(batch_size, self.key_digits))
         if self.distance is None:
-            dists = rng.integers(self.min_distance, self.max_distance + 1, size=batch_size)
+            dists = rng.integers(self.min_distance, longest + 1, size=batch_size)
         else:
             dists = np.full(batch_size, self.distance)
         seqs = np.stack([self._sequence("".join(map(str, d)), int(t)) for d, t in zip(digits, dists)])
@@ -691,23 +755,38 @@ class PasskeyTask:
         return seqs[:, :-1], seqs[:, 1:], mask
 
     def next_batch(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        x, y, _ = self.batch(self.batch_size)
+        x, y, _ = self._draw(self.batch_size, self.rng, self.longest_distance())
         self.step += 1
         return x, y
+
+    def loss_weights(self) -> torch.Tensor:
+        """Per-position loss weights (seq_len,) float32 for every sequence of the task.
+
+        Answer positions (the last key_digits of y) weigh ``answer_weight`` times a filler
+        position. Scaled to mean 1, so the weighted loss ``mean(weights * per_token_loss)``
+        keeps the plain loss's scale, and a shard of the positions (sequence parallelism)
+        adds up to the same total as the whole sequence.
+        """
+        w = torch.ones(self.seq_len, dtype=torch.float32)
+        w[self.seq_len - self.key_digits:] = self.answer_weight
+        return w * (self.seq_len / float(w.sum()))
 
     def state_dict(self) -> Dict:
         return {"kind": "PasskeyTask", "bit_generator": _plain(self.rng.bit_generator.state), "step": self.step,
                 "seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "distance": self.distance, "key_digits": self.key_digits}
 
+    def _settings(self) -> Dict:
+        return {"batch_size": self.batch_size, "seq_len": self.seq_len, "distance": self.distance,
+                "key_digits": self.key_digits}
+
+    def state_differences(self, state: Dict) -> Dict[str, Tuple]:
+        """{setting: (saved, now)} for each setting of ``state`` that differs from this task's."""
+        return _differences(state, self._settings())
+
     def load_state_dict(self, state: Dict, *, strict: bool = True) -> None:
-        if state.get("kind") != "PasskeyTask":
-            raise ValueError(f"state is for {state.get('kind')!r}, not PasskeyTask")
-        if strict:
-            _check_same(state, {"batch_size": self.batch_size, "seq_len": self.seq_len,
-                                "distance": self.distance, "key_digits": self.key_digits})
-        self.rng.bit_generator.state = state["bit_generator"]
-        self.step = int(state["step"])
+        """Restore ``state``; with ``strict`` the batch size, seq_len, distance and key digits must match."""
+        _restore(self, "PasskeyTask", state, self._settings() if strict else None)
 
     @staticmethod
     def accuracy(logits: torch.Tensor, y: torch.Tensor, answer_mask: torch.Tensor) -> float:

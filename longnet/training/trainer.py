@@ -9,47 +9,61 @@
 
 Settings come from a preset, then ``--set KEY=VALUE`` overrides (``model.FIELD``,
 ``train.FIELD`` or a bare field name; ``--list-fields`` lists them), then ``--max-steps``.
-The run folder (``--out``) receives ``log.csv`` (one row per step, one per evaluation),
-``loss_curve.png``, TensorBoard events when ``tensorboard`` is installed, and
-checkpoints (see :mod:`longnet.training.checkpoint`). Ctrl-C stops after the current step and
-saves a checkpoint (a second Ctrl-C aborts at once, still saving the last complete step
-when that is safe); ``--resume`` continues from the latest one and follows the same loss
-curve as an uninterrupted run on CPU.
+Everything (settings, device, data, ``--out``, the checkpoint to resume) is checked before
+the run folder is written. The run folder receives ``log.csv`` (one row per step, one per
+evaluation), ``loss_curve.png``, TensorBoard events when ``tensorboard`` is installed, and
+checkpoints (see :mod:`longnet.training.checkpoint`).
 
-Under ``torchrun`` the same loop runs on a (data x sequence) device mesh:
-``--sequence-parallel S`` cuts every sequence into S blocks, one per process, and
-``--data-parallel D`` (default WORLD_SIZE / S) splits the batch's rows; see
-:mod:`longnet.distributed.training` for how batches, losses, evaluation and checkpoints
-are shared. ``train.batch_size`` stays the global batch, so a run follows the same loss
-curve (up to fp32 rounding) at any mesh shape, and its checkpoints resume at any other.
+Stopping. Ctrl-C, SIGTERM and SIGHUP (what ``timeout``, ``docker stop`` and schedulers
+send) stop the run after the current step, save a checkpoint and exit with 128 + the
+signal number; a second signal stops at once, still saving the last complete step when
+that is safe. The last checkpoint is written before the final evaluation, so a signal
+during it loses nothing. ``--resume`` continues from the newest intact checkpoint and
+follows the same loss curve as an uninterrupted run on CPU.
+
+Under ``torchrun`` the same loop runs on a (data x sequence) device mesh through a
+:class:`longnet.distributed.training.DistContext` (one process uses the do-nothing
+:class:`longnet.training.context.TrainContext`): ``--sequence-parallel S`` cuts every
+sequence into S blocks, one per process, and ``--data-parallel D`` (default WORLD_SIZE / S)
+splits the batch's rows. ``train.batch_size`` stays the global batch, so a run follows the
+same loss curve (up to fp32 rounding) at any mesh shape, and its checkpoints resume at any
+other. Stop requests are agreed by all ranks at each step boundary.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import io
 import math
 import os
 import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ..fileio import atomic_savefig, atomic_write_text
-from ..config import (PRESETS, LongNetConfig, TrainConfig, apply_overrides, check_compatible,
-                     config_fields_help, lr_factor, preset)
+from ..backends.registry import get_backend
+from ..config import PRESETS, LongNetConfig, TrainConfig, apply_overrides, check_compatible, config_fields_help, \
+    lr_factor, preset
+from ..model import LongNetLM
+from .checkpoint import (CheckpointError, ResumeState, checkpoint_dir, load_resume_state, rng_state, save_checkpoint,
+                         set_rng_state, update_metrics)
+from .context import TrainContext
+from .data import VOCAB_SIZE, PasskeyTask, RandomWindowSampler, open_corpus
+from .evaluate import (check_precision, compute_dtype, evaluate_lm, evaluate_passkey, next_token_loss, pick_device,
+                       weighted_loss)
+from .runfolder import NoLog, RunLog, check_out_dir, plot_loss_curve
 
-__all__ = ["add_arguments", "run", "train", "CSV_FIELDS"]
+__all__ = ["add_arguments", "run", "train"]
 
-CSV_FIELDS = ["step", "split", "loss", "bpb", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "accuracy"]
 LN2 = math.log(2.0)
+# What --resume reports when a sampler setting changed since the checkpoint.
+_SAMPLER_SETTINGS = {"seq_len": "train.seq_len", "batch_size": "train.batch_size",
+                     "distance": "train.passkey_distance", "key_digits": "train.passkey_digits"}
 
 
 def _after_step(step: int) -> None:
@@ -75,9 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, metavar="SPEC",
                         help="builtin (default: Python stdlib sources), enwik8:PATH, text:PATH, or passkey")
     parser.add_argument("--out", default=None, metavar="DIR",
-                        help="run folder for logs and checkpoints (default runs/PRESET-YYYYmmdd-HHMMSS)")
+                        help="run folder for logs and checkpoints (default runs/PRESET-YYYYmmdd-HHMMSS); a new "
+                             "run needs a new or empty folder")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its latest checkpoint")
+                        help="continue the run in --out from its newest intact checkpoint")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: continue even though the training data changed since the checkpoint")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
                         help="optimiser steps (same as --set train.max_steps=N; the lr schedule spans them)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -93,104 +110,172 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train.batch_size is the global batch, split over the D groups")
 
 
+class _NothingToDo(Exception):
+    """The request is already fulfilled (e.g. --resume of a finished run): say so, exit 0."""
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _warn(msg: str) -> None:
+    print(f"[longnet] warning: {msg}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.list_fields:
         print("config fields (KEY for --set KEY=VALUE, type, value in the tiny preset):")
         print(config_fields_help())
         return 0
-    rank = os.environ.get("RANK", "0")
-    try:
-        from ..distributed.training import resolve_parallel_sizes
-        S, D, world = resolve_parallel_sizes(getattr(args, "sequence_parallel", 1),
-                                             getattr(args, "data_parallel", None))
-        setup = _setup(args, parallel=(S, D) if world > 1 else None)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, TypeError) as e:  # bad settings, data or checkpoint: a message, not a traceback
-        # Under torchrun every rank checks the same settings; rank > 0 says which it is, since
-        # a data path can be missing on one node only.
-        prefix = f"[rank {rank}] " if rank != "0" else ""
-        print(f"{prefix}longnet train: error: {e}", file=sys.stderr)
-        return 2
-    if world == 1:
-        return train(**setup)
-    return _train_distributed(setup, S, D)
-
-
-def _train_distributed(setup: Dict[str, Any], S: int, D: int) -> int:
-    from ..distributed.training import init_distributed, shutdown_distributed
-    mcfg, tcfg = setup["model_config"], setup["train_config"]
+    # Under torchrun every rank checks the same settings; rank > 0 says which it is, since a
+    # data path can be missing on one node only.
+    prefix = "" if _is_rank0() else f"[rank {os.environ.get('RANK')}] "
     ctx = None
     try:
-        try:
-            ctx = init_distributed(S, D, setup["device"], seq_len=tcfg.seq_len,
-                                   segment_lengths=mcfg.segment_lengths, dilation_rates=mcfg.dilation_rates)
-        except (ValueError, TypeError) as e:
-            print(f"longnet train: error: {e}", file=sys.stderr)
-            return 2
-        setup["device"] = ctx.device
+        setup, parallel = _setup(args)
+        ctx = _open_context(setup, parallel)
         return train(**setup, dist_ctx=ctx)
-    except KeyboardInterrupt:  # e.g. during process-group setup
+    except _NothingToDo as e:
+        if _is_rank0():
+            print(f"[longnet] {e}")
+        return 0
+    except KeyboardInterrupt:  # before the loop's own handling (setup, process group) or a third signal
         return 130
+    except (ValueError, TypeError) as e:  # settings, data, --out or checkpoint: a message, not a traceback
+        print(f"{prefix}longnet train: error: {e}", file=sys.stderr)
+        return 2
     finally:
-        shutdown_distributed(ctx)
+        if ctx is not None:
+            ctx.close()
 
 
-def _setup(args: argparse.Namespace, parallel: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
-    from .checkpoint import load_checkpoint
-    from .evaluate import pick_device
+def _parallel_sizes(args: argparse.Namespace) -> Tuple[int, int, int]:
+    """(S, D, world size); the distributed package is imported only when torchrun or the flags ask for it."""
+    S, D = args.sequence_parallel, args.data_parallel
+    if not os.environ.get("WORLD_SIZE") and S == 1 and D in (None, 1):
+        return 1, 1, 1
+    from ..distributed.training import resolve_parallel_sizes
+    return resolve_parallel_sizes(S, D)
+
+
+def _open_context(setup: Dict[str, Any], parallel: Tuple[int, int, int]) -> TrainContext:
+    S, D, world = parallel
+    if world == 1:
+        return TrainContext(setup["device"])
+    from ..distributed.training import init_distributed
+    mcfg, tcfg = setup["model_config"], setup["train_config"]
+    pat = mcfg.pattern
+    ctx = init_distributed(S, D, setup["device"], seq_len=tcfg.seq_len, segment_lengths=pat.segment_lengths,
+                           dilation_rates=pat.dilation_rates, segment_phases=pat.segment_phases)
+    setup["device"] = ctx.device
+    return ctx
+
+
+def _setup(args: argparse.Namespace) -> Tuple[Dict[str, Any], Tuple[int, int, int]]:
+    """Every check, before anything is written. Returns (``train`` keyword arguments, (S, D, world))."""
+    parallel = _parallel_sizes(args)
     device = pick_device(args.device)
     if args.max_steps is not None and (isinstance(args.max_steps, bool) or args.max_steps < 1):
         raise ValueError(f"--max-steps must be a positive integer, got {args.max_steps}")
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    resume_info = None
-    if args.resume:
-        if not args.out:
-            raise ValueError("--resume needs --out DIR, the folder of the run to continue")
-        resume_info = load_checkpoint(args.out)
-        mcfg, tcfg = resume_info["model_config"], resume_info["train_config"]
-        new_m, tcfg = apply_overrides(mcfg, tcfg, overrides)
-        if new_m != mcfg:
-            changed = [k for k, v in new_m.to_dict().items() if mcfg.to_dict()[k] != v]
-            raise ValueError(f"cannot change model fields {changed} when resuming; start a new run instead")
-        data_spec = args.data if args.data is not None else (resume_info["data"] or "builtin")
-        if data_spec != resume_info["data"]:
-            raise ValueError(f"--data {data_spec!r} differs from the run's data {resume_info['data']!r}; "
-                             "a resumed run must use the same data")
-        out = args.out
-    else:
-        mcfg, tcfg = preset(args.preset)
-        mcfg, tcfg = apply_overrides(mcfg, tcfg, overrides)
-        data_spec = args.data if args.data is not None else "builtin"
-        out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
-            raise ValueError(f"--out {out!r} already holds a run; pass --resume to continue it or choose a new --out")
-    check_compatible(mcfg, tcfg)
-    if args.compile and not hasattr(torch, "compile"):
-        raise ValueError("--compile needs PyTorch >= 2.0")
-    if tcfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use train.precision=fp32")
-    if parallel is not None:
-        from ..distributed.training import check_parallel_config
-        check_parallel_config(tcfg.seq_len, tcfg.batch_size, mcfg.segment_lengths, mcfg.dilation_rates,
-                              *parallel)
-        if args.compile:
-            raise ValueError("--compile is not supported with --sequence-parallel/--data-parallel yet")
-    data = _open_data(data_spec, tcfg, args.cache_dir,
-                      verbose=parallel is None or os.environ.get("RANK", "0") == "0")
+    if args.resume and not args.out:
+        raise ValueError("--resume needs --out DIR, the folder of the run to continue")
+    out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    notes = [check_out_dir(out, args.resume)]
+    resume = load_resume_state(out) if args.resume else None
+    mcfg, tcfg, data_spec = _configs(args, resume)
+    _check_settings(mcfg, tcfg, device, parallel, args.compile)
+    if resume is not None:
+        _check_steps(resume, tcfg, out)
+        notes += [f"{e}; resuming from the older {resume.dir} (step {resume.step})" for e in resume.skipped]
+    data = _open_data(data_spec, tcfg, args.cache_dir, verbose=_is_rank0())
+    if resume is not None:
+        notes += _restore_sampler(data["sampler"], resume, data_spec, args.allow_data_change)
+    for note in notes:
+        if note and _is_rank0():
+            _warn(note)
     return dict(model_config=mcfg, train_config=tcfg, data_spec=data_spec, data=data, out_dir=out, device=device,
-                resume=resume_info, compile_model=args.compile, progress=not args.no_progress,
-                preset_name=args.preset if resume_info is None else "resumed")
+                resume=resume, compile_model=args.compile, progress=not args.no_progress,
+                preset_name=args.preset if resume is None else "resumed"), parallel
+
+
+def _configs(args: argparse.Namespace, resume: Optional[ResumeState]) -> Tuple[LongNetConfig, TrainConfig, str]:
+    overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
+    if resume is None:
+        mcfg, tcfg = apply_overrides(*preset(args.preset), overrides)
+        return mcfg, tcfg, args.data if args.data is not None else "builtin"
+    mcfg = resume.model_config
+    new_m, tcfg = apply_overrides(mcfg, resume.train_config, overrides)
+    if new_m != mcfg:
+        changed = [k for k, v in new_m.to_dict().items() if mcfg.to_dict()[k] != v]
+        raise ValueError(f"cannot change model fields {changed} when resuming; start a new run instead")
+    data_spec = args.data if args.data is not None else (resume.data or "builtin")
+    if data_spec != resume.data:
+        raise ValueError(f"--data {data_spec!r} differs from the run's data {resume.data!r}; "
+                         "a resumed run must use the same data")
+    return mcfg, tcfg, data_spec
+
+
+def _check_settings(mcfg: LongNetConfig, tcfg: TrainConfig, device: torch.device, parallel: Tuple[int, int, int],
+                    compile_model: bool) -> None:
+    """Cross-checks of the settings against each other, the data and the device (raises ValueError)."""
+    check_compatible(mcfg, tcfg)
+    if mcfg.vocab_size < VOCAB_SIZE:
+        raise ValueError(f"model.vocab_size={mcfg.vocab_size} is smaller than the byte vocabulary ({VOCAB_SIZE}): "
+                         f"the data holds byte values 0..255; set model.vocab_size={VOCAB_SIZE} (or more)")
+    check_precision(device, tcfg.precision)
+    if mcfg.attention_backend is not None:
+        # The attention inputs are (B, N, H, D) in the autocast dtype on this device.
+        probe = torch.empty(1, 1, mcfg.n_heads, mcfg.head_dim, device=device,
+                            dtype=compute_dtype(device, tcfg.precision))
+        try:
+            get_backend(mcfg.attention_backend, probe)
+        except ValueError as e:
+            raise ValueError(f"model.attention_backend={mcfg.attention_backend!r}: {e}") from None
+    if compile_model and not hasattr(torch, "compile"):
+        raise ValueError("--compile needs PyTorch >= 2.0")
+    S, D, world = parallel
+    if world > 1:
+        from ..distributed.training import check_parallel_config
+        pat = mcfg.pattern
+        check_parallel_config(tcfg.seq_len, tcfg.batch_size, pat.segment_lengths, pat.dilation_rates, S, D,
+                              segment_phases=pat.segment_phases)
+        if compile_model and S > 1:
+            raise ValueError("--compile cannot be combined with --sequence-parallel > 1: the sequence-parallel "
+                             "attention runs collectives (all-gather, halo exchange, reduce-scatter) inside a "
+                             "torch.autograd.Function, which torch.compile cannot capture, so every attention "
+                             "layer would break the graph; drop --compile, or use --data-parallel alone")
+
+
+def _check_steps(resume: ResumeState, tcfg: TrainConfig, out: str) -> None:
+    step = resume.step
+    if tcfg.max_steps == step:
+        raise _NothingToDo(f"the run in {out} is already at step {step} of train.max_steps={step}; nothing to do "
+                           f"(pass --max-steps N with N > {step} to train further)")
+    if tcfg.max_steps < step:
+        raise ValueError(f"--max-steps {tcfg.max_steps} is below step {step}, where the run in {out} is; nothing "
+                         f"was changed (pass --max-steps N with N > {step} to train further)")
+
+
+def _restore_sampler(sampler, resume: ResumeState, data_spec: str, allow_data_change: bool) -> List[str]:
+    """Load the checkpoint's sampler state; returns warnings about changed settings."""
+    diffs = sampler.state_differences(resume.data_state)
+    if "data_size" in diffs and not allow_data_change:
+        saved, now = diffs["data_size"]
+        raise ValueError(f"the training data changed since the checkpoint: the train split of {data_spec} has "
+                         f"{now:,} bytes now and had {saved:,}, so the run cannot draw the batches it would have "
+                         "drawn; pass --allow-data-change to resume on the changed data anyway")
+    notes = [f"{_SAMPLER_SETTINGS.get(k, 'the train split size')} changed from {a!r} to {b!r} since the "
+             "checkpoint; the run continues from the saved sampler position with the new value, so its loss "
+             "curve will differ from an uninterrupted run" for k, (a, b) in diffs.items()]
+    sampler.load_state_dict(resume.data_state, strict=False)
+    return notes
 
 
 def _open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str], verbose: bool = True) -> Dict[str, Any]:
-    from .data import PasskeyTask, RandomWindowSampler, open_corpus
     if spec == "passkey":
         task = PasskeyTask(tcfg.seq_len, tcfg.passkey_distance or None, key_digits=tcfg.passkey_digits,
                            seed=tcfg.seed, batch_size=tcfg.batch_size)
-        return {"kind": "passkey", "sampler": task, "task": task,
+        return {"kind": "passkey", "sampler": task, "task": task, "loss_weights": task.loss_weights(),
                 "description": f"passkey task: seq_len {tcfg.seq_len}, distance "
                                f"{tcfg.passkey_distance or f'random in [{task.min_distance}, {task.max_distance}]'}, "
                                f"{tcfg.passkey_digits}-digit keys"}
@@ -203,81 +288,85 @@ def _open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str], verbose: 
     return {"kind": "corpus", "sampler": sampler, "corpus": corpus, "description": corpus.description}
 
 
-# ----------------------------------------------------------------------------- logging
+# ----------------------------------------------------------------------------- signals
 
 
-class _Log:
-    """log.csv (one row per step and per evaluation) and TensorBoard when installed."""
-
-    def __init__(self, out_dir: str, resume_step: Optional[int]):
-        self.path = os.path.join(out_dir, "log.csv")
-        self.rows: List[Dict[str, Any]] = []
-        if resume_step is not None and os.path.isfile(self.path):
-            with open(self.path, newline="", encoding="utf-8") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        # Rewrite (atomically) so rows past the checkpoint, from an interrupted run, are dropped.
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, CSV_FIELDS)
-        w.writeheader()
-        w.writerows(self.rows)
-        atomic_write_text(self.path, buf.getvalue())
-        self.file = open(self.path, "a", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, CSV_FIELDS)
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        except Exception:  # tensorboard not installed (ImportError) or broken: CSV only
-            self.tb = None
-
-    def write(self, **row) -> None:
-        row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-        self.rows.append(row)
-        self.writer.writerow(row)
-        self.file.flush()
-        if self.tb is not None:
-            for k in ("loss", "bpb", "lr", "grad_norm", "tokens_per_s", "accuracy"):
-                if row.get(k) not in (None, ""):
-                    self.tb.add_scalar(f"{row['split']}/{k}", float(row[k]), int(row["step"]))
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+def _stop_signals() -> List[int]:
+    return [s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None]
 
 
-def plot_loss_curve(rows: List[Dict[str, Any]], path: str, title: str = "") -> Optional[str]:
-    """Train and validation bits-per-byte against step, written atomically as PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    tr = [(int(r["step"]), float(r["bpb"])) for r in rows if r["split"] == "train" and r.get("bpb") not in (None, "")]
-    va = [(int(r["step"]), float(r["bpb"])) for r in rows if r["split"] == "valid" and r.get("bpb") not in (None, "")]
-    if not tr and not va:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if tr:
-        steps, vals = zip(*tr)
-        ax.plot(steps, vals, color="tab:blue", alpha=0.3, lw=0.8, label="train (per step)")
-        ema, smooth = None, []
-        for v in vals:
-            ema = v if ema is None else 0.9 * ema + 0.1 * v
-            smooth.append(ema)
-        ax.plot(steps, smooth, color="tab:blue", lw=1.6, label="train (EMA 0.9)")
-    if va:
-        steps, vals = zip(*va)
-        ax.plot(steps, vals, "o-", color="tab:orange", lw=1.6, label="valid")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return atomic_savefig(fig, path)
+class _StopFlag:
+    """The first SIGINT (Ctrl-C), SIGTERM or SIGHUP asks to stop after the current step; a
+    second one, or any after :meth:`abort_on_signal`, raises KeyboardInterrupt at once.
+
+    ``debounce_s``: a repeat this soon after the first counts as the same request (torchrun
+    forwards a terminal's SIGINT, and schedulers' SIGTERM, to workers that already got it).
+    A stop adopted from another rank (:meth:`agree`) is not this process's first signal: its
+    own first one still only asks to stop.
+    """
+
+    def __init__(self, debounce_s: float = 0.0, quiet: bool = False):
+        self.requested, self.at_once = False, False
+        self.signum: Optional[int] = None
+        self.received_at: Optional[float] = None  # when this process got its first signal
+        self.debounce_s, self.quiet = debounce_s, quiet
+        self.previous: Dict[int, Any] = {}
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process killed by it (Ctrl-C: 130)."""
+        return 128 + int(self.signum or signal.SIGINT)
+
+    def __enter__(self):
+        for sig in _stop_signals():
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: plain KeyboardInterrupt handling only
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received_at is not None and not self.at_once:
+            if time.monotonic() - self.received_at < self.debounce_s:
+                return
+            self.at_once = True  # a second signal
+        if self.at_once:
+            self.signum = signum
+            raise KeyboardInterrupt
+        self.received_at = time.monotonic()
+        if not self.requested:  # else keep the signal agreed with the other ranks (one exit code)
+            self.requested, self.signum = True, signum
+        if not self.quiet:
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            try:
+                print(f"\n[longnet] {name}: stopping after this step and saving a checkpoint "
+                      f"({name} again to stop at once)", file=sys.stderr, flush=True)
+            except OSError:  # SIGHUP: the terminal may be gone
+                pass
+
+    def votes(self) -> List[bool]:
+        """One flag per stop signal: which one this process received (all False: none)."""
+        return [self.requested and self.signum == sig for sig in _stop_signals()]
+
+    def agree(self, votes: List[bool]) -> bool:
+        """Adopt the first signal any process voted for (see :meth:`votes`), so that every
+        process stops, and exits with the same code; returns whether to stop."""
+        for sig, vote in zip(_stop_signals(), votes):
+            if vote:
+                self.requested, self.signum = True, sig
+                return True
+        return False
+
+    def abort_on_signal(self) -> None:
+        """From now on a signal raises KeyboardInterrupt at once (a pending request too)."""
+        self.at_once = True
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 # ----------------------------------------------------------------------------- training
@@ -295,326 +384,319 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class _StopFlag:
-    """First Ctrl-C: finish the current step, save, exit. Second: KeyboardInterrupt.
-
-    ``debounce_s``: a second SIGINT this soon after the first counts as the same Ctrl-C
-    (torchrun forwards the terminal's SIGINT to workers that already got it).
-    """
-
-    def __init__(self, debounce_s: float = 0.0, quiet: bool = False):
-        self.requested = False
-        self.previous = None
-        self.debounce_s, self.quiet = debounce_s, quiet
-        self.first_at = None
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: plain KeyboardInterrupt handling only
-            self.previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            if time.monotonic() - self.first_at < self.debounce_s:
-                return
-            raise KeyboardInterrupt
-        self.requested = True
-        self.first_at = time.monotonic()
-        if not self.quiet:
-            print("\n[longnet] Ctrl-C: stopping after this step and saving a checkpoint "
-                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        return False
-
-
 def _decode(tokens) -> str:
     return bytes(int(t) for t in tokens if 0 <= int(t) < 256).decode("utf-8", errors="replace")
 
 
-class _NoLog:
-    """Stand-in for :class:`_Log` on ranks other than 0 (they write nothing)."""
+@dataclass(frozen=True)
+class _Snapshot:
+    """The state a checkpoint holds besides weights and optimizer, as of the end of ``step``."""
 
-    rows: List[Dict[str, Any]] = []
-    path = ""
-
-    def write(self, **row) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    step: int
+    rng: Dict[str, Any]
+    data: Dict[str, Any]
 
 
 def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: str, data: Dict[str, Any],
-          out_dir: str, device: torch.device, resume: Optional[Dict[str, Any]] = None,
+          out_dir: str, device: torch.device, resume: Optional[ResumeState] = None,
           compile_model: bool = False, progress: bool = True, preset_name: str = "",
-          dist_ctx=None) -> int:
-    """The training loop. Returns 0 when done, 130 when stopped by Ctrl-C (after saving).
+          dist_ctx: Optional[TrainContext] = None) -> int:
+    """The training loop. Returns 0 when done; when stopped by a signal, 128 + its number
+    (Ctrl-C: 130) after saving a checkpoint.
 
     ``dist_ctx`` (a :class:`longnet.distributed.training.DistContext`) runs it on a device
     mesh: every rank calls ``train`` with the same arguments; rank 0 alone prints, logs
-    and writes checkpoints.
+    and writes checkpoints. ``resume``: the checked checkpoint to continue from.
     """
-    from tqdm.auto import tqdm
+    ctx = dist_ctx if dist_ctx is not None else TrainContext(device)
+    trainer = _Trainer(model_config, train_config, data_spec, data, out_dir, ctx, resume=resume,
+                       compile_model=compile_model, progress=progress, preset_name=preset_name)
+    with _StopFlag(debounce_s=ctx.debounce_s, quiet=not ctx.is_main) as stop:
+        return trainer.run(stop)
 
-    from .checkpoint import load_trainer_state, rng_state, save_checkpoint, set_rng_state
-    from .evaluate import autocast_context, evaluate_lm, evaluate_passkey
-    from ..model import LongNetLM
 
-    mcfg, tcfg = model_config, train_config
-    ctx = dist_ctx
-    is_main = ctx is None or ctx.is_main
+class _Trainer:
+    """One run: the model, optimizer and data of ``train``, and the loop over steps."""
 
-    def say(*a, **k) -> None:
-        if is_main:
-            print(*a, **k)
+    def __init__(self, mcfg: LongNetConfig, tcfg: TrainConfig, data_spec: str, data: Dict[str, Any], out_dir: str,
+                 ctx: TrainContext, *, resume: Optional[ResumeState], compile_model: bool, progress: bool,
+                 preset_name: str):
+        self.mcfg, self.tcfg, self.data_spec, self.data, self.out_dir, self.ctx = mcfg, tcfg, data_spec, data, \
+            out_dir, ctx
+        self.device, self.sampler, self.progress = ctx.device, data["sampler"], progress
+        self.is_passkey = data["kind"] == "passkey"
+        self.title = (f"{preset_name}: {mcfg.n_layers}L d={mcfg.d_model} H={mcfg.n_heads} "
+                      f"{mcfg.pattern}, "
+                      f"{data_spec}")
+        if tcfg.num_threads:
+            torch.set_num_threads(tcfg.num_threads)
+        self._build(resume)
+        self.weights = self._shard_weights(data.get("loss_weights"))
+        self.train_module = ctx.prepare(self.model)  # self.model stays the unwrapped module
+        self.fwd = torch.compile(self.train_module) if compile_model else self.train_module
+        # Only now is anything written: every check and every read of the checkpoint has passed.
+        if ctx.is_main:
+            os.makedirs(out_dir, exist_ok=True)
+        self.log = RunLog(out_dir, resume.step if resume is not None else None, _warn) if ctx.is_main else NoLog()
+        self.tok_rate: Optional[float] = None
 
-    if is_main:
-        os.makedirs(out_dir, exist_ok=True)
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
-    torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
-    random.seed(tcfg.seed)
-    model = LongNetLM(mcfg).to(device)
-    optimizer = torch.optim.AdamW(_param_groups(model, tcfg.weight_decay), lr=tcfg.lr,
-                                  betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.lr_power, tcfg.min_lr_ratio))
-    sampler = data["sampler"]
-    step = 0
-    if resume is not None:
-        from safetensors.torch import load_model as st_load
-        st_load(model, os.path.join(resume["dir"], "model.safetensors"), strict=True, device=str(device))
-        state, data_state = load_trainer_state(resume["dir"], map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # The lambda above follows the (possibly changed) max_steps and lr; LambdaLR keeps its step count.
-        factor = lr_factor(scheduler.last_epoch, tcfg.warmup_steps, tcfg.max_steps, tcfg.lr_power,
+    def _build(self, resume: Optional[ResumeState]) -> None:
+        tcfg = self.tcfg
+        torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
+        random.seed(tcfg.seed)
+        self.model = (resume.model if resume is not None else LongNetLM(self.mcfg)).to(self.device)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, tcfg.weight_decay), lr=tcfg.lr,
+                                           betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, tcfg.warmup_steps, tcfg.max_steps, tcfg.lr_power, tcfg.min_lr_ratio))
+        # fp16 needs loss scaling; for other precisions the scaler does nothing.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tcfg.precision == "fp16")
+        step = 0
+        if resume is not None:
+            self._restore(resume)
+            step = resume.step
+        self.snap: Optional[_Snapshot] = _Snapshot(step, rng_state(), self.sampler.state_dict())
+        self.saved: Optional[_Snapshot] = None  # the snapshot last written as a checkpoint
+
+    def _restore(self, resume: ResumeState) -> None:
+        tcfg, state = self.tcfg, resume.trainer_state
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{os.path.join(resume.dir, 'trainer_state.pt')} does not fit the model: "
+                                  f"{' '.join(str(e).split())[:200]}") from None
+        # The lambda follows the (possibly changed) max_steps and lr; LambdaLR keeps its step count.
+        factor = lr_factor(self.scheduler.last_epoch, tcfg.warmup_steps, tcfg.max_steps, tcfg.lr_power,
                            tcfg.min_lr_ratio)
-        scheduler.base_lrs = [tcfg.lr] * len(optimizer.param_groups)
-        for g in optimizer.param_groups:
+        self.scheduler.base_lrs = [tcfg.lr] * len(self.optimizer.param_groups)
+        for g in self.optimizer.param_groups:
             g["initial_lr"] = tcfg.lr
             g["lr"] = tcfg.lr * factor
-        sampler.load_state_dict(data_state)
         set_rng_state(state["rng"])
-        step = int(state["step"])
-    if ctx is not None:
-        from ..distributed.training import parallelize
-        train_module = parallelize(model, ctx)  # model stays the unwrapped module
-    else:
-        train_module = model
-    fwd = torch.compile(train_module) if compile_model else train_module
-    log = _Log(out_dir, step if resume is not None else None) if is_main else _NoLog()
-    n_params = model.num_parameters()
-    title = (f"{preset_name}: {mcfg.n_layers}L d={mcfg.d_model} H={mcfg.n_heads} "
-             f"w={','.join(map(str, mcfg.segment_lengths))} r={','.join(map(str, mcfg.dilation_rates))}, "
-             f"{data_spec}")
-    say(f"[longnet] data: {data['description']}")
-    say(f"[longnet] model: {n_params:,} parameters, {mcfg.n_layers} layers, d_model {mcfg.d_model}, "
-        f"{mcfg.n_heads} heads, w={mcfg.segment_lengths} r={mcfg.dilation_rates}; device {device}, "
-        f"{torch.get_num_threads()} CPU threads")
-    if ctx is not None:
-        S, D = ctx.sequence_parallel, ctx.data_parallel
-        say(f"[longnet] mesh: {ctx.world_size} processes ({ctx.backend}) = data-parallel {D} x "
-            f"sequence-parallel {S}; each process holds {tcfg.batch_size // D} of {tcfg.batch_size} rows x "
-            f"{tcfg.seq_len // S} of {tcfg.seq_len} positions per micro-step")
-    say(f"[longnet] training {tcfg.max_steps} steps of {tcfg.tokens_per_step:,} tokens "
-        f"(batch {tcfg.batch_size} x seq_len {tcfg.seq_len} x accum {tcfg.grad_accum}), peak lr {tcfg.lr:g}; "
-        f"run folder {out_dir}" + (f"; resuming at step {step}" if resume is not None else ""))
 
-    is_passkey = data["kind"] == "passkey"
+    # ------------------------------------------------------------------ output
 
-    def evaluate() -> Dict[str, float]:
-        if ctx is not None:
-            from ..distributed.training import GatheredLM, evaluate_lm_distributed
-            if is_passkey:
-                return evaluate_passkey(GatheredLM(model, ctx), data["task"], tcfg.eval_windows,
-                                        batch_size=tcfg.eval_batch_size, seed=tcfg.seed + 1, device=device,
-                                        precision=tcfg.precision)
-            return evaluate_lm_distributed(model, data["corpus"].valid, tcfg.seq_len, ctx,
-                                           max_windows=tcfg.eval_windows, batch_size=tcfg.eval_batch_size,
-                                           precision=tcfg.precision)
-        if is_passkey:
-            return evaluate_passkey(model, data["task"], tcfg.eval_windows, batch_size=tcfg.eval_batch_size,
-                                    seed=tcfg.seed + 1, device=device, precision=tcfg.precision)
-        return evaluate_lm(model, data["corpus"].valid, tcfg.seq_len, max_windows=tcfg.eval_windows,
-                           batch_size=tcfg.eval_batch_size, device=device, precision=tcfg.precision)
+    def _say(self, msg: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(msg) if self.progress else print(msg)
 
-    def log_eval(res: Dict[str, float], elapsed: float) -> None:
-        log.write(step=step, split="valid", loss=res["loss"], bpb=res["bpb"], elapsed_s=elapsed,
-                  accuracy=res.get("accuracy", ""))
+    def _announce(self) -> None:
+        mcfg, tcfg, ctx = self.mcfg, self.tcfg, self.ctx
+        lines = [f"[longnet] data: {self.data['description']}",
+                 f"[longnet] model: {self.model.num_parameters():,} parameters, {mcfg.n_layers} layers, d_model "
+                 f"{mcfg.d_model}, {mcfg.n_heads} heads, {mcfg.pattern}; device "
+                 f"{self.device}, {torch.get_num_threads()} CPU threads"]
+        mesh = ctx.describe(tcfg.batch_size, tcfg.seq_len)
+        lines += [f"[longnet] {mesh}"] if mesh else []
+        lines.append(f"[longnet] training {tcfg.max_steps} steps of {tcfg.tokens_per_step:,} tokens (batch "
+                     f"{tcfg.batch_size} x seq_len {tcfg.seq_len} x accum {tcfg.grad_accum}), peak lr {tcfg.lr:g}, "
+                     f"precision {tcfg.precision}; run folder {self.out_dir}"
+                     + (f"; resuming at step {self.snap.step}" if self.snap.step else ""))
+        if ctx.is_main:
+            print("\n".join(lines))
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def _close_log(self) -> Optional[str]:
+        self.log.close()
+        return plot_loss_curve(self.log.rows, os.path.join(self.out_dir, "loss_curve.png"), self.title)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, stop: _StopFlag) -> int:
+        self._announce()
+        self.t_start, self.elapsed_before = time.perf_counter(), self.log.elapsed()
+        self.bar = tqdm(total=self.tcfg.max_steps, initial=self.snap.step, desc="train", unit="step",
+                        dynamic_ncols=True, disable=not self.progress or not self.ctx.is_main, mininterval=0.5)
+        try:
+            status = self._loop(stop)
+            self.bar.close()
+            if status != "stopped":
+                self._save()  # before the final evaluation: from here on a signal loses nothing
+                status = "stopped" if stop.agree(self.ctx.any_rank(*stop.votes())) else status
+            if status == "stopped":
+                return self._stopped(stop.exit_code)
+            stop.abort_on_signal()
+            return self._finish(status)
+        except KeyboardInterrupt:
+            self.bar.close()
+            return self._interrupted(stop.exit_code)
+
+    def _loop(self, stop: _StopFlag) -> str:
+        """Steps until done ("done"), the time limit ("time limit") or a stop request ("stopped")."""
+        tcfg = self.tcfg
+        while self.snap.step < tcfg.max_steps:
+            self._train_step()
+            step = self.snap.step
+            _after_step(step)
+            if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_steps:
+                self._log_eval(self._evaluate())
+            if tcfg.save_interval and step % tcfg.save_interval == 0 and step < tcfg.max_steps:
+                self._save()
+            time_up = bool(tcfg.time_limit_s) and time.perf_counter() - self.t_start >= tcfg.time_limit_s
+            time_up, *votes = self.ctx.any_rank(time_up, *stop.votes())  # every rank decides alike
+            if stop.agree(votes):
+                return "stopped"
+            if time_up and step < tcfg.max_steps:
+                self._say(f"time limit of {tcfg.time_limit_s:g} s reached at step {step}")
+                return "time limit"
+        return "done"
+
+    def _train_step(self) -> None:
+        tcfg, ctx = self.tcfg, self.ctx
+        t0 = time.perf_counter()
+        ctx.seed_step(tcfg.seed, self.snap.step)
+        loss_sum = 0.0
+        for micro in range(tcfg.grad_accum):
+            x, y = ctx.shard_batch(*self.sampler.next_batch())
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with ctx.accumulate(self.train_module, sync=micro == tcfg.grad_accum - 1):
+                loss, plain = self._loss(x, y)
+                self.scaler.scale(loss / tcfg.grad_accum).backward()
+            loss_sum += plain
+        # Taken before the update, which changes neither the RNG nor the sampler.
+        pending = _Snapshot(self.snap.step + 1, rng_state(), self.sampler.state_dict())
+        # The mean over the mesh (every rank scores the same number of tokens).
+        loss_val = ctx.all_reduce_sum([loss_sum])[0] / ctx.world_size / tcfg.grad_accum
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"loss is {loss_val} at step {pending.step}; lower train.lr "
+                                     "or raise train.warmup_steps")
+        lr = self.optimizer.param_groups[0]["lr"]
+        gnorm = self._update(pending)
+        self._record(loss_val, gnorm, lr, time.perf_counter() - t0)
+
+    def _shard_weights(self, weights: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Per-position loss weights (seq_len,) as this process's part of a batch (B_local, N_local)."""
+        if weights is None:
+            return None
+        full = weights.expand(self.tcfg.batch_size, -1)
+        return self.ctx.shard_batch(full, full)[0].to(self.device)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(loss to minimise, plain mean loss for the log) of a micro-batch x, y (B, N). With loss
+        weights (the passkey task's, mean 1 over a sequence) it minimises their weighted mean."""
+        reduction = "mean" if self.weights is None else "none"
+        loss, _ = next_token_loss(self.fwd, x, y, precision=self.tcfg.precision, reduction=reduction)
+        if self.weights is None:
+            return loss, float(loss.detach())
+        per_token = loss.view_as(y)
+        return weighted_loss(per_token, self.weights), float(per_token.detach().mean())
+
+    def _update(self, pending: _Snapshot) -> float:
+        """The optimiser update; ``self.snap`` is None while the weights are in flux."""
+        self.snap = None  # an interrupt now saves nothing: the weights are neither step k nor k + 1
+        self.scaler.unscale_(self.optimizer)
+        clip = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.snap = pending  # one store: weights, step, RNG and sampler state agree again
+        return float(gnorm)
+
+    def _record(self, loss: float, gnorm: float, lr: float, seconds: float) -> None:
+        step, tcfg = self.snap.step, self.tcfg
+        rate = tcfg.tokens_per_step / seconds
+        self.tok_rate = rate if self.tok_rate is None else 0.8 * self.tok_rate + 0.2 * rate
+        self.log.write(step=step, split="train", loss=loss, bpb=loss / LN2, lr=lr, grad_norm=gnorm,
+                       tokens_per_s=rate, elapsed_s=self._elapsed())
+        self.bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{loss / LN2:.3f}", tok_s=f"{self.tok_rate:,.0f}",
+                             refresh=False)
+        self.bar.update(1)
+        if not self.progress and (step % 10 == 0 or step == 1):
+            self._say(f"step {step}/{tcfg.max_steps}: loss {loss:.4f}, bpb {loss / LN2:.4f}, lr {lr:.3g}, "
+                      f"{rate:,.0f} tok/s")
+
+    def _evaluate(self) -> Dict[str, float]:
+        tcfg = self.tcfg
+        if self.is_passkey:
+            return evaluate_passkey(self.ctx.full_sequence(self.model), self.data["task"], tcfg.eval_windows,
+                                    batch_size=tcfg.eval_batch_size, seed=tcfg.seed + 1, device=self.device,
+                                    precision=tcfg.precision)
+        return evaluate_lm(self.model, self.data["corpus"].valid, tcfg.seq_len, max_windows=tcfg.eval_windows,
+                           batch_size=tcfg.eval_batch_size, precision=tcfg.precision, ctx=self.ctx)
+
+    def _log_eval(self, res: Dict[str, float]) -> None:
+        step = self.snap.step
+        self.log.write(step=step, split="valid", loss=res["loss"], bpb=res["bpb"], elapsed_s=self._elapsed(),
+                       accuracy=res.get("accuracy", ""))
         msg = f"step {step}: val loss {res['loss']:.4f}, val bpb {res['bpb']:.4f}"
-        if is_passkey:
+        if self.is_passkey:
             msg += f", passkey accuracy {res['accuracy']:.3f} (digits {res['digit_accuracy']:.3f})"
-        if is_main:
-            tqdm.write(msg) if progress else print(msg)
+        self._say(msg)
 
-    def save(rng=None, data_state=None, metrics=None, collective: bool = True) -> str:
-        # Every rank holds the same weights, optimizer and sampler state (the sampler draws the
-        # global batch everywhere), so rank 0's copy is the run's; the weights are the unwrapped
-        # model's state_dict, with no DDP prefix and nothing about the mesh.
-        if ctx is not None and collective:
-            from ..distributed.training import barrier
-            barrier(ctx)
-        path = os.path.join(out_dir, "checkpoints", f"step_{step:08d}")
-        if is_main:
-            path = save_checkpoint(out_dir, model=model, train_config=tcfg, data_spec=data_spec, step=step,
-                                   optimizer=optimizer, scheduler=scheduler, rng=rng,
-                                   data_state=data_state if data_state is not None else sampler.state_dict(),
-                                   metrics=metrics, keep=tcfg.keep_checkpoints)
-        if ctx is not None and collective:
-            barrier(ctx)  # nobody reads a checkpoint rank 0 is still writing
+    def _save(self, collective: bool = True) -> str:
+        """Checkpoint the last completed step (once). Every rank holds the same weights, optimizer
+        and sampler state (the sampler draws the global batch everywhere), so rank 0's copy is
+        the run's; the weights are the unwrapped model's, with nothing about the mesh."""
+        snap = self.snap
+        path = checkpoint_dir(self.out_dir, snap.step)
+        if self.saved is snap:
+            return path
+        if collective:
+            self.ctx.barrier()
+        if self.ctx.is_main:
+            save_checkpoint(self.out_dir, model=self.model, train_config=self.tcfg, data_spec=self.data_spec,
+                            step=snap.step, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+                            rng=snap.rng, data_state=snap.data, keep=self.tcfg.keep_checkpoints)
+        self.saved = snap
+        if collective:
+            self.ctx.barrier()  # nobody reads a checkpoint rank 0 is still writing
         return path
 
-    model.train()
-    t_start = time.perf_counter()
-    elapsed_before = float(log.rows[-1]["elapsed_s"]) if log.rows and log.rows[-1].get("elapsed_s") else 0.0
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not progress or not is_main, mininterval=0.5)
-    snapshot = (rng_state(), sampler.state_dict())  # state after the last completed step
-    last_val: Optional[Dict[str, float]] = None
-    status = "done"
-    in_update = False
-    tok_rate = None
-    try:
-        with _StopFlag(debounce_s=2.0 if ctx is not None else 0.0, quiet=not is_main) as stop:
-            while step < tcfg.max_steps:
-                t0 = time.perf_counter()
-                loss_sum = 0.0
-                if ctx is not None:
-                    from ..distributed.training import step_seed
-                    torch.manual_seed(step_seed(tcfg.seed, step, ctx.rank))
-                for micro in range(tcfg.grad_accum):
-                    x, y = sampler.next_batch()
-                    if ctx is not None:
-                        from ..distributed.training import shard_batch
-                        x, y = shard_batch(x, y, ctx)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    # DDP all-reduces gradients on the last micro-batch of the step only.
-                    sync = ctx is None or ctx.world_size == 1 or micro == tcfg.grad_accum - 1
-                    with contextlib.nullcontext() if sync else train_module.no_sync():
-                        with autocast_context(device, tcfg.precision):
-                            logits = fwd(x)
-                        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                        (loss / tcfg.grad_accum).backward()
-                    loss_sum += float(loss.detach())
-                stop_now = False
-                if ctx is not None:
-                    # One all-reduce carries the loss (mean over the mesh: equal token counts per
-                    # rank) and the ranks' stop requests, so every rank stops after the same step.
-                    from ..distributed.training import all_reduce_sum
-                    time_up = bool(tcfg.time_limit_s and time.perf_counter() - t_start >= tcfg.time_limit_s)
-                    loss_sum, n_stop, n_time = all_reduce_sum([loss_sum, stop.requested, time_up], ctx)
-                    loss_sum /= ctx.world_size
-                    stop_now, time_up_all = n_stop > 0, n_time > 0
-                loss_val = loss_sum / tcfg.grad_accum
-                if not math.isfinite(loss_val):
-                    raise FloatingPointError(f"loss is {loss_val} at step {step + 1}; lower train.lr "
-                                             "or raise train.warmup_steps")
-                in_update = True
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       tcfg.grad_clip if tcfg.grad_clip > 0 else float("inf"))
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                in_update = False
-                snapshot = (rng_state(), sampler.state_dict())
-                dt = time.perf_counter() - t0
-                rate = tcfg.tokens_per_step / dt
-                tok_rate = rate if tok_rate is None else 0.8 * tok_rate + 0.2 * rate
-                elapsed = elapsed_before + time.perf_counter() - t_start
-                log.write(step=step, split="train", loss=loss_val, bpb=loss_val / LN2, lr=lr,
-                          grad_norm=float(gnorm), tokens_per_s=rate, elapsed_s=elapsed)
-                bar.set_postfix(loss=f"{loss_val:.3f}", bpb=f"{loss_val / LN2:.3f}", tok_s=f"{tok_rate:,.0f}",
-                                refresh=False)
-                bar.update(1)
-                if not progress and (step % 10 == 0 or step == 1):
-                    say(f"step {step}/{tcfg.max_steps}: loss {loss_val:.4f}, bpb {loss_val / LN2:.4f}, "
-                        f"lr {lr:.3g}, {rate:,.0f} tok/s")
-                _after_step(step)
-                if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_steps:
-                    last_val = evaluate()
-                    log_eval(last_val, elapsed_before + time.perf_counter() - t_start)
-                if tcfg.save_interval and step % tcfg.save_interval == 0 and step < tcfg.max_steps:
-                    save()
-                if stop_now if ctx is not None else stop.requested:
-                    status = "interrupted"
-                    break
-                if ctx is not None:
-                    if time_up_all and step < tcfg.max_steps:
-                        if is_main:
-                            tqdm.write(f"time limit of {tcfg.time_limit_s:g} s reached at step {step}")
-                        status = "time limit"
-                        break
-                elif tcfg.time_limit_s and time.perf_counter() - t_start >= tcfg.time_limit_s:
-                    tqdm.write(f"time limit of {tcfg.time_limit_s:g} s reached at step {step}")
-                    status = "time limit"
-                    break
-    except KeyboardInterrupt:
-        bar.close()
+    def _stopped(self, code: int) -> int:
+        path = self._save()
+        if self.ctx.is_main:
+            self._close_log()
+            print(f"[longnet] stopped at step {self.snap.step}; checkpoint {path}. Continue with:\n"
+                  f"  {self.ctx.resume_command(self.out_dir)}", file=sys.stderr)
+        return code
+
+    def _interrupted(self, code: int) -> int:
         # No collective here: other ranks may be anywhere (or gone). Rank 0's weights are
         # complete unless it was inside an optimiser update.
-        if is_main:
-            if in_update:
-                print(f"\n[longnet] interrupted during an optimiser update; no checkpoint written "
-                      f"(latest one stays in {out_dir})", file=sys.stderr)
-            else:
-                path = save(rng=snapshot[0], data_state=snapshot[1], collective=False)
-                print(f"\n[longnet] interrupted; saved step {step} to {path}. Continue with:\n"
-                      f"  {_resume_command(out_dir, ctx)}", file=sys.stderr)
-            log.close()
-            plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title)
-        return 130
-    bar.close()
-    elapsed = elapsed_before + time.perf_counter() - t_start
-    if status == "interrupted":
-        path = save(rng=snapshot[0], data_state=snapshot[1])
-        if is_main:
-            log.close()
-            plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title)
-            print(f"[longnet] stopped at step {step}; checkpoint {path}. Continue with:\n"
-                  f"  {_resume_command(out_dir, ctx)}", file=sys.stderr)
-        return 130
-    # End of run: final evaluation, checkpoint (before sampling, so the saved RNG state is
-    # exactly what a longer uninterrupted run would have continued from), plot, sample.
-    final = evaluate()
-    log_eval(final, elapsed_before + time.perf_counter() - t_start)
-    metrics = {"val_loss": final["loss"], "val_bpb": final["bpb"], "elapsed_s": elapsed}
-    if is_passkey:
-        metrics["passkey_accuracy"] = final["accuracy"]
-    path = save(rng=snapshot[0], data_state=snapshot[1], metrics=metrics)
-    log.close()
-    png = plot_loss_curve(log.rows, os.path.join(out_dir, "loss_curve.png"), title) if is_main else None
-    say(f"[longnet] {status}: {step} steps in {elapsed:.0f} s; final val bpb {final['bpb']:.4f} "
-        f"(loss {final['loss']:.4f} nats/byte)" + (f", passkey accuracy {final['accuracy']:.3f}" if is_passkey else ""))
-    say(f"[longnet] checkpoint: {path}")
-    say(f"[longnet] log: {log.path}" + (f", loss curve: {png}" if png else ""))
-    if is_main:
-        # Sampling is sequential decoding by one process: rank 0 runs it on the unwrapped model
-        # with the single-device attention (the other ranks wait at the barrier below).
-        local = contextlib.nullcontext()
-        if ctx is not None:
-            from ..distributed.parallel import sequence_parallel_disabled
-            local = sequence_parallel_disabled(model)
-        with local:
-            _sample_at_end(model, data, tcfg, device, is_passkey)
-    if ctx is not None:
-        from ..distributed.training import barrier
-        barrier(ctx)
-    return 0
+        if not self.ctx.is_main:
+            return code
+        if self.snap is None:
+            msg = (f"interrupted during an optimiser update; no checkpoint written (the latest one stays in "
+                   f"{self.out_dir})")
+        else:
+            path = self._save(collective=False)
+            msg = (f"interrupted; saved step {self.snap.step} to {path}. Continue with:\n"
+                   f"  {self.ctx.resume_command(self.out_dir)}")
+        self._close_log()
+        print(f"\n[longnet] {msg}", file=sys.stderr)
+        return code
 
-
-def _resume_command(out_dir: str, ctx) -> str:
-    if ctx is None:
-        return f"longnet train --resume --out {out_dir}"
-    return (f"torchrun --nproc_per_node {ctx.world_size} -m longnet train --resume --out {out_dir} "
-            f"--sequence-parallel {ctx.sequence_parallel} (any S and D work)")
+    def _finish(self, status: str) -> int:
+        """Final evaluation (its metrics go into the saved checkpoint), loss curve, sample."""
+        elapsed = self._elapsed()
+        final = self._evaluate()
+        self._log_eval(final)
+        path = checkpoint_dir(self.out_dir, self.snap.step)
+        metrics = {"val_loss": final["loss"], "val_bpb": final["bpb"], "elapsed_s": elapsed}
+        if self.is_passkey:
+            metrics["passkey_accuracy"] = final["accuracy"]
+        if self.ctx.is_main:
+            update_metrics(path, metrics)
+            png = self._close_log()
+            print(f"[longnet] {status}: {self.snap.step} steps in {elapsed:.0f} s; final val bpb {final['bpb']:.4f} "
+                  f"(loss {final['loss']:.4f} nats/byte)"
+                  + (f", passkey accuracy {final['accuracy']:.3f}" if self.is_passkey else ""))
+            print(f"[longnet] checkpoint: {path}")
+            print(f"[longnet] log: {self.log.path}" + (f", loss curve: {png}" if png else ""))
+            # Sampling is sequential decoding by one process: rank 0 runs it on the unwrapped
+            # model with the single-device attention (the other ranks wait at the barrier).
+            with self.ctx.single_device(self.model):
+                _sample_at_end(self.model, self.data, self.tcfg, self.device, self.is_passkey)
+        self.ctx.barrier()
+        return 0
 
 
 def _sample_at_end(model, data: Dict[str, Any], tcfg: TrainConfig, device: torch.device, is_passkey: bool) -> None:

@@ -1,0 +1,1 @@
+"""Analysis of dilation patterns: reach over stacked layers (reach.py) and pictures (viz.py)."""

@@ -1,0 +1,114 @@
+"""The torch and math backends as ``torch.library`` custom ops, so ``torch.compile`` sees one opaque op.
+
+``torch.ops.longnet.dilated_attention_fwd(q, k, v, segment_lengths,
+dilation_rates, is_causal, scale, force_math, segment_phases) -> (out, lse)``
+and ``torch.ops.longnet.dilated_attention_bwd(dout, dlse, q, k, v, out, lse,
+...) -> (dq, dk, dv)``, following flash-attention's Python interface: each
+op has a fake (meta) implementation for tracing, and the forward has an
+autograd formula that saves q, k, v, out, lse and calls the backward op.
+Dynamo and AOTAutograd then never trace the Python loops over units, so a
+model compiles with ``fullgraph=True`` and dynamic shapes.
+
+Layouts: q, k, v (B, N, H, D) with any strides whose last dimension is
+contiguous; out (B, N, H, D) contiguous in q's dtype; lse (B, N, H)
+contiguous, float32 (float64 for float64 inputs); dq, dk, dv contiguous in
+q's dtype. ``segment_phases`` is None or one phase per pattern.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .lse_grad import backward_grads, backward_inputs
+from .numerics import acc_dtype
+from .torch_backend import accumulate_grads, merge_patterns
+
+__all__ = ["dilated_attention_torch", "dilated_attention_fwd", "dilated_attention_bwd", "mixture_forward",
+           "mixture_backward"]
+
+
+def _phases(segment_phases: Optional[List[int]]) -> Optional[Tuple[int, ...]]:
+    return tuple(segment_phases) if segment_phases is not None else None
+
+
+def mixture_forward(q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int],
+                    is_causal: bool, scale: float, force_math: bool = False,
+                    segment_phases: Optional[List[int]] = None) -> Tuple[Tensor, Tensor]:
+    """(out, lse) of the mixture, no autograd: the body of ``dilated_attention_fwd``."""
+    out, lse = merge_patterns(q, k, v, tuple(segment_lengths), tuple(dilation_rates), is_causal, scale, force_math,
+                              segment_phases=_phases(segment_phases))
+    return out.to(q.dtype), lse
+
+
+# custom_op(...)(fn) rather than a decorator keeps the bodies callable as plain functions
+# (the fake-CUDA tests run them under FakeTensorMode, where the op itself would run its fake).
+dilated_attention_fwd = torch.library.custom_op("longnet::dilated_attention_fwd", mutates_args=())(mixture_forward)
+
+
+@dilated_attention_fwd.register_fake
+def _fwd_fake(q, k, v, segment_lengths, dilation_rates, is_causal, scale, force_math=False, segment_phases=None):
+    b, n, h, d = q.shape
+    return q.new_empty((b, n, h, d)), q.new_empty((b, n, h), dtype=acc_dtype(q.dtype))
+
+
+def mixture_backward(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+                     out: Tensor, lse: Tensor, segment_lengths: List[int], dilation_rates: List[int],
+                     is_causal: bool, scale: float, force_math: bool = False,
+                     segment_phases: Optional[List[int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Exact (dq, dk, dv) for gradients dout (B, N, H, D) and dlse (B, N, H) of (out, lse); either may be None.
+
+    The body of ``dilated_attention_bwd``.
+    """
+    def run(do: Tensor, o: Tensor, zero_values: bool):
+        values = torch.zeros_like(v) if zero_values else v
+        return accumulate_grads(do, q, k, values, o, lse, tuple(segment_lengths), tuple(dilation_rates), is_causal,
+                                scale, force_math, segment_phases=_phases(segment_phases))
+    return backward_grads(run, backward_inputs(dout, dlse, out), q.dtype)
+
+
+dilated_attention_bwd = torch.library.custom_op("longnet::dilated_attention_bwd", mutates_args=())(mixture_backward)
+
+
+@dilated_attention_bwd.register_fake
+def _bwd_fake(dout, dlse, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal, scale, force_math=False,
+              segment_phases=None):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = args
+    # A gradient that never reached out or lse stays None: no zero tensors, no extra pass.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.longnet.dilated_attention_bwd(dout, dlse, q, k, v, out, lse, *ctx.args)
+    return (dq, dk, dv) + (None,) * len(ctx.args)
+
+
+dilated_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dilated_attention_torch(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
+                            dilation_rates: Sequence[int], *, is_causal: bool = False, scale: float,
+                            force_math: bool = False, segment_phases: Optional[Sequence[int]] = None
+                            ) -> Tuple[Tensor, Tensor]:
+    """(out (B, N, H, D), lse (B, N, H)) for q, k, v (B, N, H, D) of any strides, differentiable.
+
+    The registry's torch (``force_math=False``) and math (``True``) backends;
+    ``segment_phases``: validated phases, one per pattern, or None for all 0.
+    Only a last dimension that is not contiguous is copied.
+    """
+    q, k, v = (kernels.last_dim_contiguous(x) for x in (q, k, v))
+    phases = [int(p) for p in segment_phases] if segment_phases is not None and any(segment_phases) else None
+    return torch.ops.longnet.dilated_attention_fwd(q, k, v, [int(w) for w in segment_lengths],
+                                                   [int(r) for r in dilation_rates], bool(is_causal), float(scale),
+                                                   bool(force_math), phases)

@@ -1,0 +1,1 @@
+"""Training, evaluation, generation, checkpoints and data: the `longnet train/eval/generate` jobs."""

@@ -1,0 +1,162 @@
+"""Running the plan of ``longnet experiment``: training each run, evaluating each model.
+
+Each run trains through :func:`longnet.training.trainer.train` into its own run folder
+(``runs/<task>_<model>/``: log.csv, loss curve, the final checkpoint; its console output
+goes to ``train.log`` there), and is then evaluated from that checkpoint on the test split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import os
+from typing import Any, Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from ...config import TrainConfig, xpos_max_length
+from ...model import LongNetLM
+from ..checkpoint import load_model
+from ..data import Corpus, PasskeyTask, RandomWindowSampler
+from ..evaluate import BoundarySpike, boundary_spike, evaluate_lm, passkey_by_distance, position_loss
+from ..trainer import train
+from .plan import DENSE, PASSKEY, Run, Settings, passkey_distances
+
+__all__ = ["Stopped", "train_run", "evaluate_lm_run", "evaluate_passkey_run", "eval_flops"]
+
+FORWARD_SHARE = 1.0 / 3.0  # a forward pass costs about a third of a training step (SPEC.md §3: 1 + 2)
+
+
+class Stopped(Exception):
+    """A training run was stopped by a signal; ``code`` is its exit status (128 + the signal)."""
+
+    def __init__(self, run: str, code: int):
+        super().__init__(f"{run} was stopped (exit status {code})")
+        self.code = code
+
+
+class _Metered:
+    """A sampler that calls ``on_batch()`` for every batch it hands out (the plan-wide progress
+    bar); everything else (state_dict, ...) is the wrapped sampler's."""
+
+    def __init__(self, sampler, on_batch: Callable[[], None]):
+        self._sampler, self._on_batch = sampler, on_batch
+
+    def next_batch(self):
+        batch = self._sampler.next_batch()
+        self._on_batch()
+        return batch
+
+    def __getattr__(self, name: str):
+        return getattr(self._sampler, name)
+
+
+def _train_config(run: Run, s: Settings, threads: int) -> TrainConfig:
+    """The run's TrainConfig: the tiny preset's optimiser, the planned steps, no intermediate
+    evaluation or checkpoint (the experiment evaluates the final checkpoint itself)."""
+    return TrainConfig(seq_len=run.model.seq_len, batch_size=run.batch_size, max_steps=run.steps, lr=s.lr,
+                       warmup_steps=max(1, round(s.warmup_fraction * run.steps)), eval_interval=0,
+                       eval_windows=2, eval_batch_size=2, save_interval=0, keep_checkpoints=1, sample_tokens=0,
+                       seed=s.seed, num_threads=threads, passkey_digits=s.passkey_digits)
+
+
+def _run_data(run: Run, s: Settings, tcfg: TrainConfig, corpus: Corpus) -> Tuple[str, Dict[str, Any]]:
+    """(data spec, the ``data`` argument of ``train``) of a run."""
+    if run.task == PASSKEY:
+        task = PasskeyTask(tcfg.seq_len, key_digits=s.passkey_digits, seed=s.seed, batch_size=tcfg.batch_size,
+                           answer_weight=s.passkey_weight, curriculum_steps=round(s.passkey_curriculum * run.steps))
+        return "passkey", {"kind": "passkey", "sampler": task, "task": task, "loss_weights": task.loss_weights(),
+                           "description": f"passkey task, seq_len {tcfg.seq_len}, answer weight {s.passkey_weight:g}, "
+                                          f"curriculum over {task.curriculum_steps} steps"}
+    sampler = RandomWindowSampler(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
+    return corpus.name, {"kind": "corpus", "sampler": sampler, "corpus": corpus, "description": corpus.description}
+
+
+def train_run(run: Run, s: Settings, corpus: Corpus, run_dir: str, device: torch.device, threads: int,
+              advance: Callable[[float], None]) -> Dict[str, float]:
+    """Train ``run`` into ``run_dir``; ``advance(flops)`` is called with each batch's FLOPs.
+
+    Returns ``steps``, ``tokens``, ``train_flops`` (as counted for the budget) and ``wall_s``
+    (training time from the run's log). Raises :class:`Stopped` when a signal stopped it.
+    """
+    tcfg = _train_config(run, s, threads)
+    spec, data = _run_data(run, s, tcfg, corpus)
+    per_batch = run.flops_per_token * tcfg.batch_size * tcfg.seq_len
+    data["sampler"] = _Metered(data["sampler"], lambda: advance(per_batch))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "train.log"), "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
+        code = train(model_config=run.model.config, train_config=tcfg, data_spec=spec, data=data, out_dir=run_dir,
+                     device=device, progress=False, preset_name=run.name)
+    if code != 0:
+        raise Stopped(run.name, code)
+    steps, wall = _logged_progress(os.path.join(run_dir, "log.csv"))
+    tokens = steps * tcfg.batch_size * tcfg.seq_len
+    return {"steps": steps, "tokens": tokens, "train_flops": tokens * run.flops_per_token, "wall_s": wall}
+
+
+def _logged_progress(path: str) -> Tuple[int, float]:
+    """(last step, its elapsed seconds) of the training rows of a run's log.csv."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("split") == "train"]
+    if not rows:
+        raise ValueError(f"{path} holds no training step")
+    return int(rows[-1]["step"]), float(rows[-1]["elapsed_s"])
+
+
+def _at_length(model: LongNetLM, kind: str, n: int) -> LongNetLM:
+    """The model to evaluate at n tokens: itself, except that the dense model attends densely
+    over all n tokens (as Table 2's Transformer is evaluated beyond its training length)."""
+    if kind != DENSE or n <= model.config.segment_lengths[0]:
+        return model
+    wide = LongNetLM(dataclasses.replace(model.config, segment_lengths=(n,), dilation_rates=(1,)))
+    wide.load_state_dict(model.state_dict())
+    return wide.to(next(model.parameters()).device).eval()
+
+
+def _bpb_at(model: LongNetLM, kind: str, data: np.ndarray, n: int, s: Settings, device) -> float:
+    """Test bits-per-byte in windows of n bytes over the first ``eval_tokens`` bytes of the split
+    (the same bytes at every length); NaN where XPOS cannot reach n."""
+    if model.config.xpos and n > xpos_max_length(model.config.xpos_scale_base):
+        return float("nan")
+    windows = max(1, s.eval_tokens // n)
+    res = evaluate_lm(_at_length(model, kind, n), data, n, max_windows=windows, batch_size=max(1, 8192 // n),
+                      device=device)
+    return res["bpb"]
+
+
+def evaluate_lm_run(run: Run, s: Settings, corpus: Corpus, run_dir: str, device
+                    ) -> Tuple[Dict[str, Any], np.ndarray, BoundarySpike]:
+    """A model trained on the corpus, on the test split: bpb at each length of ``s.lengths``
+    (``bpb@N`` keys), and the loss against query position at its training length with its
+    boundary spike. Returns (result fields, the per-position losses (seq_len,), the spike)."""
+    model = load_model(run_dir, map_location=device)
+    out: Dict[str, Any] = {f"bpb@{n}": _bpb_at(model, run.model.kind, corpus.test, n, s, device)
+                           for n in s.lengths}
+    n = run.model.seq_len
+    losses = position_loss(model, corpus.test, n, num_windows=max(1, s.position_tokens // n), seed=s.seed,
+                           batch_size=max(1, 8192 // n), device=device)
+    spike = boundary_spike(losses, run.model.period)
+    out.update(spike=spike.spike, spike_period=spike.period, worst_residue=spike.worst(1)[0][0])
+    return out, losses, spike
+
+
+def evaluate_passkey_run(run: Run, s: Settings, run_dir: str, device) -> List[Dict[str, float]]:
+    """Passkey retrieval of a model trained on the task, at each distance its length allows
+    (:func:`passkey_distances`), ``passkey_sequences`` fixed sequences per distance."""
+    model = load_model(run_dir, map_location=device)
+    n = run.model.seq_len
+    return passkey_by_distance(model, n, passkey_distances(n, s.passkey_digits), num_sequences=s.passkey_sequences,
+                               key_digits=s.passkey_digits, batch_size=max(1, 8192 // n), seed=s.seed + 1,
+                               device=device)
+
+
+def eval_flops(run: Run, s: Settings) -> float:
+    """Estimated FLOPs of evaluating ``run`` (forwards only), for the progress bar."""
+    n = run.model.seq_len
+    if run.task == PASSKEY:
+        tokens = len(passkey_distances(n, s.passkey_digits)) * s.passkey_sequences * n
+    else:
+        tokens = len(s.lengths) * s.eval_tokens + s.position_tokens
+    return FORWARD_SHARE * run.flops_per_token * tokens

@@ -1,0 +1,415 @@
+"""The CUDA path, checked on a CPU-only machine, and the lse gradient at head dim D.
+
+No GPU is available, so the CUDA branch runs under ``FakeTensorMode`` with
+fake CUDA tensors: PyTorch's meta kernels give every aten op its output
+shapes, dtypes and strides, and a ``TorchDispatchMode`` records which aten
+ops run with which arguments. The autograd engine needs a real GPU for CUDA
+tensors, so backward functions are called directly. Triton kernels are not
+launched: the launches are intercepted and their host-side arguments checked.
+
+The lse-gradient tests at the end run for real on CPU, against the float64
+reference.
+"""
+
+import types
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import longnet
+from longnet.backends import collectives, custom_ops, lse_grad, registry
+from longnet.backends import sequence_parallel as sp
+from longnet.backends.reference import dilated_attention_reference
+from tests.helpers import assert_close
+
+aten = torch.ops.aten
+FLASH_FWD = aten._scaled_dot_product_flash_attention.default
+FLASH_BWD = aten._scaled_dot_product_flash_attention_backward.default
+# What the math path (kernels.math_fwd/math_bwd) or the CPU kernels would show up as.
+NOT_ON_CUDA_HALF = {aten.mm.default, aten.bmm.default, aten._scaled_dot_product_flash_attention_for_cpu.default,
+                    aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+HALF = [torch.bfloat16, torch.float16]
+
+
+def _named(op, args, kwargs):
+    """{argument name: value} of one call of ``op`` (the dispatcher drops arguments left at their default)."""
+    named = {}
+    for i, a in enumerate(op._schema.arguments):
+        if i < len(args):
+            named[a.name] = args[i]
+        else:
+            named[a.name] = kwargs.get(a.name, a.default_value if a.has_default_value() else None)
+    return named
+
+
+class AtenLog(TorchDispatchMode):
+    """Records (op, args, kwargs, result) of every aten call below it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        self.calls.append((func, args, kwargs, result))
+        return result
+
+    def of(self, op):
+        """Calls of ``op`` as (args by schema name, defaults filled in; result)."""
+        return [(_named(c[0], c[1], c[2]), c[3]) for c in self.calls if c[0] is op]
+
+    def ops(self):
+        return {c[0] for c in self.calls}
+
+
+class Ctx:
+    """Stands in for an autograd ctx, so forward/backward of an autograd.Function run without the engine."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value):
+        self.materialize_grads = value
+
+
+def _index(x, idx):
+    """x[idx] for ints, slices, None, Ellipsis and index tensors, spelled with aten view/index ops."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if any(i is Ellipsis for i in idx):
+        pos = idx.index(Ellipsis)
+        real = sum(i is not None and i is not Ellipsis for i in idx)
+        idx = idx[:pos] + (slice(None),) * (x.dim() - real) + idx[pos + 1:]
+    dim, advanced = 0, []
+    for i in idx:
+        if i is None:
+            x = x.unsqueeze(dim)
+        elif isinstance(i, slice):
+            x = aten.slice.Tensor(x, dim, i.start, i.stop, i.step or 1)
+        elif isinstance(i, torch.Tensor):
+            advanced.append((dim, i))
+        else:
+            x = x.select(dim, i)
+            continue
+        dim += 1
+    return x, advanced
+
+
+def _getitem(x, idx):
+    x, advanced = _index(x, idx)
+    if not advanced:
+        return x
+    return aten.index.Tensor(x, [dict(advanced).get(d) for d in range(x.dim())])
+
+
+def _setitem(x, idx, value):
+    view, advanced = _index(x, idx)
+    if advanced:
+        aten.index_put_.default(view, [dict(advanced).get(d) for d in range(view.dim())], value)
+    elif isinstance(value, torch.Tensor):
+        aten.copy_.default(view, value)
+    else:
+        aten.fill_.Scalar(view, value)
+
+
+class NoGuardIndexing(TorchFunctionMode):
+    """Python bindings that need a CUDA device guard, for fake CUDA tensors on a CPU-only build.
+
+    A few hand-written bindings (``Tensor.__getitem__``, ``__setitem__``,
+    ``copy_``, ``contiguous``, ...) open a CUDA device guard in C++ before
+    any op runs, which a build without CUDA cannot create. This mode spells
+    indexing with the aten ops it runs (slice, select, unsqueeze, index,
+    index_put_) and calls the others as the aten op of the same name, so
+    views and strides are PyTorch's own.
+    """
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__:
+            return _getitem(*args)
+        if func is torch.Tensor.__setitem__:
+            return _setitem(*args)
+        try:
+            return func(*args, **(kwargs or {}))
+        except RuntimeError as e:
+            if "not linked with support for cuda" not in str(e) or not hasattr(aten, func.__name__):
+                raise
+        return getattr(aten, func.__name__)(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def fake_cuda():
+    with FakeTensorMode() as mode, NoGuardIndexing():
+        yield mode
+
+
+def _cuda(*shape, dtype):
+    return torch.randn(*shape, dtype=dtype, device="cuda")
+
+
+def _meta(t):
+    return (tuple(t.shape), t.dtype, t.device.type, tuple(t.stride()))
+
+
+def _check_flash_forward(log, dtype, causal, scale):
+    """Every forward call is the dense CUDA flash kernel at a head dim that is a multiple of 8.
+
+    ``causal`` None: any (sequence parallelism mixes causal and full partials)."""
+    calls = log.of(FLASH_FWD)
+    assert calls, "the CUDA flash kernel never ran"
+    assert not (log.ops() & NOT_ON_CUDA_HALF), f"math or CPU kernels ran on CUDA {dtype}"
+    for a, res in calls:
+        q, k, v = a["query"], a["key"], a["value"]
+        assert q.device.type == "cuda" and q.dtype == dtype and q.shape[-1] % 8 == 0
+        assert all(x.stride(-1) == 1 for x in (q, k, v))
+        assert a["dropout_p"] == 0.0 and a["scale"] == scale and causal in (None, a["is_causal"])
+        assert res[2] is None and res[3] is None, "a dense call must not return cum_seq tensors"
+    return calls
+
+
+def _check_flash_backward(log, forward_calls, dtype, causal, scale):
+    """Every backward call gets exactly what a forward call on the same rows returned.
+
+    (Sequence parallelism carries an lse gradient in 8 extra head-dim columns, hence rows, not D.)"""
+    calls = log.of(FLASH_BWD)
+    assert calls, "the CUDA flash backward never ran"
+    assert not (log.ops() & NOT_ON_CUDA_HALF), f"math or CPU kernels ran on CUDA {dtype}"
+    by_shape = {(tuple(a["query"].shape[:-1]), tuple(a["key"].shape[:-1])): res for a, res in forward_calls}
+    for a, _ in calls:
+        q, k, do, out, lse = a["query"], a["key"], a["grad_out"], a["out"], a["logsumexp"]
+        assert q.shape[-1] % 8 == 0 and do.shape == q.shape == out.shape
+        assert do.dtype == out.dtype == q.dtype == dtype and lse.dtype == torch.float32 and lse.is_contiguous()
+        res = by_shape[(tuple(q.shape[:-1]), tuple(k.shape[:-1]))]
+        assert a["cum_seq_q"] is res[2] and a["cum_seq_k"] is res[3]  # None: the dense kernel, not varlen
+        assert (a["max_q"], a["max_k"]) == (res[4], res[5]) == (q.shape[-2], k.shape[-2])
+        assert a["dropout_p"] == 0.0 and a["scale"] == scale and causal in (None, a["is_causal"])
+        for got, want in zip((a["philox_seed"], a["philox_offset"]), res[6:8]):
+            assert (got.dtype, got.shape) == (want.dtype, want.shape)
+
+
+# (B, N, H, D, segment_lengths, dilation_rates, layout)
+CUDA_CASES = [
+    pytest.param(2, 96, 4, 64, [32, 64, 128], [1, 2, 4], "contiguous", id="paper-like"),
+    pytest.param(1, 100, 6, 32, [24, 40], [2, 3], "transposed", id="no-r=1,N%w!=0,(B,H,N,D)"),
+]
+
+
+def _inputs(b, n, h, d, dtype, layout):
+    if layout == "transposed":
+        return [_cuda(b, h, n, d, dtype=dtype).transpose(1, 2) for _ in range(3)]
+    return [_cuda(b, n, h, d, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b, n, h, d, w, r, layout", CUDA_CASES)
+def test_torch_backend_on_cuda(fake_cuda, b, n, h, d, w, r, layout, causal, dtype, monkeypatch):
+    """Forward and backward (with an lse gradient, both of its passes) run the flash kernels at D."""
+    q, k, v = _inputs(b, n, h, d, dtype, layout)
+    scale = d ** -0.5
+    args = (w, r, causal, scale, False, None)
+    with AtenLog() as log:
+        out, lse = custom_ops.mixture_forward(q, k, v, *args)
+    fwd_calls = _check_flash_forward(log, dtype, causal, scale)
+    # The real body returns what the op's fake (used by torch.compile) says it returns.
+    f_out, f_lse = torch.ops.longnet.dilated_attention_fwd(q, k, v, *args)
+    assert (_meta(out), _meta(lse)) == (_meta(f_out), _meta(f_lse))
+    assert out.dtype == dtype and lse.dtype == torch.float32 and out.is_contiguous()
+
+    dout, dlse = _cuda(b, n, h, d, dtype=dtype), _cuda(b, n, h, dtype=torch.float32)
+    monkeypatch.setattr(lse_grad, "_any_left", lambda rest: True)  # data-dependent: take the second pass too
+    for grads_in in ((dout, None), (None, dlse), (dout, dlse)):
+        with AtenLog() as log:
+            grads = custom_ops.mixture_backward(*grads_in, q, k, v, out, lse, *args)
+        _check_flash_backward(log, fwd_calls, dtype, causal, scale)
+        assert {a["query"].shape[-1] for a, _ in log.of(FLASH_BWD)} == {d}, "the lse gradient changed the head dim"
+        fake = torch.ops.longnet.dilated_attention_bwd(*grads_in, q, k, v, out, lse, *args)
+        assert [_meta(g) for g in grads] == [_meta(g) for g in fake]
+        assert [g.shape for g in grads] == [q.shape] * 3 and all(g.dtype == dtype for g in grads)
+
+
+def test_custom_op_autograd_formula_on_cuda(fake_cuda):
+    """setup_context saves (q, k, v, out, lse); the backward calls the backward op with both gradients."""
+    q, k, v = _inputs(1, 64, 2, 64, torch.bfloat16, "contiguous")
+    inputs = (q, k, v, [16, 32], [1, 2], True, 0.125, False, None)
+    output = torch.ops.longnet.dilated_attention_fwd(*inputs)
+    ctx = Ctx()
+    custom_ops._setup_context(ctx, inputs, output)
+    assert ctx.materialize_grads is False and len(ctx.saved_tensors) == 5
+    dout, dlse = torch.randn_like(output[0]), torch.randn_like(output[1])
+    with AtenLog() as log:
+        grads = custom_ops._backward(ctx, dout, dlse)
+    (a, _), = log.of(torch.ops.longnet.dilated_attention_bwd.default)
+    assert a["dout"] is dout and a["dlse"] is dlse and a["q"] is q and a["out"] is output[0]
+    assert [g.shape for g in grads[:3]] == [q.shape] * 3 and grads[3:] == (None,) * 6
+
+
+def _plan(L, P, rank, w, r, phases):
+    local, spans, halos = sp.check_sequence_parallel(L, P, w, r, rank, segment_phases=phases)
+    return sp.SequenceParallelPlan(group=None, block_length=L, segment_lengths=tuple(w), dilation_rates=tuple(r),
+                                   local=local, spans=spans, groups=tuple((None, list(range(s.count))) for s in spans),
+                                   halos=halos, segment_phases=phases, rank=rank)
+
+
+def _no_transport(monkeypatch):
+    """Collectives keep their shapes, copies and byte counts; only the transport is skipped."""
+    monkeypatch.setattr(collectives, "_all_gather", lambda out, inp, group, async_op: None)
+    monkeypatch.setattr(collectives, "_reduce_scatter", lambda out, inp, group, async_op: None)
+    monkeypatch.setattr(collectives.dist, "P2POp", lambda op, tensor, group, tag, group_peer: (op, tensor))
+    monkeypatch.setattr(collectives.dist, "batch_isend_irecv", lambda ops: [])
+
+
+def _capture_apply(monkeypatch, fn_cls):
+    ctxs = []
+
+    def apply(*args):
+        ctxs.append(Ctx())
+        return fn_cls.forward(ctxs[-1], *args)
+    monkeypatch.setattr(fn_cls, "apply", apply)
+    return ctxs
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_sequence_parallel_on_cuda(fake_cuda, monkeypatch, causal, rank):
+    """The op's local computation on rank 0 or 1 of 2: local, cross-rank and halo patterns."""
+    L, P, b, h, d, dtype = 64, 2, 2, 4, 64, torch.bfloat16
+    w, r, phases = (32, 128, 32), (1, 2, 2), (0, 0, 16)
+    plan = _plan(L, P, rank, w, r, phases)
+    assert plan.spans and plan.halos and plan.local
+    _no_transport(monkeypatch)
+    ctxs = _capture_apply(monkeypatch, sp._SequenceParallelFn)
+    q, k, v = _inputs(b, L, h, d, dtype, "contiguous")
+    with AtenLog() as log:
+        out, lse = sp.sequence_parallel_dilated_attention(q, k, v, w, r, group=plan, is_causal=causal, scale=0.125,
+                                                          segment_phases=phases)
+    fwd_calls = _check_flash_forward(log, dtype, None, 0.125)
+    assert (_meta(out)[:3], _meta(lse)[:3]) == (((b, L, h, d), dtype, "cuda"), ((b, L, h), torch.float32, "cuda"))
+    for dlse in (None, torch.randn_like(lse)):
+        with AtenLog() as log:
+            grads = sp._SequenceParallelFn.backward(ctxs[-1], torch.randn_like(out), dlse)
+        _check_flash_backward(log, fwd_calls, dtype, None, 0.125)
+        assert [g.shape for g in grads[:3]] == [q.shape] * 3 and all(g.dtype == dtype for g in grads[:3])
+
+
+# ---------------------------------------------------------------- Triton dispatch
+
+@pytest.fixture
+def triton_as_on_gpu(monkeypatch):
+    """The Triton backend registered as on a GPU machine (not the interpreter), restored afterwards."""
+    tb = pytest.importorskip("longnet.backends.triton_backend")
+    monkeypatch.setattr(tb, "INTERPRET", False)
+    monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
+    monkeypatch.setattr(registry, "_optional_loaded", False)
+    return tb
+
+
+class Launches:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not run."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.name, tuple(grid), args, kwargs))
+
+
+def test_registry_picks_triton_for_cuda_half(fake_cuda, triton_as_on_gpu):
+    assert registry.pick_backend(_cuda(1, 8, 2, 64, dtype=torch.bfloat16)).name == "triton"
+    assert registry.pick_backend(_cuda(1, 8, 2, 64, dtype=torch.float16)).name == "triton"
+    # Outside what the kernels take, the torch backend (flash or math) runs instead.
+    assert registry.pick_backend(_cuda(1, 8, 2, 8, dtype=torch.bfloat16)).name == "torch"
+    assert registry.pick_backend(_cuda(1, 8, 2, 64, dtype=torch.float32)).name == "torch"
+    assert registry.pick_backend(torch.randn(1, 8, 2, 64, dtype=torch.bfloat16)).name == "torch"
+
+
+def test_triton_launches_on_cuda(fake_cuda, triton_as_on_gpu, monkeypatch):
+    """Grids, strides and flags of every launch, forward and backward, through the public op."""
+    tb = triton_as_on_gpu
+    launches = []
+    for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(tb, name, Launches(name, launches))
+    ctxs = _capture_apply(monkeypatch, tb._TritonDilatedAttentionFn)
+    b, n, h, d = 2, 256, 4, 64
+    q, k, v = _inputs(b, n, h, d, torch.bfloat16, "contiguous")
+    out, lse = longnet.dilated_attention(q, k, v, (64, 128, 256), (1, 2, 4), is_causal=True, return_lse=True)
+    assert _meta(out)[:3] == ((b, n, h, d), torch.bfloat16, "cuda") and lse.dtype == torch.float32
+    # Every pattern keeps 64 rows per segment and head: one 64-row block; 4, 2, 1 segments.
+    fwd = [x for x in launches if x[0] == "_fwd_kernel"]
+    assert [g for _, g, _, _ in fwd] == [(4, b * h), (2, b * h), (1, b * h)]
+    for i, (_, _, args, kw) in enumerate(fwd):
+        assert _meta(args[0]) == _meta(q) and args[5:8] == q.stride()[:3]  # q itself (one batch chunk)
+        assert (kw["HEAD_DIM"], kw["BLOCK_M"], kw["CAUSAL"], kw["MERGE"]) == (d, 64, True, i > 0)
+    launches.clear()
+    grads = tb._TritonDilatedAttentionFn.backward(ctxs[-1], torch.randn_like(out), torch.randn_like(lse))
+    names = [x[0] for x in launches]
+    assert names == ["_bwd_preprocess"] + ["_bwd_dkdv_kernel", "_bwd_dq_kernel"] * 3
+    assert launches[0][1] == (-(-b * n * h // 64),) and launches[0][3]["HAS_DLSE"] is True
+    assert [g.shape for g in grads[:3]] == [q.shape] * 3 and all(g.dtype == torch.bfloat16 for g in grads[:3])
+
+
+# ---------------------------------------------------------------- the lse gradient at head dim D (real, CPU)
+
+def _lse_grad_case(backend, dtype, dout_rows, n=40, causal=True):
+    """Gradients of sum(out * do) + sum(lse * dl) against the float64 reference.
+
+    ``dout_rows``: "none" (out unused: no gradient reaches it), "some-zero" (a
+    third of the rows of do are 0), or "tiny" (a third are 1e-6: folding dlse
+    into them would overflow float16).
+    """
+    q, k, v = (torch.randn(2, n, 3, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    w, r = (8, 16), (1, 2)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse = longnet.dilated_attention(q, k, v, w, r, is_causal=causal, return_lse=True, backend=backend)
+    r_out, r_lse = dilated_attention_reference(*ref_in, w, r, is_causal=causal)
+    dl = torch.randn_like(lse).masked_fill(torch.isinf(lse), 0.0)
+    do = torch.randn_like(out)
+    pick = torch.arange(n) % 3 == 0
+    do[:, pick] = 0.0 if dout_rows == "some-zero" else do[:, pick] * 1e-6
+
+    def objective(o, l):
+        total = (l.nan_to_num(neginf=0) * dl.to(l.dtype)).sum()
+        return total if dout_rows == "none" else total + (o * do.to(o.dtype)).sum()
+    grads = torch.autograd.grad(objective(out, lse), (q, k, v))
+    # lse does not depend on v: the reference leaves dv unset, the op returns zeros.
+    r_grads = torch.autograd.grad(objective(r_out, r_lse), ref_in, allow_unused=True, materialize_grads=True)
+    for name, g, rg in zip("qkv", grads, r_grads):
+        assert_close(g, rg, dtype, "grad", msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "math"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dout_rows", ["none", "some-zero", "tiny"])
+def test_lse_gradient_exact(backend, dtype, dout_rows):
+    _lse_grad_case(backend, dtype, dout_rows)
+
+
+def test_lse_gradient_float16_rows_that_cannot_fold():
+    _lse_grad_case("torch", torch.float16, "tiny")
+
+
+@pytest.mark.parametrize("dout_rows, second_pass", [("dense", False), ("some-zero", True), ("tiny16", True)])
+def test_lse_gradient_passes(dout_rows, second_pass, monkeypatch):
+    """The fold takes every row it can; only rows it cannot take cost a second pass."""
+    ran = []
+    real = lse_grad._lse_pass
+    monkeypatch.setattr(lse_grad, "_lse_pass", lambda rest, out: ran.append(rest) or real(rest, out))
+    dtype = torch.float16 if dout_rows == "tiny16" else torch.float32
+    out = torch.randn(2, 10, 3, 8, dtype=dtype)
+    dlse = torch.randn(2, 10, 3).sign() * (0.5 + torch.rand(2, 10, 3))
+    dout = torch.randn_like(out)
+    if dout_rows != "dense":
+        # 1e-7 in float16: |dlse| / |dout| > 65504 (float16's largest), so these rows cannot fold.
+        dout[:, 3] = 0.0 if dout_rows == "some-zero" else 1e-7
+    passes = lse_grad.backward_inputs(dout, dlse, out)
+    assert passes.out.shape == out.shape and passes.do.shape == out.shape  # still head dim D
+    assert bool(ran) == second_pass
+    if second_pass:
+        assert torch.equal(ran[0] != 0, torch.arange(10).view(1, 10, 1).expand(2, 10, 3) == 3)
+    # Folded rows: rowsum(do * out') = rowsum(do * out) - dlse.
+    left = ran[0] if ran else torch.zeros_like(dlse)
+    delta = (passes.do.double() * passes.out.double()).sum(-1)
+    want = (dout.double() * out.double()).sum(-1) - (dlse - left).double()
+    assert_close(delta, want, dtype, "out")

@@ -1,0 +1,424 @@
+"""`longnet train` never loses a user's work: signals, durable checkpoints, safe resume, damaged
+files, settings checked up front, and progress for long evaluations (issue 9, section 3).
+
+Micro configs (a step takes milliseconds); the signal tests run ``python -m longnet train``
+as a subprocess and send it real signals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import longnet.training.trainer as train_mod
+from longnet.cli import main
+from longnet.config import TrainConfig
+from longnet.model import LongNetLM
+from longnet.training.checkpoint import FILES, load_checkpoint, load_trainer_state, save_checkpoint
+from longnet.training.data import open_corpus
+from tests.train_helpers import MICRO, train_rows, write_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    spec, cache = write_corpus(d), str(d / "cache")
+    open_corpus(spec, cache_dir=cache, verbose=False)  # build the cache once, before any subprocess
+    return spec, cache
+
+
+def _train(out, corpus, *extra):
+    spec, cache = corpus
+    return main(["train", "--data", spec, "--cache-dir", cache, "--out", str(out), *MICRO, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus):
+    """A 4-step run with checkpoints at steps 2 and 4; tests work on copies (see ``_copy``)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert _train(out, corpus, "--max-steps", "4", "--set", "save_interval=2", "--set", "sample_tokens=0") == 0
+    return out
+
+
+def _copy(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _tree(path):
+    """Every file under ``path`` with its content hash: equal trees mean nothing was written."""
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, path)] = hashlib.sha1(fh.read()).hexdigest()
+    return out
+
+
+def _error_line(err: str, command: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"longnet {command}: error: "), err
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def _launch(out, corpus, *extra):
+    spec, cache = corpus
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "longnet", "train", "--data", spec, "--cache-dir", cache,
+                             "--out", str(out), *MICRO, *extra], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_steps(proc, out, steps, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if os.path.isfile(out / "log.csv") and len(train_rows(out)) >= steps:
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"no {steps} training steps within {timeout} s: {proc.communicate()}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_after_the_step_save_and_exit_nonzero(sig, tmp_path, corpus):
+    out = tmp_path / "run"
+    proc = _launch(out, corpus, "--max-steps", "100000")
+    _wait_for_steps(proc, out, 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    name = signal.Signals(sig).name
+    assert f"{name}: stopping after this step and saving a checkpoint" in err
+    last = train_rows(out)[-1][0]
+    assert f"stopped at step {last}; checkpoint" in err and "longnet train --resume --out" in err
+    assert load_checkpoint(str(out))["step"] == last
+    _, data_state = load_trainer_state(str(out))
+    assert data_state["step"] == last  # the sampler state of that very step
+
+
+def test_a_signal_during_the_final_evaluation_loses_nothing(tmp_path, corpus, monkeypatch, capsys):
+    real = train_mod.evaluate_lm
+
+    def evaluate_then_get_terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate_lm", evaluate_then_get_terminated)
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--max-steps", "3", "--set", "eval_interval=0", "--set", "save_interval=0") == 143
+    assert "saved step 3" in capsys.readouterr().err
+    assert load_checkpoint(str(out))["step"] == 3
+    monkeypatch.setattr(train_mod, "evaluate_lm", real)
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "4", "--no-progress"]) == 0
+    assert [s for s, _ in train_rows(out)] == [1, 2, 3, 4]
+
+
+def test_an_interrupt_inside_a_step_saves_the_previous_step_whole(tmp_path, corpus, monkeypatch, capsys):
+    # Step 4's first micro-batch has drawn its batch and dropout masks when the interrupt comes:
+    # the checkpoint must hold step 3's weights with step 3's sampler and RNG state.
+    extra = ["--max-steps", "6", "--set", "dropout=0.1", "--set", "grad_accum=2", "--set", "eval_interval=0"]
+    assert _train(tmp_path / "straight", corpus, *extra) == 0
+    real, calls = train_mod.next_token_loss, []
+
+    def loss_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 * 2 + 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "next_token_loss", loss_then_interrupt)
+    out = tmp_path / "cut"
+    assert _train(out, corpus, *extra) == 130
+    assert "interrupted; saved step 3" in capsys.readouterr().err
+    _, data_state = load_trainer_state(str(out))
+    assert data_state["step"] == 3 * 2
+    monkeypatch.setattr(train_mod, "next_token_loss", real)
+    assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    assert train_rows(out) == train_rows(tmp_path / "straight")
+
+
+def test_an_interrupt_inside_the_optimizer_update_saves_nothing_new(tmp_path, corpus, monkeypatch, capsys):
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--max-steps", "6", "--set", "save_interval=2") == 130
+    assert "interrupted during an optimiser update; no checkpoint written" in capsys.readouterr().err
+    assert load_checkpoint(str(out))["step"] == 2
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _tiny_model():
+    torch.manual_seed(0)
+    return LongNetLM(n_layers=1, d_model=32, n_heads=4, d_ffn=64, segment_lengths=(8,), dilation_rates=(1,))
+
+
+def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    path = save_checkpoint(str(tmp_path), model=_tiny_model(), train_config=TrainConfig(), data_spec="builtin",
+                           step=1, data_state=None)
+    ckpt_root = str(tmp_path / "checkpoints")
+    tmp_dirs = [p for p in synced if os.path.basename(p).startswith(".tmp-step_00000001")]
+    assert tmp_dirs, synced  # the folder's entries, before it is renamed into place
+    for name in FILES:
+        assert any(os.path.dirname(p) == tmp_dirs[0] and p.endswith(name) for p in synced), name
+    # The rename into checkpoints/, then `latest` and its rename in the run folder.
+    assert synced.index(ckpt_root) > synced.index(tmp_dirs[0])
+    assert str(tmp_path) in synced and any(p.endswith("latest") for p in synced)
+    assert os.path.isdir(path)
+
+
+def test_a_save_that_died_midway_is_named_then_cleaned_up(tmp_path, corpus, capsys):
+    out = tmp_path / "run"
+    stale = out / "checkpoints" / ".tmp-step_00000002-x1y2"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\x00" * 100)  # what a killed first save leaves
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    line = _error_line(capsys.readouterr().err, "train")
+    assert str(stale) in line and "incomplete save" in line and "without --resume" in line
+    assert _train(out, corpus, "--max-steps", "2") == 0  # a new run in the same folder works
+    assert "never saved a checkpoint; starting it over" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002"]
+
+
+def test_a_checkpoint_swapped_out_when_the_process_died_is_put_back(tmp_path):
+    model, tcfg = _tiny_model(), TrainConfig()
+    save_checkpoint(str(tmp_path), model=model, train_config=tcfg, data_spec="builtin", step=1, keep=5)
+    root = tmp_path / "checkpoints"
+    old = root / ".old-step_00000001-abcd"
+    old.mkdir()
+    os.replace(root / "step_00000001", old / "step_00000001")  # died between the two renames
+    save_checkpoint(str(tmp_path), model=model, train_config=tcfg, data_spec="builtin", step=2, keep=5)
+    assert sorted(os.listdir(root)) == ["step_00000001", "step_00000002"]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("where", ["checkpoints/step_00000004", "checkpoints/step_00000004/sub", "checkpoints",
+                                   "tensorboard/x"])
+@pytest.mark.parametrize("resume", [False, True], ids=["new", "resume"])
+def test_out_inside_a_run_is_refused_before_anything_is_written(where, resume, finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    before = _tree(run)
+    argv = ["train", "--out", str(run / where), "--max-steps", "6"] + (["--resume"] if resume else [])
+    assert main(argv) == 2
+    line = _error_line(capsys.readouterr().err, "train")
+    assert ("checkpoint folder" in line or "inside the run folder" in line) and str(run) in line
+    assert _tree(run) == before
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path, corpus, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "log.csv").write_text("date,amount\n")
+    assert _train(mine, corpus, "--max-steps", "2") == 2
+    assert "is not a longnet run folder (it holds log.csv, notes.txt)" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(mine)]) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert sorted(os.listdir(mine)) == ["log.csv", "notes.txt"] and (mine / "log.csv").read_text() == "date,amount\n"
+
+
+def test_resume_at_or_past_max_steps_changes_nothing(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    before = _tree(run)
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 0
+    assert "already at step 4" in capsys.readouterr().out
+    assert main(["train", "--resume", "--out", str(run), "--max-steps", "4", "--no-progress"]) == 0
+    assert main(["train", "--resume", "--out", str(run), "--max-steps", "3", "--no-progress"]) == 2
+    line = _error_line(capsys.readouterr().err, "train")
+    assert "--max-steps 3 is below step 4" in line and "nothing was changed" in line
+    assert _tree(run) == before
+
+
+def test_a_grown_corpus_stops_resume_unless_allowed(tmp_path, capsys):
+    spec, cache = write_corpus(tmp_path), str(tmp_path / "cache")
+    out = tmp_path / "run"
+    assert _train(out, (spec, cache), "--max-steps", "2", "--set", "sample_tokens=0") == 0
+    with open(spec[len("text:"):], "a") as f:
+        f.write("\nclass Grown:\n    pass\n" * 200)
+    before = _tree(out)
+    assert main(["train", "--resume", "--out", str(out), "--cache-dir", cache, "--max-steps", "3"]) == 2
+    line = _error_line(capsys.readouterr().err, "train")
+    assert "the training data changed since the checkpoint" in line and "--allow-data-change" in line
+    assert _tree(out) == before
+    assert main(["train", "--resume", "--out", str(out), "--cache-dir", cache, "--max-steps", "3",
+                 "--allow-data-change", "--no-progress"]) == 0
+    assert load_checkpoint(str(out))["step"] == 3
+
+
+def test_a_changed_seq_len_resumes_with_a_warning(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    assert main(["train", "--resume", "--out", str(run), "--set", "seq_len=16", "--max-steps", "5",
+                 "--no-progress"]) == 0
+    assert "warning: train.seq_len changed from 32 to 16" in capsys.readouterr().err
+    assert load_checkpoint(str(run))["train_config"].seq_len == 16
+
+
+def test_a_damaged_log_resumes_with_a_warning_and_keeps_the_original(finished_run, tmp_path, capsys):
+    run = _copy(finished_run, tmp_path)
+    with open(run / "log.csv", "ab") as f:
+        f.write(b"3,train,not-a-number,,,,,,\n\x00\xff\xfe,,\n5,trai")  # a bad row and a cut-off one
+    damaged = (run / "log.csv").read_bytes()
+    assert main(["train", "--resume", "--out", str(run), "--max-steps", "6", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"{run / 'log.csv'} is damaged" in err and "log.csv.damaged" in err
+    assert (run / "log.csv.damaged").read_bytes() == damaged
+    assert [s for s, _ in train_rows(run)] == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _random(path):
+    path.write_bytes(os.urandom(max(64, path.stat().st_size)))
+
+
+def _config(edit):
+    def apply(path):
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps(edit(meta)))
+    return apply
+
+
+def _wider(meta):
+    meta["model"]["d_model"] = 64
+    return meta
+
+
+def _no_step(meta):
+    del meta["step"]
+    return meta
+
+
+DAMAGE = {
+    "weights-truncated": ("model.safetensors", _truncate),
+    "weights-random": ("model.safetensors", _random),
+    "trainer-state-truncated": ("trainer_state.pt", _truncate),
+    "trainer-state-random": ("trainer_state.pt", _random),
+    "data-state-truncated": ("data_state.json", _truncate),
+    "data-state-random": ("data_state.json", _random),
+    "config-contradicts-weights": ("config.json", _config(_wider)),
+    "config-without-step": ("config.json", _config(_no_step)),
+    "config-not-an-object": ("config.json", lambda p: p.write_text("[1, 2, 3]")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_file_is_named_and_resume_falls_back(case, finished_run, tmp_path, capsys):
+    name, damage = DAMAGE[case]
+    # Only one checkpoint, and it is damaged: one line naming the file, exit 2, nothing written.
+    alone = _copy(finished_run, tmp_path / "alone")
+    shutil.rmtree(alone / "checkpoints" / "step_00000002")
+    damage(alone / "checkpoints" / "step_00000004" / name)
+    before = _tree(alone)
+    assert main(["train", "--resume", "--out", str(alone), "--max-steps", "6"]) == 2
+    line = _error_line(capsys.readouterr().err, "train")
+    assert str(alone / "checkpoints" / "step_00000004" / name) in line or (
+        name == "config.json" and str(alone / "checkpoints" / "step_00000004") in line)
+    assert _tree(alone) == before
+    if name in ("model.safetensors", "config.json"):  # what eval and generate read
+        assert main(["eval", "--checkpoint", str(alone), "--max-windows", "1"]) == 2
+        assert "step_00000004" in _error_line(capsys.readouterr().err, "eval")
+    # With an older intact checkpoint, resume falls back to it and says so.
+    run = _copy(finished_run, tmp_path / "fallback")
+    damage(run / "checkpoints" / "step_00000004" / name)
+    assert main(["train", "--resume", "--out", str(run), "--max-steps", "6", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "step_00000004" in captured.err and "resuming from the older" in captured.err
+    assert "resuming at step 2" in captured.out
+    assert load_checkpoint(str(run))["step"] == 6
+    assert [s for s, _ in train_rows(run)] == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--set", "attention_backend=bogus"], "model.attention_backend='bogus': backend must be one of"),
+    (["--set", "attention_backend=triton"], "model.attention_backend='triton'"),
+    (["--set", "vocab_size=100"], "model.vocab_size=100 is smaller than the byte vocabulary (256)"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--device", "cuda:1"], "CUDA is not available"),
+    (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N"),
+])
+def test_bad_settings_are_caught_before_the_run_folder_exists(extra, match, tmp_path, corpus, capsys):
+    if "cuda" in extra[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--max-steps", "2", *extra) == 2
+    assert match in _error_line(capsys.readouterr().err, "train")
+    assert not out.exists()
+
+
+def test_fp16_trains_with_loss_scaling_and_resumes(tmp_path, corpus, monkeypatch):
+    dtypes = []
+    real = LongNetLM.forward
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(LongNetLM, "forward", forward)
+    out = tmp_path / "run"
+    assert _train(out, corpus, "--max-steps", "3", "--set", "precision=fp16", "--set", "sample_tokens=0") == 0
+    assert dtypes and set(dtypes) == {torch.float16}  # training and evaluation ran in fp16
+    state, _ = load_trainer_state(str(out))
+    assert state["scaler"]["scale"] > 0
+    assert all(float(loss) > 0 for _, loss in train_rows(out))
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "4", "--no-progress"]) == 0
+    assert load_checkpoint(str(out))["step"] == 4
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_eval_shows_a_progress_bar(finished_run, corpus, capsys):
+    _, cache = corpus
+    argv = ["eval", "--checkpoint", str(finished_run), "--cache-dir", cache, "--max-windows", "3",
+            "--batch-size", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "windows" in err and "3/3" in err
+    assert main(argv + ["--no-progress"]) == 0
+    assert "3/3" not in capsys.readouterr().err
