@@ -41,21 +41,30 @@ def tolerance_ratio(actual, expected, dtype, kind: str = "out") -> float:
     return float(((a - e).abs() / (atol + rtol * e.abs()))[ok].max())
 
 
-def loop_reference(q, k, v, segment_lengths, dilation_rates, *, is_causal=False, scale=None):
+def _segments(n, w, phi):
+    """[(a, e)] of positions 0..N-1 cut at 0, φ, φ + w, φ + 2w, ... (written out, no library rule)."""
+    cuts = sorted({0, n} | set(range(phi, n, w)))
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def loop_reference(q, k, v, segment_lengths, dilation_rates, *, is_causal=False, scale=None,
+                   segment_phases=None):
     """SPEC.md §1-2 spelled out with Python loops: per pattern, head and segment, then merge.
 
-    q, k, v: (B, N, H, D) float64. Returns (out, lse) like the op.
+    q, k, v: (B, N, H, D) float64. ``segment_phases`` shifts pattern i's segments to start at
+    φ_i + k w_i (SPEC.md §2.1's opt-in variant). Returns (out, lse) like the op.
     """
     b, n, h, d = q.shape
     scale = d ** -0.5 if scale is None else scale
     partials = []  # per pattern: (out (B,N,H,D), lse (B,N,H))
-    for w, r in zip(segment_lengths, dilation_rates):
+    phases = segment_phases if segment_phases is not None else [0] * len(segment_lengths)
+    for w, r, phi in zip(segment_lengths, dilation_rates, phases):
         o_i = torch.zeros_like(q)
         l_i = torch.full((b, n, h), -math.inf, dtype=q.dtype)
         for head in range(h):
             s = head % r
-            for a in range(0, n, w):
-                rows = list(range(a + s, min(a + w, n), r))
+            for a, e in _segments(n, w, phi):
+                rows = list(range(a + s, e, r))
                 if not rows:
                     continue
                 idx = torch.tensor(rows)

@@ -11,7 +11,6 @@ The lse-gradient tests at the end run for real on CPU, against the float64
 reference.
 """
 
-import types
 
 import pytest
 import torch

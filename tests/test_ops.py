@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import longnet
 from longnet.backends.reference import count_matrix, dilated_attention_reference
-from tests.helpers import assert_close, loop_reference, tol
+from tests.helpers import assert_close, loop_reference
 
 FAST = ["torch", "math"]
 

@@ -9,7 +9,6 @@ tests/test_triton.py, sequence parallelism in tests/test_distributed.py).
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
@@ -22,41 +21,17 @@ from longnet.backends.reference import count_matrix
 from longnet.patterns import (DilatedPattern, clip_phase, clip_segment, dilated_flops, heads_with_offset,
                               keep_mask, kept_positions, row_offset, segment_bounds, segment_groups,
                               segment_start, validate_phases, visible_keys)
-from tests.helpers import assert_close
+from tests.helpers import _segments, assert_close, loop_reference
 
 BACKENDS = ("torch", "math")
 
 
 # --------------------------------------------------------------------------- an oracle from the definition
 
-def _segments(n, w, phi):
-    """[(a, e)] of positions 0..N-1 cut at 0, φ, φ + w, φ + 2w, ... (written out, no library rule)."""
-    cuts = sorted({0, n} | {c for c in range(phi, n, w)})
-    return list(zip(cuts[:-1], cuts[1:]))
-
-
 def loop_oracle(q, k, v, segment_lengths, dilation_rates, phases, causal, scale=None):
-    """SPEC.md §1-2 with shifted segments, per pattern, head and segment, then the mixture merge."""
-    b, n, h, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
-    parts = []
-    for w, r, phi in zip(segment_lengths, dilation_rates, phases):
-        o_i = torch.zeros_like(q)
-        l_i = torch.full((b, n, h), -math.inf, dtype=q.dtype)
-        for head in range(h):
-            for a, e in _segments(n, w, phi):
-                idx = torch.arange(a + head % r, e, r)
-                if idx.numel() == 0:
-                    continue
-                sc = q[:, idx, head] @ k[:, idx, head].transpose(-1, -2) * scale
-                if causal:
-                    sc = sc.masked_fill(idx[None, :] > idx[:, None], -math.inf)
-                l_i[:, idx, head] = torch.logsumexp(sc, -1)
-                o_i[:, idx, head] = torch.softmax(sc, -1) @ v[:, idx, head]
-        parts.append((o_i, l_i))
-    lse = torch.logsumexp(torch.stack([l for _, l in parts]), 0)
-    out = sum(torch.exp(l - lse).nan_to_num(0.0)[..., None] * o for o, l in parts)
-    return out, lse
+    """SPEC.md §1-2 with shifted segments, per pattern, head and segment (tests/helpers.py)."""
+    return loop_reference(q, k, v, segment_lengths, dilation_rates, is_causal=causal, scale=scale,
+                          segment_phases=phases)
 
 
 # --------------------------------------------------------------------------- the rule

@@ -98,7 +98,8 @@ def test_readme_op_calls_match_the_loop_oracle(monkeypatch):
     for a, result in calls:
         q, k, v = (a[x].double() for x in ("q", "k", "v"))
         out, lse = loop_reference(q, k, v, a["segment_lengths"], a["dilation_rates"],
-                                  is_causal=a.get("is_causal", False), scale=a.get("scale"))
+                                  is_causal=a.get("is_causal", False), scale=a.get("scale"),
+                                  segment_phases=a.get("segment_phases"))
         got = result if isinstance(result, torch.Tensor) else result[0]
         assert_close(got, out, a["q"].dtype)
         if a.get("return_lse"):
