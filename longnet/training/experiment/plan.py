@@ -65,8 +65,8 @@ class Settings:
     d_ffn: int = 512
     base_segment: int = 0
     local_window: int = 16
-    budget: float = 7e12
-    passkey_budget: float = 2.5e12
+    budget: float = 1.2e13
+    passkey_budget: float = 4e12
     batch_tokens: int = 0
     lr: float = 3e-3
     warmup_fraction: float = 0.1
@@ -95,8 +95,8 @@ class Settings:
 
 DEFAULT = Settings()
 # Everything at toy size: all runs and evaluations in well under 3 minutes on 2 CPU cores.
-QUICK = Settings(context=32, layers=2, d_model=32, heads=4, d_ffn=64, local_window=4, budget=1.2e10,
-                 passkey_budget=6e9, eval_tokens=2048, position_tokens=8192, passkey_sequences=4)
+QUICK = Settings(context=32, layers=2, d_model=32, heads=4, d_ffn=64, local_window=4, budget=3e10,
+                 passkey_budget=1.5e10, eval_tokens=2048, position_tokens=8192, passkey_sequences=4)
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ def write_plots(out: str, rows: List[Dict[str, Any]], lengths: Sequence[int], lm
         bpb.series.append(Series(r["model"], [p[0] for p in points], [p[1] for p in points]))
     paths = [plot_panels([bpb, _training_curves(out, lm_runs)], os.path.join(out, "bpb.png"), title)]
     if curves:
-        smooth = max(1, min(s.period for _, s in curves.values()) // 8)
+        smooth = max(1, min(s.period for _, s in curves.values()) // 2)
         paths.append(plot_panels(position_loss_panels(curves, smooth=smooth), os.path.join(out, "position_loss.png"),
                                  f"{title}; test split, each model at its training length"))
     if passkey:
