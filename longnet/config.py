@@ -207,6 +207,10 @@ class TrainConfig:
         time_limit_s: stop (and checkpoint) after this many seconds of training (0: no limit).
         passkey_distance, passkey_digits: the passkey task (``--data passkey``); distance 0 draws
             a random distance per sequence.
+        passkey_answer_weight: loss weight of an answer digit against a filler byte's 1 (1: the
+            plain mean, under which the answer's 5 bytes of 1,024 give almost no signal).
+        passkey_curriculum_steps: with random distances, the longest training distance grows
+            from the shortest to the longest over this many batches (0: no curriculum).
     """
 
     seq_len: int = 512
@@ -234,13 +238,15 @@ class TrainConfig:
     time_limit_s: float = 0.0
     passkey_distance: int = 0
     passkey_digits: int = 5
+    passkey_answer_weight: float = 100.0
+    passkey_curriculum_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_windows", "eval_batch_size",
                      "keep_checkpoints", "passkey_digits"):
             setattr(self, name, _check_int(name, getattr(self, name), 1))
         for name in ("warmup_steps", "eval_interval", "save_interval", "sample_tokens", "seed", "num_threads",
-                     "passkey_distance"):
+                     "passkey_distance", "passkey_curriculum_steps"):
             setattr(self, name, _check_int(name, getattr(self, name), 0))
         self.lr = _check_float("lr", self.lr, 0.0, lo_open=True)
         self.lr_power = _check_float("lr_power", self.lr_power, 0.0, lo_open=True)
@@ -251,6 +257,8 @@ class TrainConfig:
         self.weight_decay = _check_float("weight_decay", self.weight_decay, 0.0)
         self.grad_clip = _check_float("grad_clip", self.grad_clip, 0.0)
         self.time_limit_s = _check_float("time_limit_s", self.time_limit_s, 0.0)
+        self.passkey_answer_weight = _check_float("passkey_answer_weight", self.passkey_answer_weight, 0.0,
+                                                  lo_open=True)
         _check_choice("precision", self.precision, PRECISIONS)
 
     @property
@@ -294,18 +302,21 @@ def _from_dict(cls, d: Dict[str, Any], section: str):
 
 # ----------------------------------------------------------------------------- presets
 
+# Every preset adds a causal local window (LongNetConfig.local_window) to the paper's pattern:
+# at equal training FLOPs it lowered test bits-per-byte by 3-4% and removed the loss spike at
+# segment boundaries (README, "Experiment"). ``--set model.local_window=0`` gives the paper's pattern.
 PRESETS: Dict[str, Tuple[LongNetConfig, TrainConfig]] = {
     # About 3.2M parameters; ~4 minutes on 2 CPU cores. The time limit is a safety net for
-    # slower machines: training stops (and checkpoints) after 290 s even if steps remain.
+    # slower machines: training stops (and checkpoints) after 420 s even if steps remain.
     "tiny": (
         LongNetConfig(n_layers=4, d_model=256, n_heads=4, d_ffn=1024,
-                      segment_lengths=(128, 256, 512), dilation_rates=(1, 2, 4)),
+                      segment_lengths=(128, 256, 512), dilation_rates=(1, 2, 4), local_window=16),
         TrainConfig(seq_len=512, batch_size=8, max_steps=300, lr=3e-3, warmup_steps=30,
-                    eval_interval=100, eval_windows=32, time_limit_s=290.0),
+                    eval_interval=100, eval_windows=32, time_limit_s=420.0),
     ),
     "small": (
         LongNetConfig(n_layers=6, d_model=384, n_heads=6, d_ffn=1536,
-                      segment_lengths=(256, 512, 1024, 2048), dilation_rates=(1, 2, 4, 8)),
+                      segment_lengths=(256, 512, 1024, 2048), dilation_rates=(1, 2, 4, 8), local_window=16),
         TrainConfig(seq_len=2048, batch_size=8, max_steps=5000, lr=1e-3, warmup_steps=200,
                     eval_interval=500, eval_windows=64, save_interval=1000),
     ),
@@ -313,7 +324,7 @@ PRESETS: Dict[str, Tuple[LongNetConfig, TrainConfig]] = {
     "paper-base": (
         LongNetConfig(n_layers=12, d_model=768, n_heads=12, d_ffn=3072,
                       segment_lengths=(2048, 4096, 8192, 16384, 32768), dilation_rates=(1, 2, 4, 6, 12),
-                      dropout=0.0),
+                      local_window=128, dropout=0.0),
         TrainConfig(seq_len=32768, batch_size=1, grad_accum=16, max_steps=100_000, lr=6e-4,
                     warmup_steps=750, min_lr_ratio=0.0, weight_decay=0.01, grad_clip=2.0,
                     eval_interval=1000, eval_windows=16, eval_batch_size=1, save_interval=1000),

@@ -25,6 +25,9 @@ SHAPES = [
     pytest.param(1, 40, 1, 3, (12, 40), (3, 4), id="H=1"),
     pytest.param(2, 33, 6, 16, (4, 8, 16, 32), (1, 2, 4, 8), id="geometric-tail"),
     pytest.param(1, 9, 3, 2, (64,), (1,), id="N<w"),
+    # r divides H: kept rows are gathered as diagonals, with partial last blocks (w mod r > 0) and w < r.
+    pytest.param(2, 70, 12, 4, (8, 20, 32, 70), (6, 4, 12, 12), id="r|H-diagonals"),
+    pytest.param(1, 75, 4, 4, (16, 40, 75), (2, 6, 32), id="r>=H-diagonals"),
 ]
 
 
@@ -258,6 +261,55 @@ def test_strided_inputs_reach_the_kernel_without_a_copy(monkeypatch):
     longnet.dilated_attention(q, k, v, (16,), (1,), backend="torch")
     own = [x.untyped_storage().data_ptr() for x in (q, k, v)]
     assert seen and all(ptrs == own for ptrs in seen), "a strided input was copied before the kernel"
+
+
+def test_diagonal_gather_is_used_when_r_divides_h(monkeypatch):
+    # The paper's rates all divide H = 12, and r >= H keeps one head per offset: every r > 1 group
+    # must take the one-pass diagonal gather.
+    from longnet.backends import torch_backend
+    calls = []
+    real = torch_backend._diagonal_pairs
+    monkeypatch.setattr(torch_backend, "_diagonal_pairs", lambda *a: calls.append(a[2][0].rate) or real(*a))
+    q, k, v = _inputs(1, 96, 12, 4, torch.float64, requires_grad=False)
+    longnet.dilated_attention(q, k, v, (16, 32, 64, 96), (1, 2, 6, 12), is_causal=True, backend="torch")
+    longnet.dilated_attention(q, k, v, (96,), (32,), is_causal=True, backend="torch")
+    assert sorted(set(calls)) == [2, 6, 12, 32]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_groups_split_over_several_calls_match_reference(monkeypatch, seed, causal):
+    # At long N a group's segments go through several kernel calls to bound transient memory;
+    # a tiny budget forces that split (and disables adopting the first output) at test size.
+    from longnet.backends import kernels, torch_backend
+    monkeypatch.setattr(torch_backend, "_CALL_BYTES", 3 * 8 * 4 * 8)
+    calls = []
+    real = kernels._attn_fwd
+    monkeypatch.setattr(kernels, "_attn_fwd", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    _compare("torch", 2, 70, 12, 4, (8, 20, 32, 70), (1, 4, 12, 12), causal, torch.float64, lse_grad=True)
+    assert max(calls) <= 3 and len(calls) > 12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_runs_in_row_blocks_and_matches_one_block(monkeypatch, seed, dtype):
+    # bf16/fp16 accumulate in fp32; long inputs are computed in blocks of whole periods of the
+    # pattern so that only one block's fp32 accumulators are alive. A tiny budget forces blocks.
+    from longnet.backends import custom_ops
+    w, r = (8, 16, 24), (1, 2, 4)  # period lcm = 48; N = 100 leaves a partial last block
+    q, k, v = (x.to(dtype).detach().requires_grad_() for x in _inputs(2, 100, 4, 8, torch.float32, False))
+
+    def run():
+        out, lse = longnet.dilated_attention(q, k, v, w, r, is_causal=True, return_lse=True, backend="torch")
+        grads = torch.autograd.grad((out.float() * torch.linspace(-1, 1, 8)).sum() + lse.sum(), (q, k, v))
+        return (out, lse, *grads)
+
+    one = run()
+    monkeypatch.setattr(custom_ops, "_BLOCK_BYTES", 1)
+    assert [s.stop for s in custom_ops._row_blocks(q, w, None)] == [48, 96, 100]
+    blocked = run()
+    for a, b in zip(blocked, one):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert custom_ops._row_blocks(q, w, (0, 8, 0)) == [slice(0, 100)]  # phases: segments cross any period
 
 
 # ---- bad input -------------------------------------------------------------------------------

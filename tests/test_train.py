@@ -174,6 +174,19 @@ def test_passkey_training_reports_accuracy(tmp_path, capsys):
     assert "passkey (seq_len 128" in capsys.readouterr().out
 
 
+def test_passkey_weight_and_curriculum_reach_the_task():
+    from longnet.training.trainer import _open_data
+    tcfg = TrainConfig(seq_len=256, passkey_answer_weight=7.0, passkey_curriculum_steps=40)
+    data = _open_data("passkey", tcfg, None)
+    task = data["task"]
+    assert task.answer_weight == 7.0 and task.curriculum_steps == 40
+    w = data["loss_weights"]
+    assert w[-1] / w[0] == pytest.approx(7.0) and "answer weight 7" in data["description"]
+    assert task.longest_distance() < task.max_distance  # the curriculum starts short
+    plain = _open_data("passkey", TrainConfig(seq_len=256, passkey_answer_weight=1.0), None)["loss_weights"]
+    assert torch.equal(plain, torch.ones(256))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -17,11 +17,13 @@ q's dtype. ``segment_phases`` is None or one phase per pattern.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from ..patterns import clip_segment
 from . import kernels
 from .lse_grad import backward_grads, backward_inputs
 from .numerics import acc_dtype
@@ -35,13 +37,44 @@ def _phases(segment_phases: Optional[List[int]]) -> Optional[Tuple[int, ...]]:
     return tuple(segment_phases) if segment_phases is not None else None
 
 
+# Rows per block of the low-precision path (see _row_blocks): its fp32 accumulators are this many
+# bytes per tensor at most, unless one period of the pattern is longer.
+_BLOCK_BYTES = 256 * 2**20
+
+
+def _row_blocks(q: Tensor, segment_lengths: Sequence[int], segment_phases: Optional[Sequence[int]]) -> List[slice]:
+    """Row ranges of q (B, N, H, D) that no segment of any pattern crosses, for low-precision inputs.
+
+    Out and the gradients accumulate in fp32 (:func:`~.numerics.acc_dtype`); for bf16 or fp16
+    inputs at long N those accumulators would be twice the size of the outputs (9 GiB for
+    dq, dk, dv at 1M tokens, H = 12, D = 64). With every phase 0, the segments of all
+    patterns tile [0, N) in periods of P = lcm(w_i clipped to N), so the mixture is computed
+    block by block, each block a multiple of P, and only one block's accumulators are alive.
+    """
+    b, n, h, d = q.shape
+    if acc_dtype(q.dtype) == q.dtype or any(segment_phases or ()):
+        return [slice(0, n)]
+    period = math.lcm(*(clip_segment(w, n) for w in segment_lengths))
+    rows = max(1, _BLOCK_BYTES // (b * h * d * 4 * period)) * period
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
 def mixture_forward(q: Tensor, k: Tensor, v: Tensor, segment_lengths: List[int], dilation_rates: List[int],
                     is_causal: bool, scale: float, force_math: bool = False,
                     segment_phases: Optional[List[int]] = None) -> Tuple[Tensor, Tensor]:
     """(out, lse) of the mixture, no autograd: the body of ``dilated_attention_fwd``."""
-    out, lse = merge_patterns(q, k, v, tuple(segment_lengths), tuple(dilation_rates), is_causal, scale, force_math,
-                              segment_phases=_phases(segment_phases))
-    return out.to(q.dtype), lse
+    blocks = _row_blocks(q, segment_lengths, segment_phases)
+    out = lse = None
+    for rows in blocks:
+        o, l = merge_patterns(q[:, rows], k[:, rows], v[:, rows], tuple(segment_lengths), tuple(dilation_rates),
+                              is_causal, scale, force_math, segment_phases=_phases(segment_phases))
+        if len(blocks) == 1:
+            return o.to(q.dtype), l
+        if out is None:
+            out, lse = q.new_empty(q.shape), l.new_empty(q.shape[:3])
+        out[:, rows].copy_(o)
+        lse[:, rows].copy_(l)
+    return out, lse
 
 
 # custom_op(...)(fn) rather than a decorator keeps the bodies callable as plain functions
@@ -63,10 +96,22 @@ def mixture_backward(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, 
 
     The body of ``dilated_attention_bwd``.
     """
+    blocks = _row_blocks(q, segment_lengths, segment_phases)
+
     def run(do: Tensor, o: Tensor, zero_values: bool):
         values = torch.zeros_like(v) if zero_values else v
-        return accumulate_grads(do, q, k, values, o, lse, tuple(segment_lengths), tuple(dilation_rates), is_causal,
-                                scale, force_math, segment_phases=_phases(segment_phases))
+        grads = None
+        for rows in blocks:
+            g = accumulate_grads(do[:, rows], q[:, rows], k[:, rows], values[:, rows], o[:, rows], lse[:, rows],
+                                 tuple(segment_lengths), tuple(dilation_rates), is_causal, scale, force_math,
+                                 segment_phases=_phases(segment_phases))
+            if len(blocks) == 1:
+                return g  # in the accumulation dtype; backward_grads converts
+            if grads is None:  # several blocks: each block's accumulators are converted as it ends
+                grads = [x.new_empty(x.shape) for x in (q, k, v)]
+            for dst, src in zip(grads, g):
+                dst[:, rows].copy_(src)
+        return grads
     return backward_grads(run, backward_inputs(dout, dlse, out), q.dtype)
 
 

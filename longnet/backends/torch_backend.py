@@ -3,11 +3,14 @@
 No gather copies are made for r = 1: for a pattern (w, r) and head offset s,
 the kept rows of all segments and of all heads with ``h mod r == s`` form the
 strided view ``x.unflatten(1, (nseg, w))[:, :, s::r, s::r]``, which PyTorch's
-flash kernels read directly. Inputs may have any strides (a transposed
-(B, H, N, D) tensor, a slice of a fused qkv, ...): batch items and segments
-share one kernel batch dimension when the strides allow it, else each batch
-item is a call of its own; only a last dimension that is not contiguous is
-copied, because the kernels need it. Partial outputs are merged into one output buffer
+flash kernels read directly. For r > 1 the head offsets of a pattern share one
+kernel call, fed by one copy that reads x in order (:func:`_diagonal_pairs`).
+Inputs may have any strides (a transposed (B, H, N, D) tensor, a slice of a
+fused qkv, ...): batch items and segments share one kernel batch dimension when
+the strides allow it, else each batch item is a call of its own; only a last
+dimension that is not contiguous is copied, because the kernels need it. Large
+groups are split over several calls (:func:`_calls`), which bounds the memory of
+copies and kernel outputs. Partial outputs are merged into one output buffer
 with the stable update of SPEC.md §7, and the backward calls each partial's
 flash backward with the merged out and lse, which is the exact gradient of
 the mixture (weights included). Saved for backward: q, k, v, out, lse.
@@ -87,24 +90,17 @@ def iter_units(batch: int, n: int, num_heads: int, segment_lengths: Sequence[int
                     yield Unit(i, start, nseg, seg_len, s, r, kept, b)
 
 
-def unit_view(x: Tensor, u: Unit) -> Tensor:
-    """View of x (B, N, H, *rest), any strides, for unit u, as (Z, H_u, kept, *rest); no copy."""
+def _segments(x: Tensor, u: Unit) -> Tensor:
+    """View of x (B, N, H, *rest), any strides, as (Z, seg_len, H, *rest): u's segments; no copy."""
     if u.batch is not None:
         x = x[u.batch:u.batch + 1]
-    x = x[:, u.start:u.start + u.nseg * u.seg_len]
-    x = x.unflatten(1, (u.nseg, u.seg_len))[:, :, u.offset::u.rate, u.offset::u.rate]
-    x = x.flatten(0, 1) if x.shape[0] == 1 or x.shape[1] == 1 else _merge01(x)
-    return x.transpose(1, 2)
+    x = x[:, u.start:u.start + u.nseg * u.seg_len].unflatten(1, (u.nseg, u.seg_len))
+    return x.flatten(0, 1) if x.shape[0] == 1 or x.shape[1] == 1 else _merge01(x)
 
 
-def _gathered(x: Tensor, u: Unit) -> Tensor:
-    """x's kept rows for unit u as (Z, H_u, kept, D): a view for r = 1, else a contiguous copy.
-
-    r = 1 views have the dense (B, N, H, D) layout that the flash kernels are
-    tuned for; rows strided by r * H * D are read faster after one copy.
-    """
-    view = unit_view(x, u)
-    return view if u.rate == 1 else view.contiguous()
+def unit_view(x: Tensor, u: Unit) -> Tensor:
+    """View of x (B, N, H, *rest), any strides, for unit u, as (Z, H_u, kept, *rest); no copy."""
+    return _segments(x, u)[:, u.offset::u.rate, u.offset::u.rate].transpose(1, 2)
 
 
 def group_units(units: Sequence[Unit]) -> List[List[Unit]]:
@@ -126,15 +122,101 @@ def group_units(units: Sequence[Unit]) -> List[List[Unit]]:
     return groups
 
 
+# Bytes of one gathered tensor or kernel output per kernel call; see :func:`_calls`.
+_CALL_BYTES = 256 * 2**20
+
+
 def _heads(u: Unit, num_heads: int) -> int:
     return len(heads_with_offset(u.offset, u.rate, num_heads))
 
 
-def _stacked(x: Tensor, group: List[Unit]) -> Tensor:
-    """(Z, sum of heads, kept, D): the group's kept rows; a view for a lone r = 1 unit."""
-    if len(group) == 1:
-        return _gathered(x, group[0])
-    return torch.cat([unit_view(x, u) for u in group], dim=1)
+def _diagonal(group: List[Unit], num_heads: int) -> bool:
+    """Whether the group's kept rows are diagonals of (row mod r, head mod r) blocks (see :func:`_pairs`)."""
+    r = group[0].rate
+    offsets = [u.offset for u in group]
+    return (r > 1 and (num_heads % r == 0 or r >= num_heads)
+            and offsets == list(range(offsets[0], offsets[0] + len(offsets))))
+
+
+def _diagonal_pairs(x: Tensor, part: Tensor, group: List[Unit], num_heads: int,
+                    zs: slice) -> List[Tuple[Tensor, Tensor]]:
+    """(view of x, view of part) pairs covering the group, as strided diagonals; see :func:`_pairs`.
+
+    Row j*r + s of a segment is kept by heads t*c + s (t < T), with c = r and T = H / r when
+    r divides H, else (r >= H) c = H and T = 1. Viewing the segment's rows as (j, s) and its
+    heads as (t, s'), the kept rows are the diagonal s = s' < c. Read in that order, each
+    block of r rows is streamed once for all offsets together, instead of once per offset
+    with a stride of r rows. Offsets s < seg_len mod r keep one more row, from the segment's
+    last, partial block.
+    """
+    u0, r = group[0], group[0].rate
+    c = min(r, num_heads)
+    t = num_heads // c
+    full, extra = divmod(u0.seg_len, r)
+    s0, s1 = u0.offset, group[-1].offset + 1
+    seg = _segments(x, u0)[zs]  # (Z, w, H, *rest)
+    p = part.transpose(1, 2).unflatten(2, (s1 - s0, t))  # (Z, kept, offsets, T, *rest)
+    pairs = []
+    if full:
+        main = seg[:, :full * r].unflatten(1, (full, r)).narrow(2, 0, c).unflatten(3, (t, c))
+        main = main.diagonal(0, 2, 4).movedim(-1, 2)  # (Z, full, c, T, *rest)
+        pairs.append((main[:, :, s0:s1], p[:, :full]))
+    if u0.kept > full:
+        e = min(extra, c)  # this group's offsets are 0 .. e - 1
+        last = seg[:, full * r:full * r + e].unflatten(2, (t, c)).narrow(3, 0, e).diagonal(0, 1, 3).movedim(-1, 1)
+        pairs.append((last, p[:, full]))  # (Z, e, T, *rest)
+    return pairs
+
+
+def _pairs(x: Tensor, part: Tensor, group: List[Unit], num_heads: int,
+           zs: slice = slice(None)) -> List[Tuple[Tensor, Tensor]]:
+    """Equal-shaped (view of x, view of part) pairs that together cover the group's kept rows.
+
+    x is (B, N, H, *rest), part (Z', sum of heads, kept, *rest) with the group's units
+    stacked along heads, for the slice ``zs`` of the group's Z (batch x segment) items.
+    Gathering copies each x view into its part view; merging goes the other way.
+    No copies are made here.
+    """
+    if _diagonal(group, num_heads):
+        return _diagonal_pairs(x, part, group, num_heads, zs)
+    sizes = [_heads(u, num_heads) for u in group]
+    return list(zip((unit_view(x, u)[zs] for u in group), part.split(sizes, dim=1)))
+
+
+def _calls(units: Sequence[Unit], batch: int, num_heads: int, row_bytes: int) -> List[Tuple[List[Unit], slice]]:
+    """(group, slice of its Z items) per kernel call: one call per group unless it is large.
+
+    A group whose gathered tensors would exceed ``_CALL_BYTES`` (``row_bytes``: bytes of
+    one row of one head) is split over its Z (batch x segment) items, which bounds the
+    copies and kernel outputs alive at once (at 1M tokens, the r = 1 group's kernel
+    outputs alone would be 1.5 GiB each in bf16).
+    """
+    calls = []
+    for group in group_units(units):
+        u0 = group[0]
+        z = u0.nseg * (batch if u0.batch is None else 1)
+        per_z = u0.kept * sum(_heads(u, num_heads) for u in group) * row_bytes
+        step = max(1, _CALL_BYTES // max(1, per_z))
+        calls += [(group, slice(i, min(i + step, z))) for i in range(0, z, step)]
+    return calls
+
+
+def _gather(x: Tensor, group: List[Unit], num_heads: int, zs: slice = slice(None)) -> Tensor:
+    """(Z, sum of heads, kept, *rest): the group's kept rows of x (B, N, H, *rest).
+
+    A lone r = 1 unit is a view: it has the dense (B, N, H, D) layout that the
+    flash kernels are tuned for. Otherwise one copy into a buffer laid out
+    (Z, kept, heads, *rest), which the kernels read as fast as a dense input.
+    """
+    u0 = group[0]
+    if len(group) == 1 and u0.rate == 1:
+        return unit_view(x, u0)[zs]
+    z = len(range(u0.nseg * (x.shape[0] if u0.batch is None else 1))[zs])
+    heads = sum(_heads(u, num_heads) for u in group)
+    part = torch.empty((z, u0.kept, heads, *x.shape[3:]), dtype=x.dtype, device=x.device).transpose(1, 2)
+    for xv, pv in _pairs(x, part, group, num_heads, zs):
+        pv.copy_(xv)
+    return part
 
 
 def _adopt(t: Tensor, b: int, n: int, dtype: torch.dtype) -> Optional[Tensor]:
@@ -160,17 +242,17 @@ def merge_partial(out: Tensor, lse: Tensor, o_p: Tensor, l_p: Tensor) -> None:
     lse.copy_(new)
 
 
-def _first_plan(units: List[Unit], fresh: bool) -> Tuple[Optional[int], bool]:
+def _first_plan(calls: List[Tuple[List[Unit], slice]], fresh: bool) -> Tuple[Optional[int], bool]:
     """(copy_pattern, adopt) for filling fresh buffers.
 
     The first r = 1 pattern (``iter_units`` puts them first) writes every row,
     so into fresh buffers it copies instead of merging; when it is a single
-    unit, its kernel output is laid out as the whole buffer and is adopted.
+    kernel call, its output is laid out as the whole buffer and is adopted.
     """
-    if not fresh or not units or units[0].rate != 1:
+    if not fresh or not calls or calls[0][0][0].rate != 1:
         return None, False
-    first = units[0].pattern
-    return first, sum(u.pattern == first for u in units) == 1
+    first = calls[0][0][0].pattern
+    return first, sum(g[0].pattern == first for g, _ in calls) == 1
 
 
 def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, causal: bool,
@@ -185,11 +267,11 @@ def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
     """
     b, n, h, d = q.shape
     acc = lse_dt = acc_dtype(q.dtype)
-    units = list(iter_units(b, n, h, segment_lengths, dilation_rates, (q, k, v), segment_phases))
-    copy_pattern, adopt = _first_plan(units, fresh=out is None)
-    for group in group_units(units):
-        o_g, l_g = kernels.attn_fwd(_stacked(q, group), _stacked(k, group), _stacked(v, group), causal,
-                                    scale, force_math)
+    units = iter_units(b, n, h, segment_lengths, dilation_rates, (q, k, v), segment_phases)
+    calls = _calls(list(units), b, h, d * 4)
+    copy_pattern, adopt = _first_plan(calls, fresh=out is None)
+    for group, zs in calls:
+        o_g, l_g = kernels.attn_fwd(*(_gather(x, group, h, zs) for x in (q, k, v)), causal, scale, force_math)
         if out is None:
             if adopt:
                 out, lse = _adopt(o_g, b, n, acc), _adopt(l_g.unsqueeze(-1), b, n, lse_dt)
@@ -200,13 +282,12 @@ def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
             out = alloc(b, n, h, d, dtype=acc, device=q.device)
             lse = torch.empty((b, n, h), dtype=lse_dt, device=q.device) if copy_pattern is not None \
                 else torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
-        sizes = [_heads(u, h) for u in group]
-        for u, o_p, l_p in zip(group, o_g.split(sizes, dim=1), l_g.split(sizes, dim=1)):
-            if u.pattern == copy_pattern:
-                unit_view(out, u).copy_(o_p)
-                unit_view(lse, u).copy_(l_p)
+        for (ov, o_p), (lv, l_p) in zip(_pairs(out, o_g, group, h, zs), _pairs(lse, l_g, group, h, zs)):
+            if group[0].pattern == copy_pattern:
+                ov.copy_(o_p)
+                lv.copy_(l_p)
             else:
-                merge_partial(unit_view(out, u), unit_view(lse, u), o_p, l_p)
+                merge_partial(ov, lv, o_p, l_p)
     if out is None:  # no pattern at all (sequence parallelism with only cross-rank patterns)
         out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
         lse = torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
@@ -224,13 +305,13 @@ def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     """
     b, n, h, d = q.shape
     acc = acc_dtype(q.dtype)
-    units = list(iter_units(b, n, h, segment_lengths, dilation_rates, (do, q, k, v, out, lse, *(grads or ())),
-                            segment_phases))
-    copy_pattern, adopt = _first_plan(units, fresh=grads is None)
-    for group in group_units(units):
-        parts = kernels.attn_bwd(_stacked(do, group), _stacked(q, group), _stacked(k, group),
-                                 _stacked(v, group), _stacked(out, group), _stacked(lse, group), causal,
-                                 scale, force_math)
+    units = iter_units(b, n, h, segment_lengths, dilation_rates, (do, q, k, v, out, lse, *(grads or ())),
+                       segment_phases)
+    calls = _calls(list(units), b, h, d * 4)
+    copy_pattern, adopt = _first_plan(calls, fresh=grads is None)
+    for group, zs in calls:
+        parts = kernels.attn_bwd(*(_gather(x, group, h, zs) for x in (do, q, k, v, out, lse)), causal, scale,
+                                 force_math)
         if grads is None:
             if adopt:
                 adopted = [_adopt(p, b, n, acc) for p in parts]
@@ -239,13 +320,12 @@ def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                     continue
             alloc = torch.empty if copy_pattern is not None else torch.zeros
             grads = [alloc(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
-        sizes = [_heads(u, h) for u in group]
         for g, p in zip(grads, parts):
-            for u, p_u in zip(group, p.split(sizes, dim=1)):
-                if u.pattern == copy_pattern:
-                    unit_view(g, u).copy_(p_u)
+            for gv, pv in _pairs(g, p, group, h, zs):
+                if group[0].pattern == copy_pattern:
+                    gv.copy_(pv)
                 else:
-                    unit_view(g, u).add_(p_u)
+                    gv.add_(pv)
     if grads is None:
         grads = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
     return list(grads)

@@ -294,8 +294,10 @@ def base_config(args: argparse.Namespace):
     """The tiny preset's model at the --lm-* sizes, with --checkpointing; ValueError naming the flags."""
     from ..config import preset
     try:
+        # local_window 0: the dense model must be one pattern w = N, and LongNet the pattern named
+        # in the table (the tiny preset's local window is a training default, not part of it).
         return dataclasses.replace(preset("tiny")[0], n_layers=args.lm_layers, d_model=args.lm_dim,
-                                   n_heads=args.lm_heads, d_ffn=args.lm_ffn,
+                                   n_heads=args.lm_heads, d_ffn=args.lm_ffn, local_window=0,
                                    activation_checkpointing=args.checkpointing)
     except (TypeError, ValueError) as e:
         raise ValueError(f"--lm-layers/--lm-dim/--lm-heads/--lm-ffn: {e}") from None

@@ -82,19 +82,32 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
     impls = [(f"dilated[{backend or 'auto'}]", backend, dil_flops)]
     if dense:
         impls.append(("dense-sdpa", common.DENSE, dense_fl))
-    rows = []
-    for name, impl, (fl_f, fl_fb) in impls:
-        fwd, fb = (common.attention_call(impl, m, q, k, v, do, pattern, causal) for m in ("fwd", "fwdbwd"))
-        t_f = common.best_of(fwd, device, repeats, warmup)
-        t_fb = common.best_of(fb, device, repeats, warmup) if fwdbwd else NAN
-        mem = NAN if not fwdbwd else common.peak_memory_growth(fb, device) if memory else 0  # of fwd+bwd
-        rows.append(Row(name, n, t_f * 1e3, t_fb * 1e3, fl_f / t_f / 1e9, fl_fb / t_fb / 1e9,
-                        mem / 2**20, io_bytes / 2**20, mem / io_bytes))
+    calls = {m: [common.attention_call(impl, m, q, k, v, do, pattern, causal) for _, impl, _ in impls]
+             for m in ("fwd", "fwdbwd")}
+    # Dilated and dense take turns (common.interleaved_times), so load bursts hit both alike.
+    t_f = [min(ts) for ts in common.interleaved_times(calls["fwd"], device, repeats, warmup)]
+    if not fwdbwd:
+        t_fb, mems = [NAN] * len(impls), [NAN] * len(impls)
+    elif memory and repeats == 1 and warmup == 0:
+        # One call only (as at 1M tokens, where each takes minutes): its time and its memory.
+        t_fb, mems = zip(*(_timed_memory(fb, device) for fb in calls["fwdbwd"]))
+    else:
+        t_fb = [min(ts) for ts in common.interleaved_times(calls["fwdbwd"], device, repeats, warmup)]
+        mems = [common.peak_memory_growth(fb, device) if memory else 0 for fb in calls["fwdbwd"]]
+    rows = [Row(name, n, tf * 1e3, tfb * 1e3, fl_f / tf / 1e9, fl_fb / tfb / 1e9, mem / 2**20, io_bytes / 2**20,
+                mem / io_bytes) for (name, _, (fl_f, fl_fb)), tf, tfb, mem in zip(impls, t_f, t_fb, mems)]
     rows[0].dense_over_dilated_flops = dense_fl[0] / dil_flops[0]
     if dense:
         rows[0].dense_over_dilated_fwd = rows[1].fwd_ms / rows[0].fwd_ms
         rows[0].dense_over_dilated_fwdbwd = rows[1].fwdbwd_ms / rows[0].fwdbwd_ms
     return rows
+
+
+def _timed_memory(fn: Callable[[], torch.Tensor], device: torch.device) -> Tuple[float, int]:
+    """(seconds, peak memory growth in bytes) of one call of ``fn``; the CPU sampler costs about 1%."""
+    seconds: List[float] = []
+    mem = common.peak_memory_growth(lambda: seconds.append(common.best_of(fn, device, 1, 0)), device)
+    return seconds[0], mem
 
 
 def format_table(rows: List[Row]) -> str:

@@ -54,6 +54,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..config import TrainConfig
 from ..fileio import atomic_path, atomic_write_json
 
 __all__ = [
@@ -640,7 +641,7 @@ _KEY_OFFSET = _NEEDLE.index("{key}")  # bytes of needle before the first key dig
 _QUERY = b"\nWhat is the pass key? The pass key is "
 # Answer digits weigh this many filler bytes in the training loss (PasskeyTask.loss_weights):
 # with 5 digits in 1,024 bytes the answer then carries a third of the loss.
-DEFAULT_ANSWER_WEIGHT = 100.0
+DEFAULT_ANSWER_WEIGHT = TrainConfig.passkey_answer_weight
 
 
 class PasskeyTask:

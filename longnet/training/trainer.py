@@ -274,11 +274,14 @@ def _restore_sampler(sampler, resume: ResumeState, data_spec: str, allow_data_ch
 def _open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str], verbose: bool = True) -> Dict[str, Any]:
     if spec == "passkey":
         task = PasskeyTask(tcfg.seq_len, tcfg.passkey_distance or None, key_digits=tcfg.passkey_digits,
-                           seed=tcfg.seed, batch_size=tcfg.batch_size)
+                           seed=tcfg.seed, batch_size=tcfg.batch_size, answer_weight=tcfg.passkey_answer_weight,
+                           curriculum_steps=tcfg.passkey_curriculum_steps)
         return {"kind": "passkey", "sampler": task, "task": task, "loss_weights": task.loss_weights(),
                 "description": f"passkey task: seq_len {tcfg.seq_len}, distance "
                                f"{tcfg.passkey_distance or f'random in [{task.min_distance}, {task.max_distance}]'}, "
-                               f"{tcfg.passkey_digits}-digit keys"}
+                               f"{tcfg.passkey_digits}-digit keys, answer weight {tcfg.passkey_answer_weight:g}"
+                               + (f", curriculum over {tcfg.passkey_curriculum_steps} steps"
+                                  if tcfg.passkey_curriculum_steps else "")}
     # The trainer prints the corpus description itself; the data module would repeat it on a first build.
     corpus = open_corpus(spec, cache_dir=cache_dir, verbose=False)
     if corpus.valid.size < tcfg.seq_len + 1:
