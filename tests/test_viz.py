@@ -296,3 +296,46 @@ def test_api_errors(tmp_path):
     bad.write_bytes(b"hello")
     with pytest.raises(ValueError, match="not a PNG"):
         png_size(str(bad))
+
+
+# ---- segment phases in reach -------------------------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("n", [37, 64])
+def test_reach_with_phases_matches_the_count_matrix_closure(causal, n):
+    # Oracle: the union-of-heads adjacency from the reference count matrix (SPEC.md §2, with
+    # phases), closed under paths by repeated boolean products; reach must agree on every pair.
+    from longnet.analysis.reach import depth_matrix
+    from longnet.backends.reference import count_matrix as ref_count
+    pat = DilatedPattern((8, 16, 32), (1, 2, 4)).with_local_window(4)
+    pat = DilatedPattern(pat.segment_lengths, pat.dilation_rates, (0, 3, 5, 0, 2))
+    c = ref_count(n, 4, pat.segment_lengths, pat.dilation_rates, is_causal=causal,
+                  segment_phases=pat.segment_phases)
+    adj = (c.sum(0) > 0).numpy() | np.eye(n, dtype=bool)  # adj[i, j]: j reaches i in one layer
+    expect = np.where(np.eye(n, dtype=bool), 0, -1)
+    reach_l = np.eye(n, dtype=bool)
+    for layer in range(1, n + 1):
+        nxt = (adj.astype(np.int64) @ reach_l.astype(np.int64)) > 0
+        expect[nxt & ~reach_l] = layer
+        if (nxt == reach_l).all():
+            break
+        reach_l = nxt
+    np.testing.assert_array_equal(depth_matrix(pat, n, 4, causal=causal), expect)
+
+
+def test_reach_sees_the_local_window_link_every_neighbour_pair():
+    from longnet.analysis.reach import depth_matrix, reach
+    base = DilatedPattern((8, 16, 32), (1, 2, 4))
+    n = 64
+    plain = depth_matrix(base, n, 4, causal=True)
+    fixed = depth_matrix(base.with_local_window(4), n, 4, causal=True)
+    j = np.arange(n - 1)
+    assert (fixed[j + 1, j] == 1).all()
+    assert plain[8, 7] != 1  # the blind spot at the first w0 boundary (here: never linked at all)
+    res = reach(base.with_local_window(4), n, 4, causal=True)
+    assert res.segment_phases == (0, 0, 0, 0, 2) and res.block_length is None
+
+
+def test_viz_count_drawings_refuse_phased_patterns():
+    with pytest.raises(ValueError, match="segment_phases"):
+        count_stats(DilatedPattern((8, 16), (1, 2)).with_local_window(4), 32, 2)

@@ -54,11 +54,13 @@ def _check_n_heads(n, num_heads) -> Tuple[int, int]:
     return int(n), int(num_heads)
 
 
-def _wr(pattern) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+def _wr(pattern) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...]]:
+    """(segment_lengths, dilation_rates, segment_phases) of a DilatedPattern or a (w, r) pair."""
     if isinstance(pattern, DilatedPattern):
-        return pattern.segment_lengths, pattern.dilation_rates
+        return pattern.segment_lengths, pattern.dilation_rates, pattern.segment_phases
     if isinstance(pattern, tuple) and len(pattern) == 2:
-        return validate_pattern(*pattern)
+        w_t, r_t = validate_pattern(*pattern)
+        return w_t, r_t, (0,) * len(w_t)
     raise TypeError("pattern must be a DilatedPattern or a (segment_lengths, dilation_rates) pair, "
                     f"got {type(pattern).__name__}")
 
@@ -74,11 +76,11 @@ def dead_rows(pattern, n: int, num_heads: int) -> np.ndarray:
     Such a row neither sends nor receives anything in any layer.
     """
     n, num_heads = _check_n_heads(n, num_heads)
-    w_t, r_t = _wr(pattern)
+    w_t, r_t, phi_t = _wr(pattern)
     pos = np.arange(n)
     kept = np.zeros(n, dtype=bool)
-    for w, r in zip(w_t, r_t):
-        kept |= np.isin(_patterns.row_offset(pos, w, r), used_offsets(r, num_heads))
+    for w, r, phi in zip(w_t, r_t, phi_t):
+        kept |= np.isin(_patterns.row_offset(pos, w, r, phi), used_offsets(r, num_heads))
     return np.flatnonzero(~kept)
 
 
@@ -105,13 +107,12 @@ def _popcount(a: np.ndarray) -> int:
     return int(np.unpackbits(np.ascontiguousarray(a).view(np.uint8)).sum(dtype=np.int64))
 
 
-def _cliques(w_t, r_t, n: int, num_heads: int):
-    """(w, r, offsets, all_offsets) per pattern, with w clipped to n."""
+def _cliques(w_t, r_t, phi_t, n: int, num_heads: int):
+    """(segment groups, r, offsets, all_offsets) per pattern; groups as in patterns.segment_groups."""
     out = []
-    for w, r in zip(w_t, r_t):
-        w = min(w, n)
+    for w, r, phi in zip(w_t, r_t, phi_t):
         offs = used_offsets(r, num_heads)
-        out.append((w, r, offs, len(offs) == r))
+        out.append((_patterns.segment_groups(n, w, phi), r, offs, len(offs) == r))
     return out
 
 
@@ -120,7 +121,6 @@ def _step(x: np.ndarray, cliques, causal: bool) -> np.ndarray:
 
     x: (n, words) of uint64 source bits, or (n, n_src) bool. Views only; one copy for y.
     """
-    n = x.shape[0]
     y = x.copy()
     orr = np.bitwise_or
 
@@ -130,23 +130,17 @@ def _step(x: np.ndarray, cliques, causal: bool) -> np.ndarray:
         else:
             yv |= orr.reduce(xv, axis=axis, keepdims=True)
 
-    for w, r, offs, all_offs in cliques:
-        nf = n // w
-        if nf:
-            xs = x[: nf * w].reshape(nf, w, -1)
-            ys = y[: nf * w].reshape(nf, w, -1)
+    for groups, r, offs, all_offs in cliques:
+        for start, count, w in groups:  # `count` segments of length w from `start`
+            xs = x[start:start + count * w].reshape(count, w, -1)
+            ys = y[start:start + count * w].reshape(count, w, -1)
             if all_offs and w % r == 0:
                 # Every offset used: all cliques of a segment are the columns of (w/r, r).
-                spread(xs.reshape(nf, w // r, r, -1), ys.reshape(nf, w // r, r, -1), axis=1)
+                spread(xs.reshape(count, w // r, r, -1), ys.reshape(count, w // r, r, -1), axis=1)
             else:
                 for s in offs:
                     if s < w:
                         spread(xs[:, s::r], ys[:, s::r], axis=1)
-        a = nf * w
-        if a < n:  # short tail segment [a, n)
-            for s in offs:
-                if a + s < n:
-                    spread(x[a + s:n:r], y[a + s:n:r], axis=0)
     return y
 
 
@@ -193,6 +187,7 @@ class ReachResult:
     causal: bool
     segment_lengths: Tuple[int, ...]
     dilation_rates: Tuple[int, ...]
+    segment_phases: Tuple[int, ...]
     max_depth: Optional[int]          # deepest shortest path over connected pairs; None if none
     witness: Optional[Tuple[int, int]]  # (j, i) at max_depth
     depth_histogram: List[int]        # [d-1] = number of pairs at depth d
@@ -250,11 +245,12 @@ def reach(pattern, n: int, num_heads: int, *, causal: bool = False,
     n, num_heads = _check_n_heads(n, num_heads)
     if isinstance(batch_sources, bool) or not isinstance(batch_sources, int) or batch_sources < 1:
         raise ValueError(f"batch_sources must be a positive integer, got {batch_sources!r}")
-    w_t, r_t = _wr(pattern)
+    w_t, r_t, phi_t = _wr(pattern)
     lcm = math.lcm(*w_t)
     # No segment straddles a multiple of lcm(w), and translating by it maps segments and
     # offsets onto themselves: the graph is copies of one block plus a tail block.
-    if lcm < n:
+    # (Not with phases: a shifted segment may straddle it.)
+    if lcm < n and not any(phi_t):
         blocks = [(lcm, n // lcm, 0)] + ([(n % lcm, 1, n - n % lcm)] if n % lcm else [])
     else:
         blocks = [(n, 1, 0)]
@@ -262,7 +258,7 @@ def reach(pattern, n: int, num_heads: int, *, causal: bool = False,
     witness = None
     reached = 0
     for length, copies, start in blocks:  # full blocks report pairs in their first copy
-        cl = _cliques(w_t, r_t, length, num_heads)
+        cl = _cliques(w_t, r_t, phi_t, length, num_heads)
         for lo in range(0, length, batch_sources):
             h, wit, r = _bfs_bits(length, cl, causal, lo, min(lo + batch_sources, length), max_steps=length)
             if len(h) > len(hist):
@@ -274,10 +270,10 @@ def reach(pattern, n: int, num_heads: int, *, causal: bool = False,
             reached += r * copies
     pairs = n * (n - 1) // (2 if causal else 1)
     return ReachResult(
-        n=n, num_heads=num_heads, causal=causal, segment_lengths=w_t, dilation_rates=r_t,
+        n=n, num_heads=num_heads, causal=causal, segment_lengths=w_t, dilation_rates=r_t, segment_phases=phi_t,
         max_depth=len(hist) if hist else None, witness=witness, depth_histogram=hist,
-        pairs=pairs, never_connected=pairs - reached, dead_rows=dead_rows((w_t, r_t), n, num_heads),
-        block_length=lcm if lcm < n else None, paper_estimate=_estimate_for(w_t, r_t, n))
+        pairs=pairs, never_connected=pairs - reached, dead_rows=dead_rows(pattern, n, num_heads),
+        block_length=lcm if lcm < n and not any(phi_t) else None, paper_estimate=_estimate_for(w_t, r_t, n))
 
 
 def depth_matrix(pattern, n: int, num_heads: int, *, causal: bool = False) -> np.ndarray:
@@ -286,8 +282,7 @@ def depth_matrix(pattern, n: int, num_heads: int, *, causal: bool = False) -> np
     Dense, so for small N (N = 4096 is 64 MiB). ``D[i, i] = 0``.
     """
     n, num_heads = _check_n_heads(n, num_heads)
-    w_t, r_t = _wr(pattern)
-    cl = _cliques(w_t, r_t, n, num_heads)
+    cl = _cliques(*_wr(pattern), n, num_heads)
     x = np.eye(n, dtype=bool)  # x[i, j]: source j has reached position i
     d = np.where(x, 0, -1).astype(np.int32)
     for step in range(1, n + 1):

@@ -46,6 +46,11 @@ __all__ = [
 
 def _pattern(pattern) -> DilatedPattern:
     if isinstance(pattern, DilatedPattern):
+        if any(pattern.segment_phases):
+            # The block-sum drawings assume segments at multiples of w; refuse rather than misdraw.
+            raise ValueError(f"segment_phases {pattern.segment_phases}: viz draws patterns without phases only; "
+                             "for phased patterns use longnet.backends.reference.count_matrix(..., "
+                             "segment_phases=...) and longnet.analysis.reach, which handle them")
         return pattern
     if isinstance(pattern, tuple) and len(pattern) == 2:
         return DilatedPattern(*pattern)
