@@ -306,7 +306,7 @@ def _from_dict(cls, d: Dict[str, Any], section: str):
 # at equal training FLOPs it lowered test bits-per-byte by 3-4% and removed the loss spike at
 # segment boundaries (README, "Experiment"). ``--set model.local_window=0`` gives the paper's pattern.
 PRESETS: Dict[str, Tuple[LongNetConfig, TrainConfig]] = {
-    # About 3.2M parameters; ~4 minutes on 2 CPU cores. The time limit is a safety net for
+    # About 3.2M parameters; ~4.5 minutes on 2 CPU cores. The time limit is a safety net for
     # slower machines: training stops (and checkpoints) after 420 s even if steps remain.
     "tiny": (
         LongNetConfig(n_layers=4, d_model=256, n_heads=4, d_ffn=1024,

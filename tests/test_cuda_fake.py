@@ -192,6 +192,7 @@ def _check_flash_backward(log, forward_calls, dtype, causal, scale):
 CUDA_CASES = [
     pytest.param(2, 96, 4, 64, [32, 64, 128], [1, 2, 4], "contiguous", id="paper-like"),
     pytest.param(1, 100, 6, 32, [24, 40], [2, 3], "transposed", id="no-r=1,N%w!=0,(B,H,N,D)"),
+    pytest.param(1, 128, 4, 64, [16, 32, 64], [1, 2, 4], "contiguous", id="two-periods"),
 ]
 
 
@@ -201,12 +202,22 @@ def _inputs(b, n, h, d, dtype, layout):
     return [_cuda(b, n, h, d, dtype=dtype) for _ in range(3)]
 
 
+@pytest.mark.parametrize("small_budgets", [False, True], ids=["one-call", "row-blocks+split-calls"])
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("b, n, h, d, w, r, layout", CUDA_CASES)
-def test_torch_backend_on_cuda(fake_cuda, b, n, h, d, w, r, layout, causal, dtype, monkeypatch):
-    """Forward and backward (with an lse gradient, both of its passes) run the flash kernels at D."""
+def test_torch_backend_on_cuda(fake_cuda, b, n, h, d, w, r, layout, causal, dtype, small_budgets, monkeypatch):
+    """Forward and backward (with an lse gradient, both of its passes) run the flash kernels at D.
+
+    ``small_budgets``: the long-N paths at test size, row blocks of whole pattern periods
+    (custom_ops._row_blocks) and groups split over several kernel calls (torch_backend._calls)."""
+    if small_budgets:
+        from longnet.backends import torch_backend
+        monkeypatch.setattr(custom_ops, "_BLOCK_BYTES", 1)
+        monkeypatch.setattr(torch_backend, "_CALL_BYTES", 1)
     q, k, v = _inputs(b, n, h, d, dtype, layout)
+    if small_budgets and n == 128:
+        assert len(custom_ops._row_blocks(q, w, None)) == 2
     scale = d ** -0.5
     args = (w, r, causal, scale, False, None)
     with AtenLog() as log:
