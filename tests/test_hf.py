@@ -192,6 +192,99 @@ def test_chunked_prefill_with_cache_is_exact():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
 
 
+# ----------------------------------------------------------------------------- phases and the local window
+
+LW = 6  # adds (6, 1, phase 0) and (6, 1, phase 3) to W, R
+LW_PATTERN = longnet.DilatedPattern(W, R).with_local_window(LW)
+
+
+def test_local_window_is_stored_and_each_layer_computes_the_phased_op(monkeypatch):
+    model = dilated(tiny(), local_window=LW)
+    cfg = model.config
+    assert (cfg.longnet_segment_lengths, cfg.longnet_dilation_rates, cfg.longnet_segment_phases) == (
+        [8, 16, 32, 6, 6], [1, 2, 4, 1, 1], [0, 0, 0, 0, 3])
+    calls = []
+
+    def spy(module, query, key, value, attention_mask, **kw):
+        out, weights = dilated_attention_forward(module, query, key, value, attention_mask, **kw)
+        calls.append((query, key, value, out, kw["scaling"]))
+        return out, weights
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "longnet", spy)
+    x = tokens(2, 37)
+    logits = model(x).logits
+    assert len(calls) == cfg.num_hidden_layers
+    w, r, phases = LW_PATTERN.segment_lengths, LW_PATTERN.dilation_rates, LW_PATTERN.segment_phases
+    for q, k, v, out, scaling in calls:
+        oracle = longnet.dilated_attention(_bnhd(q), _expand(k, 2), _expand(v, 2), w, r, is_causal=True,
+                                           scale=scaling, segment_phases=phases, backend="reference")
+        torch.testing.assert_close(out, oracle, atol=1e-5, rtol=1e-5)
+    assert (logits - dilated(tiny())(x).logits).abs().max() > 1e-3  # the window changes the model
+
+
+def test_phased_decode_step_is_the_ops_row():
+    torch.manual_seed(0)
+    b, hq, hkv, n, d = 2, 4, 2, 40, 16
+    w, r, phases = [8, 16, 6, 6], [1, 2, 1, 1], [3, 5, 0, 3]
+    q, k, v = torch.randn(b, hq, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+    module = _Module(w, r)
+    module.config.longnet_segment_phases = phases
+    full = longnet.dilated_attention(_bnhd(q), _expand(k, 2), _expand(v, 2), w, r, is_causal=True, scale=0.3,
+                                     segment_phases=phases)
+    with torch.no_grad():
+        for p in range(n):
+            out, _ = dilated_attention_forward(module, q[:, :, p:p + 1], k[:, :, :p + 1], v[:, :, :p + 1],
+                                               DilatedMask(p), scaling=0.3)
+            torch.testing.assert_close(out[:, 0], full[:, p], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("phases", [None, [3, 5, 30]])
+def test_phased_chunked_prefill_and_generation_are_exact(phases):
+    """Chunks that start inside segments of some patterns and not others; 97 is just past
+    lcm(w) = 96, where the phased segments [93, 99) and (phase 30) [94, 126) straddle 96."""
+    model = dilated(tiny(), segment_phases=phases, local_window=LW)
+    x = tokens(2, 110)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = DynamicCache()
+        parts = [model(x[:, a:b], past_key_values=cache, use_cache=True).logits
+                 for a, b in ((0, 13), (13, 22), (22, 23), (23, 97), (97, 98), (98, 110))]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    prompt = x[:, :20]
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                         pad_token_id=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+
+
+def test_phased_dropout_path_and_save_round_trip(tmp_path):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 30, 4, 8) for _ in range(3))
+    w, r, phases = [8, 16, 6, 6], [1, 2, 1, 1], [3, 5, 0, 3]
+    exact = longnet.dilated_attention(q, k, v, w, r, is_causal=True, scale=0.4, segment_phases=phases)
+    torch.testing.assert_close(_dense_with_dropout(q, k, v, w, r, True, 0.4, 0.0, phases), exact,
+                               atol=1e-6, rtol=1e-6)
+    model = dilated(tiny("qwen2"), local_window=LW)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="longnet").eval()
+    assert loaded.config.longnet_segment_phases == [0, 0, 0, 0, 3]
+    x = tokens(1, 30)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+def test_bad_phases_and_windows_are_refused():
+    model = tiny()
+    with pytest.raises(ValueError, match="local_window must be 0 .* got 5"):
+        lh.use_dilated_attention(copy.deepcopy(model), W, R, local_window=5)
+    with pytest.raises(ValueError, match="segment_phases must have one phase per segment length"):
+        lh.use_dilated_attention(copy.deepcopy(model), W, R, segment_phases=[1, 2])
+    with pytest.raises(ValueError, match=r"segment_phases\[1\]"):
+        lh.use_dilated_attention(copy.deepcopy(model), W, R, segment_phases=[0, 16, 0])
+
+
 # ----------------------------------------------------------------------------- masks
 
 

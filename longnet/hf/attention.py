@@ -14,8 +14,8 @@ Contracts followed (transformers >= 4.53):
   layer's attention function.
 
 The dilated pattern lives on the model config (``longnet_segment_lengths``,
-``longnet_dilation_rates``, ``longnet_backend``), so ``save_pretrained`` /
-``from_pretrained`` carry it.
+``longnet_dilation_rates``, ``longnet_segment_phases``, ``longnet_backend``), so
+``save_pretrained`` / ``from_pretrained`` carry it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ from ..backends.numerics import acc_dtype, default_scale
 from ..backends.reference import count_matrix
 from ..backends.torch_backend import merge_partial
 from ..functional import available_backends, dilated_attention
-from ..patterns import used_offsets, validate_pattern, visible_keys
+from ..patterns import (DilatedPattern, segment_start, used_offsets, validate_pattern, validate_phases,
+                        visible_keys)
 
 # Bidirectional masks go through the mask interface from transformers 4.56 on.
 _BIDIRECTIONAL = getattr(masking_utils, "bidirectional_mask_function", None)
@@ -56,7 +57,7 @@ _ALWAYS_WRAPS_PACKED = masking_utils.find_packed_sequence_indices(torch.arange(2
 __all__ = ["ATTENTION_NAME", "DilatedMask", "dilated_attention_forward", "dilated_mask", "use_dilated_attention"]
 
 ATTENTION_NAME = "longnet"
-_CONFIG_KEYS = ("longnet_segment_lengths", "longnet_dilation_rates", "longnet_backend")
+_CONFIG_KEYS = ("longnet_segment_lengths", "longnet_dilation_rates", "longnet_segment_phases", "longnet_backend")
 # Keyword arguments some model families pass that change the attention itself; the dilated
 # pattern does not combine with them, so a non-None value is refused rather than ignored.
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
@@ -150,14 +151,26 @@ def dilated_mask(batch_size: int = 1, kv_length: int = 0, kv_offset: int = 0, ma
 # ----------------------------------------------------------------------------- attention function
 
 
-def _layer_pattern(module) -> Tuple[Tuple[int, ...], Tuple[int, ...], Optional[str]]:
+@dataclass(frozen=True)
+class _Pattern:
+    """A layer's pattern as read from its config: w_i, r_i, phases φ_i (all 0 when unset), backend."""
+
+    w: Tuple[int, ...]
+    r: Tuple[int, ...]
+    phases: Tuple[int, ...]
+    backend: Optional[str]
+
+
+def _layer_pattern(module) -> _Pattern:
     config = getattr(module, "config", None)
     if config is None or getattr(config, _CONFIG_KEYS[0], None) is None:
         raise ValueError(f"{type(module).__name__} runs with attn_implementation='{ATTENTION_NAME}' but its config "
                          "holds no dilated pattern (longnet_segment_lengths, longnet_dilation_rates): switch "
                          "the model with longnet.hf.use_dilated_attention(model, segment_lengths, dilation_rates)")
-    return (tuple(config.longnet_segment_lengths), tuple(config.longnet_dilation_rates),
-            getattr(config, "longnet_backend", None))
+    w = tuple(config.longnet_segment_lengths)
+    # Configs saved before phases existed have no longnet_segment_phases: all 0.
+    phases = validate_phases(getattr(config, "longnet_segment_phases", None), w)
+    return _Pattern(w, tuple(config.longnet_dilation_rates), phases, getattr(config, "longnet_backend", None))
 
 
 def _span(attention_mask, query: Tensor, key: Tensor, module, is_causal) -> DilatedMask:
@@ -184,18 +197,30 @@ def _bnhd(x: Tensor, rep: int) -> Tensor:
     return x.unsqueeze(3).expand(b, s, h, rep, d).reshape(b, s, h * rep, d)
 
 
-def _aligned_start(q_offset: int, segment_lengths: Sequence[int]) -> int:
-    """The last position <= q_offset at which a segment of every pattern starts."""
-    period = math.lcm(*segment_lengths)
-    return (q_offset // period) * period
+def _aligned_start(q_offset: int, segment_lengths: Sequence[int], phases: Sequence[int]) -> Tuple[int, Tuple[int, ...]]:
+    """(start, phases relative to start) for running the op on positions start.. only.
+
+    Every segment that holds a position >= q_offset must begin at or after ``start``,
+    so that the op, cutting its positions from ``start`` on, sees those segments whole.
+    With every phase 0 the start is a multiple of lcm(w_i), where all patterns begin a
+    segment, and the phases stay 0 (the op's fastest path). Otherwise (patterns with
+    phases need not share any start) it is the earliest of the segments holding
+    q_offset, and each phase is re-measured from there.
+    """
+    if not any(phases):
+        period = math.lcm(*segment_lengths)
+        return (q_offset // period) * period, tuple(phases)
+    start = min(int(segment_start(q_offset, w, phi)) for w, phi in zip(segment_lengths, phases))
+    return start, tuple((phi - start) % w for w, phi in zip(segment_lengths, phases))
 
 
 def _dense_with_dropout(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, causal: bool,
-                        scale: float, dropout: float) -> Tensor:
+                        scale: float, dropout: float, segment_phases=None) -> Tensor:
     """q, k, v (B, N, H, D) -> (B, N, H, D): SPEC.md §2's softmax(q k^T scale + log C), dropout on its
     probabilities. Dense (H, N, N) scores: the training path when attention dropout is on."""
     n, h = q.shape[1], q.shape[2]
-    c = count_matrix(n, h, segment_lengths, dilation_rates, is_causal=causal, device=q.device)
+    c = count_matrix(n, h, segment_lengths, dilation_rates, is_causal=causal, device=q.device,
+                     segment_phases=segment_phases)
     empty = (c == 0).all(-1)  # (H, N): rows no pattern keeps; their output is 0
     # log 0 = -inf removes the keys a row does not share a pattern with; empty rows get a
     # finite dummy row (zeroed below) so that no softmax is taken over nothing.
@@ -205,38 +230,40 @@ def _dense_with_dropout(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilati
     return out.transpose(1, 2).masked_fill(empty.T[None, :, :, None], 0.0)
 
 
-def _attend(query: Tensor, key: Tensor, value: Tensor, span: DilatedMask, pattern, scale: float,
+def _attend(query: Tensor, key: Tensor, value: Tensor, span: DilatedMask, pattern: _Pattern, scale: float,
             dropout: float) -> Tensor:
     """query (B, Hq, Nq, D) at positions q_offset.., key/value (B, Hkv, q_offset + Nq, D) -> (B, Nq, Hq, D).
 
-    The op runs from the last position where every pattern starts a segment, so its
-    segments and head offsets are those of the whole sequence; the earlier queries there
-    are zeros (not cached) and their outputs are dropped, while causality keeps every
-    real query's output exact.
+    The op runs from a position at or before the start of every segment that holds a
+    query (:func:`_aligned_start`), so its segments and head offsets are those of the
+    whole sequence; the earlier queries there are zeros (not cached) and their outputs
+    are dropped, while causality keeps every real query's output exact.
     """
-    w, r, backend = pattern
+    w, r = pattern.w, pattern.r
     if span.q_offset and not span.causal:
         raise ValueError(f"longnet attention with a cache needs causal attention; {_SUPPORTED}")
-    start = _aligned_start(span.q_offset, w)
+    start, phases = _aligned_start(span.q_offset, w, pattern.phases)
     rep = query.shape[1] // key.shape[1]
     q = query.transpose(1, 2)
     if start < span.q_offset:
         q = torch.cat([q.new_zeros(q.shape[0], span.q_offset - start, *q.shape[2:]), q], 1)
     k, v = _bnhd(key[:, :, start:], rep), _bnhd(value[:, :, start:], rep)
     if dropout > 0:
-        out = _dense_with_dropout(q, k, v, w, r, span.causal, scale, dropout)
+        out = _dense_with_dropout(q, k, v, w, r, span.causal, scale, dropout, phases)
     else:
-        out = dilated_attention(q, k, v, w, r, is_causal=span.causal, scale=scale, backend=backend)
+        out = dilated_attention(q, k, v, w, r, is_causal=span.causal, scale=scale, backend=pattern.backend,
+                                segment_phases=phases)
     return out[:, span.q_offset - start:].contiguous()
 
 
-def _decode_plan(p: int, segment_lengths, dilation_rates, num_heads: int) -> Iterator[Tuple[slice, int, int]]:
+def _decode_plan(p: int, segment_lengths, dilation_rates, num_heads: int,
+                 phases: Sequence[int]) -> Iterator[Tuple[slice, int, int]]:
     """For query position p: (heads, first key, rate) of each pattern that keeps p in some head.
 
     The heads with p's offset see keys first, first + r, ..., p (:func:`visible_keys`).
     """
-    for w, r in zip(segment_lengths, dilation_rates):
-        s, first, _ = visible_keys(p, w, r)
+    for w, r, phi in zip(segment_lengths, dilation_rates, phases):
+        s, first, _ = visible_keys(p, w, r, phi)
         if s in used_offsets(r, num_heads):
             yield slice(s, num_heads, r), first, r
 
@@ -249,19 +276,18 @@ def _kv_heads(x: Tensor, heads: slice, num_heads: int, rep: int) -> Tensor:
     return x.index_select(1, idx)
 
 
-def _decode(query: Tensor, key: Tensor, value: Tensor, pattern, scale: float) -> Tensor:
+def _decode(query: Tensor, key: Tensor, value: Tensor, pattern: _Pattern, scale: float) -> Tensor:
     """One query (B, Hq, 1, D) at position p = S - 1 against key/value (B, Hkv, S, D) -> (B, 1, Hq, D).
 
     Each pattern reads only its kept keys, as strided slices of the cache, and the
     partials merge by log-sum-exp (SPEC.md §2); heads no pattern keeps output 0.
     """
-    w, r, _ = pattern
     b, hq, _, d = query.shape
     p, rep = key.shape[2] - 1, hq // key.shape[1]
     acc = acc_dtype(query.dtype)
     out = torch.zeros(b, hq, d, dtype=acc, device=query.device)
     lse = torch.full((b, hq), float("-inf"), dtype=acc, device=query.device)
-    for heads, first, rate in _decode_plan(p, w, r, hq):
+    for heads, first, rate in _decode_plan(p, pattern.w, pattern.r, hq, pattern.phases):
         k_i, v_i = (_kv_heads(x[:, :, first:p + 1:rate], heads, hq, rep) for x in (key, value))
         o_i, l_i = kernels.attn_fwd(query[:, heads], k_i, v_i, False, scale)
         merge_partial(out[:, heads], lse[:, heads], o_i[:, :, 0], l_i[:, :, 0])
@@ -315,7 +341,8 @@ def _check_backend(backend: Optional[str]) -> None:
         raise ValueError(f"backend must be None or one of {available_backends()}, got {backend!r}")
 
 
-def use_dilated_attention(model, segment_lengths, dilation_rates, *, backend: Optional[str] = None):
+def use_dilated_attention(model, segment_lengths, dilation_rates, *, segment_phases=None, local_window: int = 0,
+                          backend: Optional[str] = None):
     """Switch a ``transformers`` ``PreTrainedModel`` to dilated attention, in place; returns the model.
 
     Every attention layer then computes :func:`longnet.dilated_attention` with this
@@ -323,8 +350,13 @@ def use_dilated_attention(model, segment_lengths, dilation_rates, *, backend: Op
     layer's own scaling. Generation with the model's cache decodes each token
     against the keys its pattern keeps.
 
+    ``segment_phases`` (one φ_i per pattern, default all 0) and ``local_window``
+    (0, or an even l >= 2: :meth:`longnet.DilatedPattern.with_local_window`, the
+    variant without the causal blind spot that ``longnet``'s own LM presets use)
+    are the op's opt-in extensions; the stored pattern is the expanded one.
+
     The pattern is stored on ``model.config`` (``longnet_segment_lengths``,
-    ``longnet_dilation_rates``, ``longnet_backend``) together with
+    ``longnet_dilation_rates``, ``longnet_segment_phases``, ``longnet_backend``) together with
     ``attn_implementation="longnet"``, so a saved copy loads dilated again after
     ``import longnet.hf``: ``from_pretrained(path, attn_implementation="longnet")``
     (transformers 5 also does it when not told; pass ``attn_implementation="sdpa"``
@@ -333,6 +365,12 @@ def use_dilated_attention(model, segment_lengths, dilation_rates, *, backend: Op
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     w, r = validate_pattern(segment_lengths, dilation_rates)
+    pattern = DilatedPattern(w, r, validate_phases(segment_phases, w))
+    if local_window:
+        try:
+            pattern = pattern.with_local_window(local_window)
+        except ValueError as e:
+            raise ValueError(f"local_window must be 0 (off) or an even length >= 2, got {local_window!r}") from e
     _check_backend(backend)
     _check_no_sliding_window(model)
     if hasattr(model, "set_attn_implementation"):
@@ -342,7 +380,8 @@ def use_dilated_attention(model, segment_lengths, dilation_rates, *, backend: Op
     if model.config._attn_implementation != ATTENTION_NAME:
         raise ValueError(f"{type(model).__name__} does not dispatch through transformers' AttentionInterface, "
                          "so its attention cannot be replaced (tested: Llama, Qwen2, Mistral)")
-    for key, value in zip(_CONFIG_KEYS, (list(w), list(r), backend)):
+    values = (list(pattern.segment_lengths), list(pattern.dilation_rates), list(pattern.segment_phases), backend)
+    for key, value in zip(_CONFIG_KEYS, values):
         setattr(model.config, key, value)
     # A config key that PreTrainedConfig.__init__ reads back as the attention implementation.
     model.config.attn_implementation = ATTENTION_NAME
