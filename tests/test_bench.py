@@ -296,6 +296,8 @@ RUN_CASES += [  # --figure5: forward only, dense extrapolated from at least two 
     (["--figure5", "--n", "4096,8192", "--dense-max-n", "2048", "--plot", "{tmp}/f.png"], "got none"),
     (["--figure5", "--n", "4096,8192,268435456", "--plot", "{tmp}/f.png"], "q, k, v and out alone need"),
 ]
+RUN_CASES += [(["--breakdown", flag, *rest], f"--breakdown prints two tables against dense attention: drop {flag}")
+              for flag, *rest in (("--no-dense",), ("--plot", "{tmp}/b.png"))]
 if not torch.cuda.is_available():
     RUN_CASES.append((["--device", "cuda"], "CUDA is not available"))
 
@@ -538,3 +540,64 @@ def test_lm_xpos_range_reaches_n_with_the_same_cost():
     assert cfg.xpos_scale_base == 2 * base.xpos_scale_base  # 512 reaches only 65,391 tokens
     assert lm.model_config(base, lm.dense_pattern(16384), 16384).xpos_scale_base == base.xpos_scale_base
     assert cfg.num_parameters() == base.num_parameters()
+
+
+# --------------------------------------------------------------------------- longnet bench --breakdown
+
+
+def test_kernel_clock_sees_every_kernel_call_and_restores_the_kernels(monkeypatch):
+    from longnet.backends import kernels
+    from longnet.bench import breakdown
+    seen = []
+    for name in ("_attn_fwd", "_attn_bwd"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name: seen.append(_n) or _f(*a))
+    before = kernels._attn_fwd, kernels._attn_bwd
+    q, k, v = (torch.randn(1, 300, 4, 8, requires_grad=True) for _ in range(3))
+    with breakdown.kernel_clock(torch.device("cpu")) as clock:
+        out = longnet_op(q, k, v)
+        out.sum().backward()
+    assert clock.calls == len(seen) and "_attn_fwd" in seen and "_attn_bwd" in seen
+    assert 0 < clock.seconds < math.inf
+    assert (kernels._attn_fwd, kernels._attn_bwd) == before
+
+
+def longnet_op(q, k, v):
+    from longnet import dilated_attention
+    return dilated_attention(q, k, v, [64, 128, 256], [1, 2, 4], is_causal=True, backend="torch")
+
+
+def test_kept_lengths_are_the_clipped_segments_over_their_rates():
+    from longnet.bench.breakdown import kept_lengths
+    paper = DilatedPattern.paper()
+    assert kept_lengths(paper, 32768) == [2048, 2731]
+    assert kept_lengths(paper, 16384) == [1366, 2048, 2731]  # w = 32768 clipped to 16384, over r = 12
+
+
+def test_breakdown_prints_both_tables_and_writes_them(tmp_path, capsys):
+    path = tmp_path / "b.csv"
+    assert main(["bench", "--breakdown", "--n", "256,512", *TINY, "--csv", str(path)]) == 0
+    text = capsys.readouterr().out
+    with open(path) as f:
+        splits = list(csv.DictReader(f))
+    with open(tmp_path / "b_tiles.csv") as f:
+        tiles = list(csv.DictReader(f))
+    assert [(r["n"], r["mode"]) for r in splits] == [("256", "fwd"), ("256", "fwdbwd"), ("512", "fwd"),
+                                                     ("512", "fwdbwd")]
+    for r in splits:
+        total, kernel, dense = (float(r[c]) for c in ("dilated_ms", "kernel_ms", "dense_ms"))
+        assert 0 < kernel <= total and dense > 0
+        assert float(r["kernel_share"]) == pytest.approx(kernel / total)
+        assert float(r["dense_over_kernel"]) == pytest.approx(dense / kernel)
+        assert float(r["dense_over_dilated"]) == pytest.approx(dense / total)
+        bwd = r["mode"] == "fwdbwd"
+        n = int(r["n"])
+        expect = (dense_flops(n, H, D, causal=True, backward=bwd)
+                  / dilated_flops(n, H, D, W, R, causal=True, backward=bwd))
+        assert float(r["flop_ratio"]) == pytest.approx(expect)
+    assert [int(t["kept"]) for t in tiles] == [64]  # 64 / 1 and 128 / 2
+    t = tiles[0]
+    assert int(t["problems"]) == H * 512 // 64
+    assert float(t["causal_over_full"]) == pytest.approx(float(t["causal_ms"]) / float(t["full_ms"]))
+    assert float(t["ideal"]) == pytest.approx(65 / 128)
+    assert _table_rows(text, "N") and _table_rows(text, "kept")

@@ -160,6 +160,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="forward time against N, dilated vs dense, like the paper's Figure 5 (default N 4096 to "
                         "1048576): dense measured up to --dense-max-n and extrapolated beyond by a quadratic fit "
                         "of its measured times, drawn dashed; needs --plot")
+    p.add_argument("--breakdown", action="store_true",
+                   help="where the dilated op's time goes: the share inside its kernel calls, the ratio the "
+                        "kernel alone allows, and the kernel's causal against unmasked time at each kept length")
     p.add_argument("--lm", action="store_true",
                    help="run the LM training-throughput benchmark instead (its own options: longnet bench --lm --help)")
     p.add_argument("--sequence-parallel", action="store_true",
@@ -178,6 +181,14 @@ def _lengths(args) -> List[int]:
 def _dense_max_n(args) -> Optional[int]:
     """The longest N dense SDPA runs at (None: every N)."""
     return FIGURE5_DENSE_MAX_N if args.figure5 and args.dense_max_n is None else args.dense_max_n
+
+
+def _check_breakdown(args) -> None:
+    if not args.breakdown:
+        return
+    for flag, given in (("--figure5", args.figure5), ("--plot", args.plot), ("--no-dense", args.no_dense)):
+        if given:
+            raise ValueError(f"--breakdown prints two tables against dense attention: drop {flag}")
 
 
 def _check_figure5(args, ns: List[int]) -> None:
@@ -201,6 +212,7 @@ def _checked(args) -> Tuple[DilatedPattern, torch.device, List[int]]:
     device = pick_device(args.device)
     ns = _lengths(args)
     _check_figure5(args, ns)
+    _check_breakdown(args)
     dtype = DTYPES[args.dtype]
     tensors, what = (4, "q, k, v and out") if args.figure5 else (8, "q, k, v, out and their gradients")
     need = tensors * args.batch * max(ns) * args.heads * args.head_dim * dtype.itemsize
@@ -272,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
     title = (f"{machine_name(device)} | {args.dtype} {'non-causal' if args.non_causal else 'causal'} | "
              f"B={args.batch} H={args.heads} D={args.head_dim} | {pattern}")
     print(title, flush=True)
+    if args.breakdown:
+        from . import breakdown
+        return breakdown.run(args, pattern, device, ns)
     rows = _measure_all(args, pattern, device, ns)
     print(format_table(rows))
     if args.figure5:
