@@ -600,4 +600,5 @@ def test_breakdown_prints_both_tables_and_writes_them(tmp_path, capsys):
     assert int(t["problems"]) == H * 512 // 64
     assert float(t["causal_over_full"]) == pytest.approx(float(t["causal_ms"]) / float(t["full_ms"]))
     assert float(t["ideal"]) == pytest.approx(65 / 128)
+    assert float(t["op_kernel_over_causal"]) == pytest.approx(float(t["op_kernel_ms"]) / float(t["causal_ms"]))
     assert _table_rows(text, "N") and _table_rows(text, "kept")

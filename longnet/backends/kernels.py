@@ -6,7 +6,10 @@ tensor can be passed without copies). lse is (Z, H, L), float32 (float64 for
 float64 inputs).
 
 Which kernel runs:
-- CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
+- CPU, causal, fp32/fp64, at most 4,096 query rows: longnet's own flash kernel
+  (:mod:`.cpu_flash`), which skips masked scores at a finer grain; ``LONGNET_CPU_KERNEL=aten``
+  turns it off.
+- CPU otherwise: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
   (fp64, fp32, bf16, fp16).
 - CUDA, fp16/bf16, head dim <= 256 and a multiple of 8:
   ``aten._scaled_dot_product_flash_attention`` and its backward.
@@ -20,6 +23,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from . import cpu_flash
 from .numerics import acc_dtype
 
 aten = torch.ops.aten
@@ -137,6 +141,8 @@ def attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
 def _attn_fwd(q, k, v, causal, scale, force_math):
     if not force_math:
         if q.device.type == "cpu":
+            if cpu_flash.wanted(q, k, causal):
+                return cpu_flash.fwd(q, k, v, causal, scale)
             return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         if q.device.type == "cuda" and _cuda_flash_ok(q):
             res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
@@ -157,6 +163,8 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
 def _attn_bwd(q, k, v, do, out, lse, causal, scale, force_math):
     if not force_math:
         if q.device.type == "cpu":
+            if cpu_flash.wanted(q, k, causal):
+                return cpu_flash.bwd(do, q, k, v, out, lse, causal, scale)
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 do, q, k, v, out, lse.to(acc_dtype(q.dtype)).contiguous(), 0.0, causal, scale=scale)
         if q.device.type == "cuda" and _cuda_flash_ok(q):

@@ -7,12 +7,13 @@ Two tables (not tests; nothing here asserts a time):
    dense/dilated, and the *kernel-bound* ratio dense/kernel-time, which is what the op
    would reach if everything outside its kernel calls (gathers, merges, gradient
    accumulation) cost nothing.
-2. For each kept length S = w_i / r_i of the pattern: the same kernel on N tokens cut
+2. For each kept length S = w_i / r_i of the pattern: PyTorch's kernel on N tokens cut
    into (N / S) x H independent causal problems of S rows, against the same problems
-   without the causal mask. A kernel that skipped every masked score would take
-   (S + 1) / (2 S) of the unmasked time; a kernel that skips only whole key tiles of
-   T columns takes about 1/2 + T / (2 S) of it, so short causal segments pay relatively
-   more. This is what bounds the kernel-bound ratio of table 1 below the FLOP ratio.
+   without the causal mask, and the kernel the op uses for them (``kernels.attn_fwd``:
+   longnet's own where :mod:`longnet.backends.cpu_flash` takes the call). A kernel that
+   skipped every masked score would take (S + 1) / (2 S) of the unmasked time; one that
+   skips only whole key tiles of T columns takes about 1/2 + T / (2 S) of it, so short
+   causal segments pay relatively more.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Tiles:
     causal_over_full: float
     ideal: float  # (S + 1) / (2 S): a kernel that computes only unmasked scores
     causal_gflops: float  # counting only the unmasked scores' FLOPs
+    op_kernel_ms: float  # the same causal problems through kernels.attn_fwd
+    op_kernel_over_causal: float
 
 
 SPLIT_COLUMNS = (
@@ -69,6 +72,7 @@ TILE_COLUMNS = (
     Column("causal ms", "causal_ms", ".1f", 10), Column("unmasked ms", "full_ms", ".1f", 12),
     Column("causal/unmasked", "causal_over_full", ".3f", 16), Column("ideal", "ideal", ".3f", 7),
     Column("causal GF/s", "causal_gflops", ".1f", 12),
+    Column("op's kernel ms", "op_kernel_ms", ".1f", 15), Column("op's/causal", "op_kernel_over_causal", ".3f", 12),
 )
 
 
@@ -145,7 +149,8 @@ def kept_lengths(pattern: DilatedPattern, n: int) -> List[int]:
 
 def measure_tiles(kept: int, n: int, *, heads: int, head_dim: int, batch: int, dtype, device: torch.device,
                   repeats: int, warmup: int) -> Tiles:
-    """The kernel alone on (B * ceil(n / kept) * H) independent problems of ``kept`` rows, causal and not."""
+    """PyTorch's kernel alone on (B * ceil(n / kept) * H) independent problems of ``kept`` rows, causal
+    and not, and the op's kernel (``kernels.attn_fwd``) on the causal ones; interleaved, best of ``repeats``."""
     z = batch * heads * -(-n // kept)
     gen = torch.Generator(device="cpu").manual_seed(0)
     q, k, v = (torch.randn(1, z, kept, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
@@ -156,9 +161,15 @@ def measure_tiles(kept: int, n: int, *, heads: int, head_dim: int, batch: int, d
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return run
 
-    t_c, t_f = (min(ts) for ts in common.interleaved_times([call(True), call(False)], device, repeats, warmup))
+    def op_kernel():
+        with torch.no_grad():
+            return kernels.attn_fwd(q, k, v, True, head_dim ** -0.5)
+
+    t_c, t_f, t_op = (min(ts) for ts in common.interleaved_times([call(True), call(False), op_kernel], device,
+                                                                  repeats, warmup))
     unmasked_flops = 4.0 * z * head_dim * kept * (kept + 1) / 2
-    return Tiles(kept, z, t_c * 1e3, t_f * 1e3, t_c / t_f, (kept + 1) / (2 * kept), unmasked_flops / t_c / 1e9)
+    return Tiles(kept, z, t_c * 1e3, t_f * 1e3, t_c / t_f, (kept + 1) / (2 * kept), unmasked_flops / t_c / 1e9,
+                 t_op * 1e3, t_op / t_c)
 
 
 def run(args, pattern: DilatedPattern, device: torch.device, ns: List[int]) -> int:
@@ -178,7 +189,8 @@ def run(args, pattern: DilatedPattern, device: torch.device, ns: List[int]) -> i
     n = max(ns)
     tiles = [measure_tiles(s, n, **shape, dtype=dtype, device=device, repeats=repeats, warmup=warmup)
              for s in kept_lengths(pattern, n)]
-    print(f"\nthe kernel alone at N={n}: causal problems of S rows against the same without the mask")
+    print(f"\nPyTorch's kernel alone at N={n}: causal problems of S rows against the same without the mask, "
+          "and the kernel the op uses for them")
     print(common.format_table(tiles, TILE_COLUMNS))
     print("ideal: (S + 1) / (2 S), a kernel that computes only the unmasked scores")
     if args.csv:

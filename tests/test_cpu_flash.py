@@ -1,0 +1,155 @@
+"""longnet's CPU flash kernel (backends/cpu_flash.py, csrc/flash_cpu.cpp) against PyTorch's and the math path.
+
+It must honour aten's CPU kernel contract exactly (values, lse, and the memory layout of every
+output), be chosen only where it is meant to be, and let the op match the reference either way.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import longnet
+from longnet.backends import cpu_flash, kernels
+
+aten = torch.ops.aten
+TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
+
+pytestmark = pytest.mark.skipif(cpu_flash.mode() == "aten" or cpu_flash.module() is None,
+                                reason="LONGNET_CPU_KERNEL=aten, or no C++ compiler to build the kernel")
+
+# (L, S, D): equal lengths, both ragged against the 64 x 256 / 64 x 512 blocks, L < S, L > S, single rows.
+SHAPES = [(100, 100, 16), (300, 300, 8), (37, 53, 16), (530, 37, 8), (1, 5, 4), (64, 64, 32), (129, 600, 16)]
+
+
+def _inputs(z, h, l, s, d, dtype, seed, strided):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        if strided:  # a (Z, N, H, D) buffer seen as (Z, H, N, D), every other row: the op's views
+            return torch.randn(z, 2 * n, h, d, generator=g, dtype=dtype)[:, ::2].transpose(1, 2)
+        return torch.randn(z, h, n, d, generator=g, dtype=dtype)
+    return make(l), make(s), make(s), make(l)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("l, s, d", SHAPES)
+def test_forward_and_backward_match_aten_exactly_in_contract(dtype, causal, l, s, d):
+    for strided in (False, True):
+        q, k, v, do = _inputs(2, 3, l, s, d, dtype, seed=l * 7 + s, strided=strided)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=0.3)
+        mine_out, mine_lse = cpu_flash.fwd(q, k, v, causal, 0.3)
+        torch.testing.assert_close(mine_out, out, **TOL[dtype])
+        torch.testing.assert_close(mine_lse, lse, **TOL[dtype])
+        assert mine_lse.dtype == lse.dtype and mine_lse.stride() == lse.stride()
+        if strided:  # aten lays out a strided input's output (Z, L, H, D) in memory, and so do we
+            assert mine_out.stride() == out.stride()
+        grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, causal,
+                                                                           scale=0.3)
+        mine = cpu_flash.bwd(do, q, k, v, out, lse, causal, 0.3)
+        for a, b in zip(mine, grads):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+            assert a.stride() == b.stride()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_matches_the_math_path_and_its_gradient(causal):
+    q, k, v, do = _inputs(1, 2, 200, 200, 8, torch.float64, seed=3, strided=True)
+    out, lse = kernels.math_fwd(q, k, v, causal, 0.25)
+    mine_out, mine_lse = cpu_flash.fwd(q, k, v, causal, 0.25)
+    torch.testing.assert_close(mine_out, out, **TOL[torch.float64])
+    torch.testing.assert_close(mine_lse, lse, **TOL[torch.float64])
+    for a, b in zip(cpu_flash.bwd(do, q, k, v, out, lse, causal, 0.25),
+                    kernels.math_bwd(do, q, k, v, out, lse, causal, 0.25)):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_large_scores_stay_finite():
+    """Scores of +-1e4 (the kernel is built with -ffast-math, so it must never form inf itself)."""
+    q, k, v, do = _inputs(1, 1, 130, 130, 8, torch.float32, seed=1, strided=False)
+    q = q * 300
+    out, lse = cpu_flash.fwd(q, k, v, True, 1.0)
+    ref_out, ref_lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=1.0)
+    assert out.isfinite().all() and lse.isfinite().all()
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-5)
+
+
+def _which(monkeypatch):
+    calls = []
+    for name in ("fwd", "bwd"):
+        original = getattr(cpu_flash, name)
+        monkeypatch.setattr(cpu_flash, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype, causal, n, expect", [
+    (torch.float32, True, 300, True), (torch.float64, True, cpu_flash.MAX_ROWS, True),
+    (torch.float32, False, 300, False), (torch.bfloat16, True, 300, False),
+    (torch.float32, True, cpu_flash.MAX_ROWS + 1, False),
+])
+def test_the_kernel_is_chosen_only_where_it_is_meant_to_be(dtype, causal, n, expect, monkeypatch):
+    calls = _which(monkeypatch)
+    q, k, v, do = (x.to(dtype) for x in _inputs(1, 1, n, n, 4, torch.float32, seed=0, strided=False))
+    out, lse = kernels.attn_fwd(q, k, v, causal, 0.5)
+    kernels.attn_bwd(do, q, k, v, out, lse, causal, 0.5)
+    assert calls == (["fwd", "bwd"] if expect else [])
+
+
+def test_environment_turns_it_off_and_rejects_bad_values(monkeypatch):
+    calls = _which(monkeypatch)
+    q = torch.randn(1, 2, 50, 4)
+    monkeypatch.setenv(cpu_flash.ENV, "aten")
+    kernels.attn_fwd(q, q, q, True, 0.5)
+    assert calls == [] and cpu_flash.module() is None
+    monkeypatch.setenv(cpu_flash.ENV, "bogus")
+    with pytest.raises(ValueError, match="LONGNET_CPU_KERNEL must be one of .* got 'bogus'"):
+        kernels.attn_fwd(q, q, q, True, 0.5)
+    monkeypatch.setenv(cpu_flash.ENV, "longnet")
+    kernels.attn_fwd(q, q, q, True, 0.5)
+    assert calls == ["fwd"]
+
+
+def test_a_failed_build_warns_once_and_falls_back_or_raises_when_required(monkeypatch):
+    def no_compiler():
+        raise OSError("g++: not found")
+    monkeypatch.setattr(cpu_flash, "_module", None)
+    monkeypatch.setattr(cpu_flash, "_failed", None)
+    monkeypatch.setattr(cpu_flash, "_build", no_compiler)
+    q = torch.randn(1, 2, 50, 4)
+    with pytest.warns(RuntimeWarning, match="did not build .*g\\+\\+: not found.*using PyTorch's kernel"):
+        out, _ = kernels.attn_fwd(q, q, q, True, 0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        again, _ = kernels.attn_fwd(q, q, q, True, 0.5)
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+    monkeypatch.setenv(cpu_flash.ENV, "longnet")
+    with pytest.raises(RuntimeError, match="LONGNET_CPU_KERNEL=longnet but the CPU attention kernel did not build"):
+        kernels.attn_fwd(q, q, q, True, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_op_matches_the_reference_with_either_kernel(dtype, monkeypatch):
+    """The whole op, forward and backward, with longnet's kernel and with aten's."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, do = (torch.randn(2, 333, 6, 8, generator=g, dtype=dtype) for _ in range(4))
+    w, r = [64, 128, 256], [1, 2, 4]
+
+    def run(backend):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = longnet.dilated_attention(*leaves, w, r, is_causal=True, backend=backend)
+        out.backward(do)
+        return [out.detach()] + [x.grad for x in leaves]
+
+    expect = run("reference")
+    calls = _which(monkeypatch)
+    ours = run("torch")
+    assert "fwd" in calls and "bwd" in calls
+    monkeypatch.setenv(cpu_flash.ENV, "aten")
+    calls.clear()
+    theirs = run("torch")
+    assert calls == []
+    for a, b, c in zip(ours, theirs, expect):
+        torch.testing.assert_close(a, c, **TOL[dtype])
+        torch.testing.assert_close(b, c, **TOL[dtype])
