@@ -70,52 +70,80 @@ inline int64_t key_end(bool causal, int64_t m, int64_t qb, int64_t s) {
   return causal ? std::min(m + qb, s) : s;
 }
 
+// Online-softmax state of one query block: running max, sum and unnormalised output per row.
+template <typename T>
+struct RowState {
+  std::vector<T> p, acc, mx, sm;
+  RowState(int64_t rows, int64_t cols, int64_t d) : p(rows * cols), acc(rows * d), mx(rows), sm(rows) {}
+};
+
+// Rows [a0, a1) of the query block at m (queries Q, state st) against keys [n0, n1), in key
+// chunks of kvB columns; a row sees only keys <= itself when causal.
+template <typename T>
+void attend_rows(const Mat<T>& Q, const Mat<T>& K, const Mat<T>& V, int64_t m, int64_t a0, int64_t a1,
+                 int64_t n0, int64_t n1, int64_t D, bool causal, T scale, int64_t kvB, RowState<T>& st) {
+  const int64_t rows = a1 - a0;
+  T* p = st.p.data() + a0 * kvB;
+  T* acc = st.acc.data() + a0 * D;
+  for (int64_t n = n0; n < n1; n += kvB) {
+    const int64_t kb = std::min(kvB, n1 - n);
+    // p = scale * Q[m+a0 : m+a1] K[n : n+kb]^T, (rows, kb) row-major with leading dimension kvB
+    gemm('T', 'N', kb, rows, D, scale, K.p + n * K.row, K.row, Q.p + (m + a0) * Q.row, Q.row, T(0), p, kvB);
+    for (int64_t i = 0; i < rows; ++i) {
+      T* row = p + i * kvB;
+      const int64_t cols = visible(causal, m + a0 + i, n, kb);
+      T& mx = st.mx[a0 + i];
+      T rmax = mx;
+      for (int64_t j = 0; j < cols; ++j) rmax = std::max(rmax, row[j]);
+      T s = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        row[j] = std::exp(row[j] - rmax);
+        s += row[j];
+      }
+      std::fill(row + cols, row + kb, T(0));
+      const T corr = std::exp(mx - rmax);
+      if (corr != T(1)) {
+        T* a = acc + i * D;
+        for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+      }
+      st.sm[a0 + i] = st.sm[a0 + i] * corr + s;
+      mx = rmax;
+    }
+    // acc += p V[n : n+kb]
+    gemm('N', 'N', D, rows, kb, T(1), V.p + n * V.row, V.row, p, kvB, T(1), acc, D);
+  }
+}
+
+// Query blocks of qB rows take the keys every row of the block sees in products of qB rows;
+// causal blocks then take their diagonal in sub-blocks of sub rows, each up to its own last key,
+// so the masked scores computed are one sub x sub triangle per sub-block.
 template <typename T>
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, T scale, at::Tensor& out,
-             at::Tensor& lse, int64_t qB, int64_t kvB) {
+             at::Tensor& lse, int64_t qB, int64_t kvB, int64_t sub) {
   const int64_t Z = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   const int64_t nqb = (L + qB - 1) / qB;
   at::parallel_for(0, Z * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(qB * kvB), acc(qB * D), mx(qB), sm(qB);
+    RowState<T> st(qB, kvB, D);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t z = t / (H * nqb), h = (t / nqb) % H, m = (t % nqb) * qB, qb = std::min(qB, L - m);
       const Mat<T> Q = slice<T>(q, z, h), K = slice<T>(k, z, h), V = slice<T>(v, z, h), O = slice<T>(out, z, h);
       T* lrow = lse.data_ptr<T>() + z * lse.stride(0) + h * lse.stride(1);
-      std::fill(acc.begin(), acc.end(), T(0));
-      std::fill(mx.begin(), mx.end(), kLow<T>);
-      std::fill(sm.begin(), sm.end(), T(0));
-      const int64_t kend = key_end(causal, m, qb, S);
-      for (int64_t n = 0; n < kend; n += kvB) {
-        const int64_t kb = std::min(kvB, kend - n);
-        // p = scale * Q[m:m+qb] K[n:n+kb]^T, (qb, kb) row-major with leading dimension kvB
-        gemm('T', 'N', kb, qb, D, scale, K.p + n * K.row, K.row, Q.p + m * Q.row, Q.row, T(0), p.data(), kvB);
-        for (int64_t i = 0; i < qb; ++i) {
-          T* row = p.data() + i * kvB;
-          const int64_t cols = visible(causal, m + i, n, kb);
-          T rmax = mx[i];
-          for (int64_t j = 0; j < cols; ++j) rmax = std::max(rmax, row[j]);
-          T s = 0;
-          for (int64_t j = 0; j < cols; ++j) {
-            row[j] = std::exp(row[j] - rmax);
-            s += row[j];
-          }
-          std::fill(row + cols, row + kb, T(0));
-          const T corr = std::exp(mx[i] - rmax);
-          if (corr != T(1)) {
-            T* a = acc.data() + i * D;
-            for (int64_t d = 0; d < D; ++d) a[d] *= corr;
-          }
-          sm[i] = sm[i] * corr + s;
-          mx[i] = rmax;
+      std::fill(st.acc.begin(), st.acc.end(), T(0));
+      std::fill(st.mx.begin(), st.mx.end(), kLow<T>);
+      std::fill(st.sm.begin(), st.sm.end(), T(0));
+      const int64_t shared = causal ? std::min(m + 1, S) : S;  // keys < shared: seen by every row
+      attend_rows<T>(Q, K, V, m, 0, qb, 0, shared, D, causal, scale, kvB, st);
+      if (causal) {
+        for (int64_t a = 0; a < qb; a += sub) {
+          const int64_t a1 = std::min(a + sub, qb);
+          attend_rows<T>(Q, K, V, m, a, a1, shared, key_end(true, m + a, a1 - a, S), D, true, scale, kvB, st);
         }
-        // acc += p V[n:n+kb]
-        gemm('N', 'N', D, qb, kb, T(1), V.p + n * V.row, V.row, p.data(), kvB, T(1), acc.data(), D);
       }
       for (int64_t i = 0; i < qb; ++i) {
-        const T inv = T(1) / sm[i];
+        const T inv = T(1) / st.sm[i];
         T* o = O.p + (m + i) * O.row;
-        for (int64_t d = 0; d < D; ++d) o[d] = acc[i * D + d] * inv;
-        lrow[(m + i) * lse.stride(2)] = mx[i] + std::log(sm[i]);
+        for (int64_t d = 0; d < D; ++d) o[d] = st.acc[i * D + d] * inv;
+        lrow[(m + i) * lse.stride(2)] = st.mx[i] + std::log(st.sm[i]);
       }
     }
   });
@@ -191,16 +219,16 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& q) {
 
 // (out, lse); out laid out (Z, L, H, D) in memory, lse (Z, L, H), like aten's CPU kernel for strided inputs.
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
-                            double scale, int64_t qB, int64_t kvB) {
+                            double scale, int64_t qB, int64_t kvB, int64_t sub) {
   check(q, "q", q), check(k, "k", q), check(v, "v", q);
   const int64_t Z = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({Z, L, H, D}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({Z, L, H}, q.options()).transpose(1, 2);
   if (q.scalar_type() == at::kFloat) {
-    forward<float>(q, k, v, causal, static_cast<float>(scale), out, lse, qB, kvB);
+    forward<float>(q, k, v, causal, static_cast<float>(scale), out, lse, qB, kvB, sub);
   } else {
     TORCH_CHECK(q.scalar_type() == at::kDouble, "longnet flash_cpu: float32 or float64 only");
-    forward<double>(q, k, v, causal, scale, out, lse, qB, kvB);
+    forward<double>(q, k, v, causal, scale, out, lse, qB, kvB, sub);
   }
   return {out, lse};
 }
