@@ -3,12 +3,15 @@
 Why: PyTorch's CPU flash kernel skips masked scores only in whole tiles of 512 keys, so
 a causal problem of S rows computes about S x 256 masked scores. The dilated op runs
 causal problems of w / r kept rows (2,048-2,731 for the paper's pattern), where that is
-25-30% more work than needed; ``longnet bench --breakdown`` measures it. This kernel stops
-every 64-row query block at its own last key. Measured on the 2-core AMD EPYC of the
-README, fp32, against the aten kernel on the same inputs: causal 2,048-row problems
-forward 0.87x and backward 0.82x its time, 512-row ones 0.62x and 0.60x; at 16K rows
-forward 1.11x and backward 1.00x, and unmasked 2,048-row problems 1.07x / 1.02x. So
-:func:`wanted` takes it for causal problems of at most :data:`MAX_ROWS` rows only.
+25-30% more work than needed; ``longnet bench --breakdown`` measures it. This kernel's
+forward takes the keys a whole 256-row query block sees in full-size products and its
+diagonal in 32-row sub-blocks, each stopping at its own last key; its backward stops every
+64-row block at its own last key. Measured on the 2-core AMD EPYC of the README, fp32,
+against the aten kernel on the same inputs (one-off timings, about +-3%): causal 2,048-row
+problems forward 0.85-0.91x and backward 0.82x its time, 512-row ones 0.59-0.62x and 0.60x;
+at 16K rows (64-row blocks) forward 1.11x and backward 1.00x, and unmasked 2,048-row
+problems 1.07x / 1.02x. So :func:`wanted` takes it for causal problems of at most
+:data:`MAX_ROWS` rows only.
 
 Which kernel runs is set by the environment variable ``LONGNET_CPU_KERNEL``:
 
@@ -40,8 +43,10 @@ MODES = ("auto", "aten", "longnet")
 MAX_ROWS = 4096  # longer causal problems waste little in aten's tiles; its larger blocks win there
 _NAME = "longnet_flash_cpu"
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "flash_cpu.cpp")
-# Query / key block sizes (rows, columns); measured best of {32, 64, 128, 256} x {256, 512}.
-FWD_BLOCKS = (64, 512)
+# Forward: query rows per block, key columns per product, rows per diagonal sub-block.
+# Backward: query rows, key columns. Measured best of {32, 64, 128, 256} x {256, 512} (x {32, 64}).
+# (Within 3% of each other in the forward, about the noise of one-off timings here.)
+FWD_BLOCKS = (256, 512, 32)
 BWD_BLOCKS = (64, 256)
 
 _lock = threading.Lock()
