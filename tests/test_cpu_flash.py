@@ -4,6 +4,7 @@ It must honour aten's CPU kernel contract exactly (values, lse, and the memory l
 output), be chosen only where it is meant to be, and let the op match the reference either way.
 """
 
+import os
 import warnings
 
 import pytest
@@ -15,8 +16,10 @@ from longnet.backends import cpu_flash, kernels
 aten = torch.ops.aten
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-5)}
 
-pytestmark = pytest.mark.skipif(cpu_flash.mode() == "aten" or cpu_flash.module() is None,
-                                reason="LONGNET_CPU_KERNEL=aten, or no C++ compiler to build the kernel")
+# Off by request, or (outside CI) no compiler; in CI (.ci/run installs g++) a failed build must fail these.
+pytestmark = pytest.mark.skipif(
+    cpu_flash.mode() == "aten" or (cpu_flash.module() is None and not os.environ.get("CI")),
+    reason="LONGNET_CPU_KERNEL=aten, or no C++ compiler to build the kernel")
 
 # (L, S, D): equal lengths, both ragged against the 64 x 256 / 64 x 512 blocks, L < S, L > S, single rows.
 SHAPES = [(100, 100, 16), (300, 300, 8), (37, 53, 16), (530, 37, 8), (1, 5, 4), (64, 64, 32), (129, 600, 16)]
@@ -95,6 +98,17 @@ def test_the_kernel_is_chosen_only_where_it_is_meant_to_be(dtype, causal, n, exp
     out, lse = kernels.attn_fwd(q, k, v, causal, 0.5)
     kernels.attn_bwd(do, q, k, v, out, lse, causal, 0.5)
     assert calls == (["fwd", "bwd"] if expect else [])
+
+
+def test_fake_tensors_never_reach_it(monkeypatch):
+    """Under FakeTensorMode (torch.compile's tracing) there is no data to read: aten's fake kernel runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    calls = _which(monkeypatch)
+    with FakeTensorMode():
+        q = torch.empty(1, 2, 50, 4)
+        out, lse = kernels.attn_fwd(q, q, q, True, 0.5)
+        kernels.attn_bwd(q, q, q, q, out, lse, True, 0.5)
+    assert calls == [] and out.shape == q.shape
 
 
 def test_environment_turns_it_off_and_rejects_bad_values(monkeypatch):

@@ -62,6 +62,15 @@ def _bnhd(q):
     return q.transpose(1, 2).contiguous()
 
 
+def _greedy_by_full_forwards(model, prompt, steps):
+    """Greedy decoding by a full forward over the whole sequence at every step: no cache."""
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return seq
+
+
 # ----------------------------------------------------------------------------- exactness
 
 
@@ -128,11 +137,7 @@ def test_generate_matches_repeated_full_forwards(family):
     prompt = tokens(2, 20)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                          pad_token_id=0)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(20):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    assert torch.equal(out, _greedy_by_full_forwards(model, prompt, 20))
 
 
 def test_generate_with_static_cache():
@@ -253,11 +258,7 @@ def test_phased_chunked_prefill_and_generation_are_exact(phases):
     prompt = x[:, :20]
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
                          pad_token_id=0)
-    seq = prompt
-    with torch.no_grad():
-        for _ in range(12):
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    assert torch.equal(out, _greedy_by_full_forwards(model, prompt, 12))
 
 
 def test_phased_dropout_path_and_save_round_trip(tmp_path):

@@ -174,9 +174,8 @@ def measure_tiles(kept: int, n: int, *, heads: int, head_dim: int, batch: int, d
 
 def run(args, pattern: DilatedPattern, device: torch.device, ns: List[int]) -> int:
     """Print (and with --csv write) both tables; --csv FILE gets FILE and FILE's stem + '_tiles.csv'."""
-    from .common import DTYPES
     repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)
-    dtype, causal = DTYPES[args.dtype], not args.non_causal
+    dtype, causal = common.DTYPES[args.dtype], not args.non_causal
     shape = dict(heads=args.heads, head_dim=args.head_dim, batch=args.batch)
     splits: List[Split] = []
     for n in ns:

@@ -45,8 +45,7 @@ from ..backends.numerics import acc_dtype, default_scale
 from ..backends.reference import count_matrix
 from ..backends.torch_backend import merge_partial
 from ..functional import available_backends, dilated_attention
-from ..patterns import (DilatedPattern, segment_start, used_offsets, validate_pattern, validate_phases,
-                        visible_keys)
+from ..patterns import DilatedPattern, segment_start, used_offsets, visible_keys
 
 # Bidirectional masks go through the mask interface from transformers 4.56 on.
 _BIDIRECTIONAL = getattr(masking_utils, "bidirectional_mask_function", None)
@@ -151,26 +150,17 @@ def dilated_mask(batch_size: int = 1, kv_length: int = 0, kv_offset: int = 0, ma
 # ----------------------------------------------------------------------------- attention function
 
 
-@dataclass(frozen=True)
-class _Pattern:
-    """A layer's pattern as read from its config: w_i, r_i, phases φ_i (all 0 when unset), backend."""
-
-    w: Tuple[int, ...]
-    r: Tuple[int, ...]
-    phases: Tuple[int, ...]
-    backend: Optional[str]
-
-
-def _layer_pattern(module) -> _Pattern:
+def _layer_pattern(module) -> Tuple[DilatedPattern, Optional[str]]:
+    """(pattern, backend) from the layer's config; phases all 0 when unset."""
     config = getattr(module, "config", None)
     if config is None or getattr(config, _CONFIG_KEYS[0], None) is None:
         raise ValueError(f"{type(module).__name__} runs with attn_implementation='{ATTENTION_NAME}' but its config "
                          "holds no dilated pattern (longnet_segment_lengths, longnet_dilation_rates): switch "
                          "the model with longnet.hf.use_dilated_attention(model, segment_lengths, dilation_rates)")
-    w = tuple(config.longnet_segment_lengths)
     # Configs saved before phases existed have no longnet_segment_phases: all 0.
-    phases = validate_phases(getattr(config, "longnet_segment_phases", None), w)
-    return _Pattern(w, tuple(config.longnet_dilation_rates), phases, getattr(config, "longnet_backend", None))
+    pattern = DilatedPattern(tuple(config.longnet_segment_lengths), tuple(config.longnet_dilation_rates),
+                             getattr(config, "longnet_segment_phases", None))
+    return pattern, getattr(config, "longnet_backend", None)
 
 
 def _span(attention_mask, query: Tensor, key: Tensor, module, is_causal) -> DilatedMask:
@@ -230,8 +220,8 @@ def _dense_with_dropout(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilati
     return out.transpose(1, 2).masked_fill(empty.T[None, :, :, None], 0.0)
 
 
-def _attend(query: Tensor, key: Tensor, value: Tensor, span: DilatedMask, pattern: _Pattern, scale: float,
-            dropout: float) -> Tensor:
+def _attend(query: Tensor, key: Tensor, value: Tensor, span: DilatedMask, pattern: DilatedPattern,
+            backend: Optional[str], scale: float, dropout: float) -> Tensor:
     """query (B, Hq, Nq, D) at positions q_offset.., key/value (B, Hkv, q_offset + Nq, D) -> (B, Nq, Hq, D).
 
     The op runs from a position at or before the start of every segment that holds a
@@ -239,10 +229,10 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, span: DilatedMask, patter
     whole sequence; the earlier queries there are zeros (not cached) and their outputs
     are dropped, while causality keeps every real query's output exact.
     """
-    w, r = pattern.w, pattern.r
+    w, r = pattern.segment_lengths, pattern.dilation_rates
     if span.q_offset and not span.causal:
         raise ValueError(f"longnet attention with a cache needs causal attention; {_SUPPORTED}")
-    start, phases = _aligned_start(span.q_offset, w, pattern.phases)
+    start, phases = _aligned_start(span.q_offset, w, pattern.segment_phases)
     rep = query.shape[1] // key.shape[1]
     q = query.transpose(1, 2)
     if start < span.q_offset:
@@ -251,7 +241,7 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, span: DilatedMask, patter
     if dropout > 0:
         out = _dense_with_dropout(q, k, v, w, r, span.causal, scale, dropout, phases)
     else:
-        out = dilated_attention(q, k, v, w, r, is_causal=span.causal, scale=scale, backend=pattern.backend,
+        out = dilated_attention(q, k, v, w, r, is_causal=span.causal, scale=scale, backend=backend,
                                 segment_phases=phases)
     return out[:, span.q_offset - start:].contiguous()
 
@@ -276,7 +266,7 @@ def _kv_heads(x: Tensor, heads: slice, num_heads: int, rep: int) -> Tensor:
     return x.index_select(1, idx)
 
 
-def _decode(query: Tensor, key: Tensor, value: Tensor, pattern: _Pattern, scale: float) -> Tensor:
+def _decode(query: Tensor, key: Tensor, value: Tensor, pattern: DilatedPattern, scale: float) -> Tensor:
     """One query (B, Hq, 1, D) at position p = S - 1 against key/value (B, Hkv, S, D) -> (B, 1, Hq, D).
 
     Each pattern reads only its kept keys, as strided slices of the cache, and the
@@ -287,7 +277,8 @@ def _decode(query: Tensor, key: Tensor, value: Tensor, pattern: _Pattern, scale:
     acc = acc_dtype(query.dtype)
     out = torch.zeros(b, hq, d, dtype=acc, device=query.device)
     lse = torch.full((b, hq), float("-inf"), dtype=acc, device=query.device)
-    for heads, first, rate in _decode_plan(p, pattern.w, pattern.r, hq, pattern.phases):
+    for heads, first, rate in _decode_plan(p, pattern.segment_lengths, pattern.dilation_rates, hq,
+                                             pattern.segment_phases):
         k_i, v_i = (_kv_heads(x[:, :, first:p + 1:rate], heads, hq, rep) for x in (key, value))
         o_i, l_i = kernels.attn_fwd(query[:, heads], k_i, v_i, False, scale)
         merge_partial(out[:, heads], lse[:, heads], o_i[:, :, 0], l_i[:, :, 0])
@@ -310,7 +301,7 @@ def dilated_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
         if kwargs.get(name) is not None:
             raise ValueError(f"longnet attention cannot combine the dilated pattern with {name}="
                              f"{kwargs[name]!r} from {type(module).__name__}; {_SUPPORTED}")
-    pattern = _layer_pattern(module)
+    pattern, backend = _layer_pattern(module)
     span = _span(attention_mask, query, key, module, is_causal)
     scale = default_scale(query.shape[-1]) if scaling is None else float(scaling)
     end = span.q_offset + query.shape[2]
@@ -318,7 +309,7 @@ def dilated_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if query.shape[2] == 1 and span.causal and dropout == 0 and not needs_grad:
         return _decode(query, key, value, pattern, scale), None
-    return _attend(query, key, value, span, pattern, scale, dropout), None
+    return _attend(query, key, value, span, pattern, backend, scale, dropout), None
 
 
 # ----------------------------------------------------------------------------- switching a model
@@ -364,8 +355,7 @@ def use_dilated_attention(model, segment_lengths, dilation_rates, *, segment_pha
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
-    w, r = validate_pattern(segment_lengths, dilation_rates)
-    pattern = DilatedPattern(w, r, validate_phases(segment_phases, w))
+    pattern = DilatedPattern(segment_lengths, dilation_rates, segment_phases)
     if local_window:
         try:
             pattern = pattern.with_local_window(local_window)
