@@ -87,17 +87,35 @@ def _which(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype, causal, n, expect", [
-    (torch.float32, True, 300, True), (torch.float64, True, cpu_flash.MAX_ROWS, True),
-    (torch.float32, False, 300, False), (torch.bfloat16, True, 300, False),
-    (torch.float32, True, cpu_flash.MAX_ROWS + 1, False),
-])
-def test_the_kernel_is_chosen_only_where_it_is_meant_to_be(dtype, causal, n, expect, monkeypatch):
+# (dtype, causal, rows, chosen with oneDNN's float32 products, chosen without them)
+CHOICES = [
+    (torch.float32, True, 300, True, True), (torch.float64, True, cpu_flash.MAX_ROWS, True, True),
+    (torch.float32, False, 300, True, False), (torch.float32, True, cpu_flash.MAX_ROWS + 1, True, False),
+    (torch.float64, False, 300, False, False), (torch.float64, True, cpu_flash.MAX_ROWS + 1, False, False),
+    (torch.bfloat16, True, 300, False, False),
+]
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("dtype, causal, n, with_onednn, without", CHOICES)
+def test_the_kernel_is_chosen_only_where_it_is_meant_to_be(dtype, causal, n, with_onednn, without, onednn,
+                                                             monkeypatch):
+    monkeypatch.setattr(cpu_flash, "onednn_products", lambda: onednn)
     calls = _which(monkeypatch)
     q, k, v, do = (x.to(dtype) for x in _inputs(1, 1, n, n, 4, torch.float32, seed=0, strided=False))
     out, lse = kernels.attn_fwd(q, k, v, causal, 0.5)
     kernels.attn_bwd(do, q, k, v, out, lse, causal, 0.5)
-    assert calls == (["fwd", "bwd"] if expect else [])
+    assert calls == (["fwd", "bwd"] if (with_onednn if onednn else without) else [])
+
+
+def test_onednn_products_are_detected_on_this_machine(monkeypatch):
+    """On x86 with AVX2 or better and oneDNN (PyTorch's x86 wheels), float32 takes the fast products."""
+    import platform
+    x86_avx2 = (platform.machine().lower() in ("x86_64", "amd64")
+                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    assert cpu_flash.onednn_products() == (x86_avx2 and torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not cpu_flash.onednn_products()
 
 
 def test_fake_tensors_never_reach_it(monkeypatch):

@@ -1,17 +1,25 @@
 """longnet's own CPU flash-attention kernel (``csrc/flash_cpu.cpp``), compiled on first use.
 
-Why: PyTorch's CPU flash kernel skips masked scores only in whole tiles of 512 keys, so
-a causal problem of S rows computes about S x 256 masked scores. The dilated op runs
-causal problems of w / r kept rows (2,048-2,731 for the paper's pattern), where that is
-25-30% more work than needed; ``longnet bench --breakdown`` measures it. This kernel's
-forward takes the keys a whole 256-row query block sees in full-size products and its
-diagonal in 32-row sub-blocks, each stopping at its own last key; its backward stops every
-64-row block at its own last key. Measured on the 2-core AMD EPYC of the README, fp32,
-against the aten kernel on the same inputs (one-off timings, about +-3%): causal 2,048-row
-problems forward 0.85-0.91x and backward 0.82x its time, 512-row ones 0.59-0.62x and 0.60x;
-at 16K rows (64-row blocks) forward 1.11x and backward 1.00x, and unmasked 2,048-row
-problems 1.07x / 1.02x. So :func:`wanted` takes it for causal problems of at most
-:data:`MAX_ROWS` rows only.
+Why, twice over:
+
+* Its float32 products go to oneDNN's AVX-512 brgemm micro-kernel (through PyTorch's
+  ``at::native::cpublas::brgemm``), where PyTorch's CPU flash kernel calls MKL's sgemm, which
+  takes its AVX2 path on AMD CPUs: on the README's AMD EPYC that is 245-263 against 96-107
+  GFLOP/s per core at the kernel's shapes.
+* PyTorch's kernel skips masked scores only in whole tiles of 512 keys, so a causal problem of
+  S rows computes about S x 256 masked scores: 25-30% extra work at the 2,048-2,731 kept rows of
+  the paper's pattern. This kernel's forward takes the keys a whole query block sees in
+  full-size products and its diagonal in 32-row sub-blocks, each stopping at its own last key;
+  its backward stops every query block at its own last key.
+
+Measured on that machine against PyTorch's kernel on the same inputs (one-off timings, about
++-3%), float32: causal 2,048-row problems forward 0.62x and backward 0.46x its time, 512 rows
+0.62x / 0.44x, 16,384 rows unmasked 0.56x / 0.77x. float64 (MKL's dgemm on both sides): causal
+2,048 rows 0.89x / 0.86x, but unmasked 2,048 rows 1.06x / 1.08x and causal 8,192 rows 1.08x /
+1.02x. So :func:`wanted` takes every float32 call where oneDNN's micro-kernel is there to be
+used (x86 with AVX2 or better and oneDNN enabled; elsewhere brgemm falls back to a BLAS gemm
+and the kernel keeps to what the tiles alone win), and float64 causal calls of at most
+:data:`MAX_ROWS` rows.
 
 Which kernel runs is set by the environment variable ``LONGNET_CPU_KERNEL``:
 
@@ -30,6 +38,7 @@ input dtype, out / grads laid out (Z, L, H, D) in memory.
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -40,14 +49,14 @@ from torch import Tensor
 
 ENV = "LONGNET_CPU_KERNEL"
 MODES = ("auto", "aten", "longnet")
-MAX_ROWS = 4096  # longer causal problems waste little in aten's tiles; its larger blocks win there
+MAX_ROWS = 4096  # without oneDNN's products, longer causal problems waste little in aten's tiles
 _NAME = "longnet_flash_cpu"
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "flash_cpu.cpp")
 # Forward: query rows per block, key columns per product, rows per diagonal sub-block.
-# Backward: query rows, key columns. Measured best of {32, 64, 128, 256} x {256, 512} (x {32, 64}).
-# (Within 3% of each other in the forward, about the noise of one-off timings here.)
-FWD_BLOCKS = (256, 512, 32)
-BWD_BLOCKS = (64, 256)
+# Backward: query rows, key columns. Chosen from {64, 128, 256} x {128, 256, 512} (x {32, 64})
+# at 1,024, 2,048 and 8,192 causal rows: every choice was within 5% of the best at each length.
+FWD_BLOCKS = (128, 512, 32)
+BWD_BLOCKS = (128, 256)
 
 _lock = threading.Lock()
 _module = None
@@ -99,11 +108,25 @@ def _plain(*tensors: Tensor) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
+def onednn_products() -> bool:
+    """Whether float32 products run on oneDNN's brgemm micro-kernel (the conditions under which
+    PyTorch's ``at::native::cpublas::brgemm`` uses it): x86, AVX2 or better, oneDNN enabled."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
 def wanted(q: Tensor, k: Tensor, causal: bool) -> bool:
-    """Whether this call goes to longnet's kernel: causal, float32/float64 on the CPU, at most
-    :data:`MAX_ROWS` query rows, plain tensors, and the kernel available."""
-    return (causal and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and 0 < q.shape[-2] <= MAX_ROWS and k.shape[-2] > 0 and _plain(q, k) and module() is not None)
+    """Whether this call goes to longnet's kernel: float32 on the CPU (where :func:`onednn_products`),
+    or causal float32/float64 of at most :data:`MAX_ROWS` query rows; plain tensors, and the
+    kernel available."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or not _plain(q, k):
+        return False
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        return False
+    if not (q.dtype == torch.float32 and onednn_products()) and not (causal and q.shape[-2] <= MAX_ROWS):
+        return False
+    return module() is not None
 
 
 def _last_contiguous(x: Tensor) -> Tensor:

@@ -8,39 +8,46 @@
 // Why it exists: aten's kernel skips masked scores only in whole key tiles of 512, so a
 // causal problem of S rows still computes about S * 256 masked scores. The dilated op runs
 // causal problems of only w/r (2K-3K) kept rows, where that is 25% extra work. Here every
-// query block of QB rows stops at its own last key, so the waste is the QB x QB diagonal
-// triangle alone (QB / 2 scores per row).
+// query block stops at its own last key (the forward takes its diagonal in smaller
+// sub-blocks), so the waste is one small triangle per block. And its float products run on
+// oneDNN's AVX-512 micro-kernel where aten's call MKL's sgemm, which runs AVX2 code on AMD CPUs.
 //
-// The matrix products go to the BLAS that libtorch_cpu exports (sgemm_/dgemm_, MKL in
-// PyTorch's x86 wheels), called with column-major arguments: a row-major r x c matrix with
-// leading dimension ld is, to BLAS, its c x r transpose with the same ld.
+// Every product is a plain row-major C = A B [+ C] (see mm): the keys are transposed once per
+// call for q k^T, and the backward takes its products keys x queries, so that P^T and dS^T are
+// the A operands of dV and dK, and dq is accumulated transposed.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*);
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*);
 }
 
 namespace {
 
-void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
-  sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+// C (M x N) = A (M x K) B (K x N) [+ C], all row-major with leading dimensions lda, ldb, ldc.
+// float: oneDNN's brgemm micro-kernel through PyTorch (at::native::cpublas::brgemm), which runs
+// AVX-512 on any CPU that has it; MKL's sgemm takes its AVX2 path on AMD CPUs, half the rate
+// (measured 245-263 against 96-107 GFLOP/s per core on the README's AMD EPYC at this kernel's
+// shapes). Where oneDNN's micro-kernel is unavailable, brgemm itself falls back to a BLAS gemm.
+void mm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+        int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
 }
 
-void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
-  dgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+// double: BLAS dgemm, column-major: C^T = B^T A^T.
+void mm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb, double* C,
+        int64_t ldc, bool add) {
+  const char n = 'N';
+  const double one = 1, beta = add ? 1 : 0;
+  int m_ = N, n_ = M, k_ = K, la = ldb, lb = lda, lc = ldc;
+  dgemm_(&n, &n, &m_, &n_, &k_, &one, B, &la, A, &lb, &beta, C, &lc);
 }
 
 // Finite stand-in for -inf: the file is compiled with -ffast-math (so that exp vectorises),
@@ -60,6 +67,18 @@ Mat<T> slice(const at::Tensor& t, int64_t z, int64_t h) {
   return {t.data_ptr<T>() + z * t.stride(0) + h * t.stride(1), t.stride(2)};
 }
 
+// dst (cols x rows, leading dimension ld) = the transpose of rows x cols of src.
+// Tiles of 16 rows keep the writes to each dst row contiguous and the reads in L1.
+template <typename T>
+void transpose(const Mat<T>& src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
+    const int64_t i1 = std::min(rows, i0 + kTile);
+    for (int64_t d = 0; d < cols; ++d)
+      for (int64_t i = i0; i < i1; ++i) dst[d * ld + i] = src.p[i * src.row + d];
+  }
+}
+
 // Keys a query row sees inside the key block [n, n + kb): all of them, or up to itself.
 inline int64_t visible(bool causal, int64_t row, int64_t n, int64_t kb) {
   return causal ? std::max<int64_t>(0, std::min(kb, row - n + 1)) : kb;
@@ -70,34 +89,37 @@ inline int64_t key_end(bool causal, int64_t m, int64_t qb, int64_t s) {
   return causal ? std::min(m + qb, s) : s;
 }
 
-// Online-softmax state of one query block: running max, sum and unnormalised output per row.
+// Online-softmax state of one query block: scores, and running max, sum and unnormalised
+// output per row. Kt is the (z, h) slice's keys transposed, (D, S) with leading dimension S.
 template <typename T>
 struct RowState {
   std::vector<T> p, acc, mx, sm;
+  const T* Kt = nullptr;
+  int64_t S = 0;
   RowState(int64_t rows, int64_t cols, int64_t d) : p(rows * cols), acc(rows * d), mx(rows), sm(rows) {}
 };
 
 // Rows [a0, a1) of the query block at m (queries Q, state st) against keys [n0, n1), in key
-// chunks of kvB columns; a row sees only keys <= itself when causal.
+// chunks of kvB columns; a row sees only keys <= itself when causal. The scale is applied in the
+// softmax (the max is taken of scaled scores, so a negative scale is right too).
 template <typename T>
-void attend_rows(const Mat<T>& Q, const Mat<T>& K, const Mat<T>& V, int64_t m, int64_t a0, int64_t a1,
-                 int64_t n0, int64_t n1, int64_t D, bool causal, T scale, int64_t kvB, RowState<T>& st) {
+void attend_rows(const Mat<T>& Q, const Mat<T>& V, int64_t m, int64_t a0, int64_t a1, int64_t n0, int64_t n1,
+                 int64_t D, bool causal, T scale, int64_t kvB, RowState<T>& st) {
   const int64_t rows = a1 - a0;
   T* p = st.p.data() + a0 * kvB;
   T* acc = st.acc.data() + a0 * D;
   for (int64_t n = n0; n < n1; n += kvB) {
     const int64_t kb = std::min(kvB, n1 - n);
-    // p = scale * Q[m+a0 : m+a1] K[n : n+kb]^T, (rows, kb) row-major with leading dimension kvB
-    gemm('T', 'N', kb, rows, D, scale, K.p + n * K.row, K.row, Q.p + (m + a0) * Q.row, Q.row, T(0), p, kvB);
+    mm(rows, kb, D, Q.p + (m + a0) * Q.row, Q.row, st.Kt + n, st.S, p, kvB, false);  // raw scores
     for (int64_t i = 0; i < rows; ++i) {
       T* row = p + i * kvB;
       const int64_t cols = visible(causal, m + a0 + i, n, kb);
       T& mx = st.mx[a0 + i];
       T rmax = mx;
-      for (int64_t j = 0; j < cols; ++j) rmax = std::max(rmax, row[j]);
+      for (int64_t j = 0; j < cols; ++j) rmax = std::max(rmax, row[j] * scale);
       T s = 0;
       for (int64_t j = 0; j < cols; ++j) {
-        row[j] = std::exp(row[j] - rmax);
+        row[j] = std::exp(row[j] * scale - rmax);
         s += row[j];
       }
       std::fill(row + cols, row + kb, T(0));
@@ -109,9 +131,20 @@ void attend_rows(const Mat<T>& Q, const Mat<T>& K, const Mat<T>& V, int64_t m, i
       st.sm[a0 + i] = st.sm[a0 + i] * corr + s;
       mx = rmax;
     }
-    // acc += p V[n : n+kb]
-    gemm('N', 'N', D, rows, kb, T(1), V.p + n * V.row, V.row, p, kvB, T(1), acc, D);
+    mm(rows, D, kb, p, kvB, V.p + n * V.row, V.row, acc, D, true);  // acc += p V[n : n+kb]
   }
+}
+
+// The keys of every (z, h) slice transposed, (Z, H, D, S) contiguous: the B operand of q k^T.
+template <typename T>
+at::Tensor transposed_keys(const at::Tensor& k) {
+  const int64_t Z = k.size(0), H = k.size(1), S = k.size(2), D = k.size(3);
+  at::Tensor kt = at::empty({Z, H, D, S}, k.options());
+  at::parallel_for(0, Z * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      transpose<T>(slice<T>(k, t / H, t % H), S, D, kt.data_ptr<T>() + t * D * S, S);
+  });
+  return kt;
 }
 
 // Query blocks of qB rows take the keys every row of the block sees in products of qB rows;
@@ -122,21 +155,24 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool
              at::Tensor& lse, int64_t qB, int64_t kvB, int64_t sub) {
   const int64_t Z = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   const int64_t nqb = (L + qB - 1) / qB;
+  const at::Tensor kt = transposed_keys<T>(k);
   at::parallel_for(0, Z * H * nqb, 1, [&](int64_t begin, int64_t end) {
     RowState<T> st(qB, kvB, D);
+    st.S = S;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t z = t / (H * nqb), h = (t / nqb) % H, m = (t % nqb) * qB, qb = std::min(qB, L - m);
-      const Mat<T> Q = slice<T>(q, z, h), K = slice<T>(k, z, h), V = slice<T>(v, z, h), O = slice<T>(out, z, h);
+      const Mat<T> Q = slice<T>(q, z, h), V = slice<T>(v, z, h), O = slice<T>(out, z, h);
+      st.Kt = kt.data_ptr<T>() + (z * H + h) * D * S;
       T* lrow = lse.data_ptr<T>() + z * lse.stride(0) + h * lse.stride(1);
       std::fill(st.acc.begin(), st.acc.end(), T(0));
       std::fill(st.mx.begin(), st.mx.end(), kLow<T>);
       std::fill(st.sm.begin(), st.sm.end(), T(0));
       const int64_t shared = causal ? std::min(m + 1, S) : S;  // keys < shared: seen by every row
-      attend_rows<T>(Q, K, V, m, 0, qb, 0, shared, D, causal, scale, kvB, st);
+      attend_rows<T>(Q, V, m, 0, qb, 0, shared, D, causal, scale, kvB, st);
       if (causal) {
         for (int64_t a = 0; a < qb; a += sub) {
           const int64_t a1 = std::min(a + sub, qb);
-          attend_rows<T>(Q, K, V, m, a, a1, shared, key_end(true, m + a, a1 - a, S), D, true, scale, kvB, st);
+          attend_rows<T>(Q, V, m, a, a1, shared, key_end(true, m + a, a1 - a, S), D, true, scale, kvB, st);
         }
       }
       for (int64_t i = 0; i < qb; ++i) {
@@ -149,13 +185,47 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool
   });
 }
 
-// Gradients of one (z, h) slice. dq, dk, dv are written in full (zeroed here first).
+// Per-thread buffers of the backward. Products are taken transposed (keys x queries) so that
+// every one is a plain row-major A B: Kt (D, S) is the slice's keys transposed; qT, doT, dqT
+// (D, qB) the query block's q, dout and dq transposed; pT, dsT (kvB, qB) probabilities and
+// score gradients of one key chunk.
+template <typename T>
+struct Grads {
+  std::vector<T> Kt, qT, doT, dqT, pT, dsT, delta;
+  Grads(int64_t L, int64_t S, int64_t D, int64_t qB, int64_t kvB)
+      : Kt(D * S), qT(D * qB), doT(D * qB), dqT(D * qB), pT(kvB * qB), dsT(kvB * qB), delta(L) {}
+};
+
+// pT = exp(sT * scale - lse), dsT = pT * (dpT - delta) * scale for the (kb, qb) chunk of keys
+// [n, n + kb) and queries [m, m + qb); key j is seen by queries m + i >= n + j when causal.
+template <typename T>
+void chunk_grads(T* pT, T* dsT, int64_t kb, int64_t qb, int64_t ld, int64_t m, int64_t n, bool causal, T scale,
+                 const T* l, int64_t lse_step, const T* delta) {
+  for (int64_t j = 0; j < kb; ++j) {
+    T* pr = pT + j * ld;
+    T* dr = dsT + j * ld;
+    const int64_t i0 = causal ? std::min(qb, std::max<int64_t>(0, n + j - m)) : 0;
+    std::fill(pr, pr + i0, T(0));
+    std::fill(dr, dr + i0, T(0));
+    if (lse_step == 1) {
+      for (int64_t i = i0; i < qb; ++i) {
+        pr[i] = std::exp(pr[i] * scale - l[m + i]);
+        dr[i] = pr[i] * (dr[i] - delta[m + i]) * scale;
+      }
+    } else {
+      for (int64_t i = i0; i < qb; ++i) {
+        pr[i] = std::exp(pr[i] * scale - l[(m + i) * lse_step]);
+        dr[i] = pr[i] * (dr[i] - delta[m + i]) * scale;
+      }
+    }
+  }
+}
+
+// Gradients of one (z, h) slice. dq, dk, dv are written in full (dk, dv zeroed here first).
 template <typename T>
 void backward_slice(const Mat<T>& dO, const Mat<T>& Q, const Mat<T>& K, const Mat<T>& V, const Mat<T>& O,
                     const T* lse, int64_t lse_step, Mat<T> dQ, Mat<T> dK, Mat<T> dV, int64_t L, int64_t S,
-                    int64_t D, bool causal, T scale, int64_t qB, int64_t kvB, std::vector<T>& p,
-                    std::vector<T>& dp, std::vector<T>& delta) {
-  for (int64_t i = 0; i < L; ++i) std::fill(dQ.p + i * dQ.row, dQ.p + i * dQ.row + D, T(0));
+                    int64_t D, bool causal, T scale, int64_t qB, int64_t kvB, Grads<T>& g) {
   for (int64_t j = 0; j < S; ++j) {
     std::fill(dK.p + j * dK.row, dK.p + j * dK.row + D, T(0));
     std::fill(dV.p + j * dV.row, dV.p + j * dV.row + D, T(0));
@@ -163,33 +233,27 @@ void backward_slice(const Mat<T>& dO, const Mat<T>& Q, const Mat<T>& K, const Ma
   for (int64_t i = 0; i < L; ++i) {  // delta_i = dO_i . O_i
     T s = 0;
     for (int64_t d = 0; d < D; ++d) s += dO.p[i * dO.row + d] * O.p[i * O.row + d];
-    delta[i] = s;
+    g.delta[i] = s;
   }
+  transpose<T>(K, S, D, g.Kt.data(), S);
   for (int64_t m = 0; m < L; m += qB) {
     const int64_t qb = std::min(qB, L - m), kend = key_end(causal, m, qb, S);
-    const T* q = Q.p + m * Q.row;
-    const T* dout = dO.p + m * dO.row;
+    const Mat<T> q{Q.p + m * Q.row, Q.row}, dout{dO.p + m * dO.row, dO.row};
+    transpose<T>(q, qb, D, g.qT.data(), qB);
+    transpose<T>(dout, qb, D, g.doT.data(), qB);
     for (int64_t n = 0; n < kend; n += kvB) {
       const int64_t kb = std::min(kvB, kend - n);
-      gemm('T', 'N', kb, qb, D, scale, K.p + n * K.row, K.row, q, Q.row, T(0), p.data(), kvB);
-      gemm('T', 'N', kb, qb, D, T(1), V.p + n * V.row, V.row, dout, dO.row, T(0), dp.data(), kvB);
-      for (int64_t i = 0; i < qb; ++i) {
-        T* prow = p.data() + i * kvB;
-        T* dprow = dp.data() + i * kvB;
-        const int64_t cols = visible(causal, m + i, n, kb);
-        const T l = lse[(m + i) * lse_step], di = delta[m + i];
-        for (int64_t j = 0; j < cols; ++j) {
-          prow[j] = std::exp(prow[j] - l);        // the probabilities
-          dprow[j] = prow[j] * (dprow[j] - di);   // the score gradients
-        }
-        std::fill(prow + cols, prow + kb, T(0));
-        std::fill(dprow + cols, dprow + kb, T(0));
-      }
-      // dV[n:n+kb] += p^T dO;  dQ[m:m+qb] += scale ds K;  dK[n:n+kb] += scale ds^T Q
-      gemm('N', 'T', D, kb, qb, T(1), dout, dO.row, p.data(), kvB, T(1), dV.p + n * dV.row, dV.row);
-      gemm('N', 'N', D, qb, kb, scale, K.p + n * K.row, K.row, dp.data(), kvB, T(1), dQ.p + m * dQ.row, dQ.row);
-      gemm('N', 'T', D, kb, qb, scale, q, Q.row, dp.data(), kvB, T(1), dK.p + n * dK.row, dK.row);
+      mm(kb, qb, D, K.p + n * K.row, K.row, g.qT.data(), qB, g.pT.data(), qB, false);    // scores^T
+      mm(kb, qb, D, V.p + n * V.row, V.row, g.doT.data(), qB, g.dsT.data(), qB, false);  // dP^T
+      chunk_grads<T>(g.pT.data(), g.dsT.data(), kb, qb, qB, m, n, causal, scale, lse, lse_step, g.delta.data());
+      // dV[n:n+kb] += P^T dO;  dK[n:n+kb] += dS^T Q;  dq^T += K[n:n+kb]^T dS^T
+      mm(kb, D, qb, g.pT.data(), qB, dout.p, dout.row, dV.p + n * dV.row, dV.row, true);
+      mm(kb, D, qb, g.dsT.data(), qB, q.p, q.row, dK.p + n * dK.row, dK.row, true);
+      mm(D, qb, kb, g.Kt.data() + n, S, g.dsT.data(), qB, g.dqT.data(), qB, n > 0);
     }
+    if (kend == 0) std::fill(g.dqT.begin(), g.dqT.end(), T(0));
+    for (int64_t i = 0; i < qb; ++i)
+      for (int64_t d = 0; d < D; ++d) dQ.p[(m + i) * dQ.row + d] = g.dqT[d * qB + i];
   }
 }
 
@@ -199,13 +263,13 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               at::Tensor& dv, int64_t qB, int64_t kvB) {
   const int64_t Z = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   at::parallel_for(0, Z * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> p(qB * kvB), dp(qB * kvB), delta(L);
+    Grads<T> g(L, S, D, qB, kvB);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t z = t / H, h = t % H;
       const T* l = lse.data_ptr<T>() + z * lse.stride(0) + h * lse.stride(1);
       backward_slice<T>(slice<T>(dout, z, h), slice<T>(q, z, h), slice<T>(k, z, h), slice<T>(v, z, h),
                         slice<T>(out, z, h), l, lse.stride(2), slice<T>(dq, z, h), slice<T>(dk, z, h),
-                        slice<T>(dv, z, h), L, S, D, causal, scale, qB, kvB, p, dp, delta);
+                        slice<T>(dv, z, h), L, S, D, causal, scale, qB, kvB, g);
     }
   });
 }
