@@ -60,7 +60,8 @@ def test_bench_csv_has_one_row_per_impl_and_length(bench_run):
     header, rows = _csv(csv_path)
     assert header == [f.name for f in dataclasses.fields(op.Row)]
     assert [(r["impl"], int(r["n"])) for r in rows] == [
-        ("dilated[auto]", 200), ("dense-sdpa", 200), ("dilated[auto]", 256), ("dense-sdpa", 256)]
+        ("dilated[auto]", 200), ("dense-sdpa", 200), ("dense-op", 200),
+        ("dilated[auto]", 256), ("dense-sdpa", 256), ("dense-op", 256)]
     for r in rows:
         for key in ("fwd_ms", "fwdbwd_ms", "fwd_gflops", "fwdbwd_gflops"):
             assert 0 < float(r[key]) < math.inf, (key, r)
@@ -71,18 +72,23 @@ def test_bench_flops_and_ratios_follow_from_the_measured_times(bench_run):
     _, _, csv_path, _ = bench_run
     _, rows = _csv(csv_path)
     pattern = DilatedPattern(W, R)
-    for dil, dense in zip(rows[::2], rows[1::2]):
+    for dil, dense, op_dense in zip(rows[::3], rows[1::3], rows[2::3]):
         n = int(dil["n"])
         # The reported FLOP ratio is the pattern's own, and GFLOP/s x time gives SPEC.md §3's count.
         assert float(dil["dense_over_dilated_flops"]) == pytest.approx(pattern.flop_ratio(n, H, D, causal=True))
-        for row, flops in ((dil, dilated_flops(n, H, D, W, R, causal=True)), (dense, dense_flops(n, H, D, causal=True))):
+        dense_fl = dense_flops(n, H, D, causal=True)
+        for row, flops in ((dil, dilated_flops(n, H, D, W, R, causal=True)), (dense, dense_fl), (op_dense, dense_fl)):
             assert float(row["fwd_gflops"]) * float(row["fwd_ms"]) * 1e6 == pytest.approx(flops)
             assert float(row["fwdbwd_gflops"]) * float(row["fwdbwd_ms"]) * 1e6 == pytest.approx(3.5 * flops)
             assert float(row["io_mib"]) == 8 * n * H * D * 4 / 2**20  # q, k, v, out + grads, fp32
         assert float(dil["dense_over_dilated_fwd"]) == pytest.approx(float(dense["fwd_ms"]) / float(dil["fwd_ms"]))
         assert float(dil["dense_over_dilated_fwdbwd"]) == pytest.approx(
             float(dense["fwdbwd_ms"]) / float(dil["fwdbwd_ms"]))
-        assert dense["dense_over_dilated_fwd"] == "nan"
+        assert float(dil["op_dense_over_dilated_fwd"]) == pytest.approx(
+            float(op_dense["fwd_ms"]) / float(dil["fwd_ms"]))
+        assert float(dil["op_dense_over_dilated_fwdbwd"]) == pytest.approx(
+            float(op_dense["fwdbwd_ms"]) / float(dil["fwdbwd_ms"]))
+        assert dense["dense_over_dilated_fwd"] == "nan" and op_dense["op_dense_over_dilated_fwd"] == "nan"
 
 
 def test_bench_table_agrees_with_csv(bench_run):
@@ -95,8 +101,9 @@ def test_bench_table_agrees_with_csv(bench_run):
         for cell, key, digits in ((cells[2], "fwd_ms", 1), (cells[3], "fwdbwd_ms", 1), (cells[4], "fwd_gflops", 1),
                                   (cells[7], "mem_over_io", 2)):
             assert cell == f"{float(r[key]):.{digits}f}", key
-    assert table[0][-1] == f"{float(rows[0]['dense_over_dilated_flops']):.2f}"
-    assert len(table[1]) == 8  # dense rows: the ratio columns are blank, not "nan"
+    assert table[0][-3] == f"{float(rows[0]['dense_over_dilated_flops']):.2f}"
+    assert table[0][-1] == f"{float(rows[0]['op_dense_over_dilated_fwdbwd']):.2f}"
+    assert len(table[1]) == len(table[2]) == 8  # dense rows: the ratio columns are blank, not "nan"
 
 
 def test_bench_without_dense_non_causal(tmp_path, capsys):
@@ -109,6 +116,14 @@ def test_bench_without_dense_non_causal(tmp_path, capsys):
     assert float(rows[0]["dense_over_dilated_flops"]) == pytest.approx(
         DilatedPattern(W, R).flop_ratio(256, H, D, causal=False))
     assert "w=64,128 r=1,2" in capsys.readouterr().out
+
+
+def test_bench_without_the_op_dense_baseline(tmp_path):
+    path = tmp_path / "nop.csv"
+    assert main(["bench", "--n", "128", *TINY, "--no-dense-op", "--no-memory", "--csv", str(path)]) == 0
+    _, rows = _csv(path)
+    assert [r["impl"] for r in rows] == ["dilated[auto]", "dense-sdpa"]
+    assert rows[0]["op_dense_over_dilated_fwd"] == "nan" and float(rows[0]["dense_over_dilated_fwd"]) > 0
 
 
 def test_machine_name_is_descriptive():
@@ -144,7 +159,7 @@ def test_dense_and_dilated_calls_compute_the_same_attention(causal):
     q, k, v, do = (torch.randn(1, 40, 2, 8, generator=g, dtype=torch.float64) for _ in range(4))
     one = DilatedPattern((64,), (1,))
     outs = {}
-    for impl in (common.DENSE, None, "math"):
+    for impl in (common.DENSE, common.DENSE_OP, None, "math"):
         fwd = common.attention_call(impl, "fwd", q, k, v, do, one, causal)()
         fwdbwd = common.attention_call(impl, "fwdbwd", q, k, v, do, one, causal)()
         assert not fwd.requires_grad and fwd.shape == q.shape
@@ -152,6 +167,7 @@ def test_dense_and_dilated_calls_compute_the_same_attention(causal):
         outs[impl] = fwd
     torch.testing.assert_close(outs[None], outs[common.DENSE])
     torch.testing.assert_close(outs["math"], outs[common.DENSE])
+    torch.testing.assert_close(outs[common.DENSE_OP], outs[common.DENSE])
     with pytest.raises(ValueError, match="mode must be"):
         common.attention_call(None, "bwd", q, k, v, do, one, causal)
 

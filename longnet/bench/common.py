@@ -91,12 +91,16 @@ def best_of(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: i
 
 
 DENSE = "sdpa"  # attention_call's name for dense F.scaled_dot_product_attention
+# attention_call's name for dense attention through dilated_attention itself (one pattern, w = N,
+# r = 1): the same kernels as the dilated op, so its ratio to the op is the pattern's alone.
+DENSE_OP = "dense-op"
 
 
 def attention_call(impl: Optional[str], mode: str, q, k, v, do, pattern, causal: bool
                    ) -> Callable[[], torch.Tensor]:
     """A no-argument call to time: one forward (``mode="fwd"``, no autograd) or forward and
-    backward (``"fwdbwd"``) of dense SDPA (``impl=DENSE``) or of ``dilated_attention`` with
+    backward (``"fwdbwd"``) of dense SDPA (``impl=DENSE``), of dense attention through
+    ``dilated_attention`` (``impl=DENSE_OP``: w = N, r = 1) or of ``dilated_attention`` with
     backend ``impl`` (None: the automatic choice). q, k, v, do: (B, N, H, D); dense SDPA gets
     (B, H, N, D) transposed views, never copies. The call returns the output, (B, N, H, D)."""
     from ..functional import dilated_attention
@@ -106,6 +110,8 @@ def attention_call(impl: Optional[str], mode: str, q, k, v, do, pattern, causal:
         if impl == DENSE:
             return F.scaled_dot_product_attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2),
                                                   is_causal=causal).transpose(1, 2)
+        if impl == DENSE_OP:
+            return dilated_attention(a, b, c, [a.shape[1]], [1], is_causal=causal)
         return dilated_attention(a, b, c, pattern.segment_lengths, pattern.dilation_rates,
                                  is_causal=causal, backend=impl)
 

@@ -1,8 +1,12 @@
 """``longnet bench``: time and memory of dilated vs dense attention (not a test).
 
 For each N it measures forward and forward+backward of ``dilated_attention``
-and of dense causal ``F.scaled_dot_product_attention`` on the same machine in
-the same run, peak memory growth, and achieved GFLOP/s by SPEC.md §3's count.
+and of two dense baselines on the same machine in the same run: causal
+``F.scaled_dot_product_attention`` (what a user would otherwise run), and dense
+attention through ``dilated_attention`` itself (one pattern, w = N, r = 1: the
+same kernels, so the op's ratio to it is the pattern's alone; where longnet's
+kernel is faster than PyTorch's, the ratio to SDPA is larger by that factor).
+Also peak memory growth, and achieved GFLOP/s by SPEC.md §3's count.
 Prints a table; ``--csv`` and ``--plot`` write the results.
 
 ``--figure5`` times the forward only, from 4K to 1M tokens, and plots time against N
@@ -49,6 +53,8 @@ class Row:
     dense_over_dilated_fwd: float = NAN
     dense_over_dilated_fwdbwd: float = NAN
     dense_over_dilated_flops: float = NAN  # the ideal speed-up: SPEC.md §3's FLOP ratio
+    op_dense_over_dilated_fwd: float = NAN  # against dense attention through the op (same kernels)
+    op_dense_over_dilated_fwdbwd: float = NAN
 
 
 COLUMNS = (
@@ -59,13 +65,16 @@ COLUMNS = (
     Column("dense/dil fwd", "dense_over_dilated_fwd", ".2f", 14),
     Column("dense/dil f+b", "dense_over_dilated_fwdbwd", ".2f", 14),
     Column("FLOP ratio", "dense_over_dilated_flops", ".2f", 11),
+    Column("op-dense/dil fwd", "op_dense_over_dilated_fwd", ".2f", 17),
+    Column("op-dense/dil f+b", "op_dense_over_dilated_fwdbwd", ".2f", 17),
 )
 
 
 def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPattern, dtype,
             device, causal: bool, backend: Optional[str], repeats: int, warmup: int,
-            dense: bool, memory: bool, fwdbwd: bool = True) -> List[Row]:
-    """One Row for the dilated op and, with ``dense``, one for dense SDPA, at length n.
+            dense: bool, memory: bool, fwdbwd: bool = True, dense_op: bool = False) -> List[Row]:
+    """One Row for the dilated op, with ``dense`` one for dense SDPA, and with ``dense_op`` one for
+    dense attention through the op (w = N, r = 1), at length n.
 
     ``fwdbwd=False`` times the forward only (fwd+bwd columns NaN, no memory measurement): what
     ``--figure5`` needs at lengths where the gradients would not fit."""
@@ -82,6 +91,8 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
     impls = [(f"dilated[{backend or 'auto'}]", backend, dil_flops)]
     if dense:
         impls.append(("dense-sdpa", common.DENSE, dense_fl))
+    if dense_op:
+        impls.append(("dense-op", common.DENSE_OP, dense_fl))
     calls = {m: [common.attention_call(impl, m, q, k, v, do, pattern, causal) for _, impl, _ in impls]
              for m in ("fwd", "fwdbwd")}
     # Dilated and dense take turns (common.interleaved_times), so load bursts hit both alike.
@@ -97,9 +108,13 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
     rows = [Row(name, n, tf * 1e3, tfb * 1e3, fl_f / tf / 1e9, fl_fb / tfb / 1e9, mem / 2**20, io_bytes / 2**20,
                 mem / io_bytes) for (name, _, (fl_f, fl_fb)), tf, tfb, mem in zip(impls, t_f, t_fb, mems)]
     rows[0].dense_over_dilated_flops = dense_fl[0] / dil_flops[0]
+    by = {r.impl: r for r in rows}
     if dense:
-        rows[0].dense_over_dilated_fwd = rows[1].fwd_ms / rows[0].fwd_ms
-        rows[0].dense_over_dilated_fwdbwd = rows[1].fwdbwd_ms / rows[0].fwdbwd_ms
+        rows[0].dense_over_dilated_fwd = by["dense-sdpa"].fwd_ms / rows[0].fwd_ms
+        rows[0].dense_over_dilated_fwdbwd = by["dense-sdpa"].fwdbwd_ms / rows[0].fwdbwd_ms
+    if dense_op:
+        rows[0].op_dense_over_dilated_fwd = by["dense-op"].fwd_ms / rows[0].fwd_ms
+        rows[0].op_dense_over_dilated_fwdbwd = by["dense-op"].fwdbwd_ms / rows[0].fwdbwd_ms
     return rows
 
 
@@ -145,7 +160,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--non-causal", action="store_true", help="benchmark non-causal attention")
     p.add_argument("--backend", default=None, help="dilated_attention backend (default: auto)")
-    p.add_argument("--no-dense", action="store_true", help="skip the dense SDPA baseline")
+    p.add_argument("--no-dense", action="store_true", help="skip both dense baselines")
+    p.add_argument("--no-dense-op", action="store_true",
+                   help="skip the second dense baseline, dense attention through the op itself (w = N, r = 1, "
+                        "the same kernels as the dilated op); --figure5 never runs it")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed runs per measurement; the best is reported")
@@ -265,7 +283,8 @@ def _measure_all(args, pattern: DilatedPattern, device: torch.device, ns: List[i
         dense = not args.no_dense and (max_n is None or n <= max_n)
         rows += measure(n, **shape, pattern=pattern, dtype=DTYPES[args.dtype], device=device, causal=causal,
                         backend=args.backend, repeats=repeats, warmup=warmup, dense=dense,
-                        memory=not args.no_memory, fwdbwd=not args.figure5)
+                        memory=not args.no_memory, fwdbwd=not args.figure5,
+                        dense_op=dense and not args.no_dense_op and not args.figure5)
         print(f"  N={n}: done", flush=True)
     if args.figure5:
         rows += extrapolate_dense(rows, [n for n in ns if n > max_n], **shape, causal=causal)

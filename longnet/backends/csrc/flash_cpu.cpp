@@ -90,13 +90,25 @@ inline int64_t key_end(bool causal, int64_t m, int64_t qb, int64_t s) {
 }
 
 // Online-softmax state of one query block: scores, and running max, sum and unnormalised
-// output per row. Kt is the (z, h) slice's keys transposed, (D, S) with leading dimension S.
+// output per row; and this thread's transposed keys, Kt (D, S) with leading dimension S.
 template <typename T>
 struct RowState {
-  std::vector<T> p, acc, mx, sm;
+  std::vector<T> p, acc, mx, sm, kt;
   const T* Kt = nullptr;
   int64_t S = 0;
-  RowState(int64_t rows, int64_t cols, int64_t d) : p(rows * cols), acc(rows * d), mx(rows), sm(rows) {}
+  int64_t kt_slice = -1, kt_done = 0;  // (z, h) slice whose first kt_done keys are in kt
+  RowState(int64_t rows, int64_t cols, int64_t d, int64_t s)
+      : p(rows * cols), acc(rows * d), mx(rows), sm(rows), kt(d * s), Kt(kt.data()), S(s) {}
+
+  // Make keys [0, n) of slice t (keys K) available transposed in Kt. A thread takes its tasks in
+  // order (at::parallel_for hands out contiguous ranges), so each slice's keys are transposed
+  // about once per thread, into a buffer that is reused rather than allocated per call.
+  void keys_upto(int64_t t, const Mat<T>& K, int64_t n, int64_t D) {
+    if (t != kt_slice) kt_slice = t, kt_done = 0;
+    if (n <= kt_done) return;
+    transpose<T>({K.p + kt_done * K.row, K.row}, n - kt_done, D, kt.data() + kt_done, S);
+    kt_done = n;
+  }
 };
 
 // Rows [a0, a1) of the query block at m (queries Q, state st) against keys [n0, n1), in key
@@ -135,18 +147,6 @@ void attend_rows(const Mat<T>& Q, const Mat<T>& V, int64_t m, int64_t a0, int64_
   }
 }
 
-// The keys of every (z, h) slice transposed, (Z, H, D, S) contiguous: the B operand of q k^T.
-template <typename T>
-at::Tensor transposed_keys(const at::Tensor& k) {
-  const int64_t Z = k.size(0), H = k.size(1), S = k.size(2), D = k.size(3);
-  at::Tensor kt = at::empty({Z, H, D, S}, k.options());
-  at::parallel_for(0, Z * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      transpose<T>(slice<T>(k, t / H, t % H), S, D, kt.data_ptr<T>() + t * D * S, S);
-  });
-  return kt;
-}
-
 // Query blocks of qB rows take the keys every row of the block sees in products of qB rows;
 // causal blocks then take their diagonal in sub-blocks of sub rows, each up to its own last key,
 // so the masked scores computed are one sub x sub triangle per sub-block.
@@ -155,14 +155,12 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool
              at::Tensor& lse, int64_t qB, int64_t kvB, int64_t sub) {
   const int64_t Z = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   const int64_t nqb = (L + qB - 1) / qB;
-  const at::Tensor kt = transposed_keys<T>(k);
   at::parallel_for(0, Z * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    RowState<T> st(qB, kvB, D);
-    st.S = S;
+    RowState<T> st(qB, kvB, D, S);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t z = t / (H * nqb), h = (t / nqb) % H, m = (t % nqb) * qB, qb = std::min(qB, L - m);
       const Mat<T> Q = slice<T>(q, z, h), V = slice<T>(v, z, h), O = slice<T>(out, z, h);
-      st.Kt = kt.data_ptr<T>() + (z * H + h) * D * S;
+      st.keys_upto(t / nqb, slice<T>(k, z, h), key_end(causal, m, qb, S), D);
       T* lrow = lse.data_ptr<T>() + z * lse.stride(0) + h * lse.stride(1);
       std::fill(st.acc.begin(), st.acc.end(), T(0));
       std::fill(st.mx.begin(), st.mx.end(), kLow<T>);
