@@ -13,10 +13,12 @@ Why, twice over:
   its backward stops every query block at its own last key.
 
 Measured on that machine against PyTorch's kernel on the same inputs (one-off timings, about
-+-3%), float32: causal 2,048-row problems forward 0.62x and backward 0.46x its time, 512 rows
-0.62x / 0.44x, 16,384 rows unmasked 0.56x / 0.77x. float64 (MKL's dgemm on both sides): causal
-2,048 rows 0.89x / 0.86x, but unmasked 2,048 rows 1.06x / 1.08x and causal 8,192 rows 1.08x /
-1.02x. So :func:`wanted` takes every float32 call where oneDNN's micro-kernel is there to be
++-3%), float32, time of ours over PyTorch's, forward / backward: causal 512 rows 0.41 / 0.41,
+2,048 rows 0.47 / 0.46, unmasked 2,048 rows 0.55 / 0.56, causal 16,384 rows 0.54 / 0.64.
+float64 (MKL's dgemm on both sides): causal 2,048 rows 0.83 / 0.79, but unmasked 2,048 rows
+1.06 / 1.08 and causal 8,192 rows 1.08 / 1.02 (measured before the keys were transposed per
+thread rather than per call).
+So :func:`wanted` takes every float32 call where oneDNN's micro-kernel is there to be
 used (x86 with AVX2 or better and oneDNN enabled; elsewhere brgemm falls back to a BLAS gemm
 and the kernel keeps to what the tiles alone win), and float64 causal calls of at most
 :data:`MAX_ROWS` rows.
