@@ -52,6 +52,10 @@ from torch import Tensor
 ENV = "LONGNET_CPU_KERNEL"
 MODES = ("auto", "aten", "longnet")
 MAX_ROWS = 4096  # without oneDNN's products, longer causal problems waste little in aten's tiles
+# Fewer query rows go to aten: a decode step (one row against a cache that grows every step) would
+# have oneDNN generate micro-kernels for a new shape each step, 6x slower than aten's call and
+# leaving them cached (measured +160 MiB over 2,000 steps before this limit).
+MIN_ROWS = 16
 _NAME = "longnet_flash_cpu"
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "flash_cpu.cpp")
 # Forward: query rows per block, key columns per product, rows per diagonal sub-block.
@@ -119,12 +123,12 @@ def onednn_products() -> bool:
 
 
 def wanted(q: Tensor, k: Tensor, causal: bool) -> bool:
-    """Whether this call goes to longnet's kernel: float32 on the CPU (where :func:`onednn_products`),
-    or causal float32/float64 of at most :data:`MAX_ROWS` query rows; plain tensors, and the
-    kernel available."""
+    """Whether this call goes to longnet's kernel: at least :data:`MIN_ROWS` query rows, and float32
+    on the CPU (where :func:`onednn_products`) or causal float32/float64 of at most
+    :data:`MAX_ROWS` query rows; plain tensors, and the kernel available."""
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or not _plain(q, k):
         return False
-    if q.shape[-2] == 0 or k.shape[-2] == 0:
+    if q.shape[-2] < MIN_ROWS or k.shape[-2] == 0:
         return False
     if not (q.dtype == torch.float32 and onednn_products()) and not (causal and q.shape[-2] <= MAX_ROWS):
         return False

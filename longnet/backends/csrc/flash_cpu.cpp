@@ -79,6 +79,15 @@ void transpose(const Mat<T>& src, int64_t rows, int64_t cols, T* dst, int64_t ld
   }
 }
 
+// Leading dimension of a transposed-keys buffer for S keys. oneDNN generates (and caches, per
+// thread, for good) one micro-kernel per distinct shape and leading dimensions, so S itself would
+// make a new one for every key count a caller brings (a decode loop brings a new one every step);
+// rounded up, key counts share them.
+inline int64_t keys_ld(int64_t s) {
+  constexpr int64_t kRound = 256;
+  return (s + kRound - 1) / kRound * kRound;
+}
+
 // Keys a query row sees inside the key block [n, n + kb): all of them, or up to itself.
 inline int64_t visible(bool causal, int64_t row, int64_t n, int64_t kb) {
   return causal ? std::max<int64_t>(0, std::min(kb, row - n + 1)) : kb;
@@ -95,10 +104,10 @@ template <typename T>
 struct RowState {
   std::vector<T> p, acc, mx, sm, kt;
   const T* Kt = nullptr;
-  int64_t S = 0;
+  int64_t S = 0;  // leading dimension of Kt
   int64_t kt_slice = -1, kt_done = 0;  // (z, h) slice whose first kt_done keys are in kt
   RowState(int64_t rows, int64_t cols, int64_t d, int64_t s)
-      : p(rows * cols), acc(rows * d), mx(rows), sm(rows), kt(d * s), Kt(kt.data()), S(s) {}
+      : p(rows * cols), acc(rows * d), mx(rows), sm(rows), kt(d * keys_ld(s)), Kt(kt.data()), S(keys_ld(s)) {}
 
   // Make keys [0, n) of slice t (keys K) available transposed in Kt. A thread takes its tasks in
   // order (at::parallel_for hands out contiguous ranges), so each slice's keys are transposed
@@ -191,7 +200,7 @@ template <typename T>
 struct Grads {
   std::vector<T> Kt, qT, doT, dqT, pT, dsT, delta;
   Grads(int64_t L, int64_t S, int64_t D, int64_t qB, int64_t kvB)
-      : Kt(D * S), qT(D * qB), doT(D * qB), dqT(D * qB), pT(kvB * qB), dsT(kvB * qB), delta(L) {}
+      : Kt(D * keys_ld(S)), qT(D * qB), doT(D * qB), dqT(D * qB), pT(kvB * qB), dsT(kvB * qB), delta(L) {}
 };
 
 // pT = exp(sT * scale - lse), dsT = pT * (dpT - delta) * scale for the (kb, qb) chunk of keys
@@ -233,7 +242,8 @@ void backward_slice(const Mat<T>& dO, const Mat<T>& Q, const Mat<T>& K, const Ma
     for (int64_t d = 0; d < D; ++d) s += dO.p[i * dO.row + d] * O.p[i * O.row + d];
     g.delta[i] = s;
   }
-  transpose<T>(K, S, D, g.Kt.data(), S);
+  const int64_t ldk = keys_ld(S);
+  transpose<T>(K, S, D, g.Kt.data(), ldk);
   for (int64_t m = 0; m < L; m += qB) {
     const int64_t qb = std::min(qB, L - m), kend = key_end(causal, m, qb, S);
     const Mat<T> q{Q.p + m * Q.row, Q.row}, dout{dO.p + m * dO.row, dO.row};
@@ -247,7 +257,7 @@ void backward_slice(const Mat<T>& dO, const Mat<T>& Q, const Mat<T>& K, const Ma
       // dV[n:n+kb] += P^T dO;  dK[n:n+kb] += dS^T Q;  dq^T += K[n:n+kb]^T dS^T
       mm(kb, D, qb, g.pT.data(), qB, dout.p, dout.row, dV.p + n * dV.row, dV.row, true);
       mm(kb, D, qb, g.dsT.data(), qB, q.p, q.row, dK.p + n * dK.row, dK.row, true);
-      mm(D, qb, kb, g.Kt.data() + n, S, g.dsT.data(), qB, g.dqT.data(), qB, n > 0);
+      mm(D, qb, kb, g.Kt.data() + n, ldk, g.dsT.data(), qB, g.dqT.data(), qB, n > 0);
     }
     if (kend == 0) std::fill(g.dqT.begin(), g.dqT.end(), T(0));
     for (int64_t i = 0; i < qb; ++i)
