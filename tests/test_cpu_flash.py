@@ -56,6 +56,29 @@ def test_forward_and_backward_match_aten_exactly_in_contract(dtype, causal, l, s
             assert a.stride() == b.stride()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_and_fp16_are_computed_in_float_at_least_as_accurately_as_aten(dtype, causal):
+    """Half-precision inputs: aten's layouts and dtypes (out in the input dtype, lse in float32), and
+    errors against the float64 math path within twice aten's own (plus its rounding of the output)."""
+    eps = torch.finfo(dtype).eps
+    for l, s, d in [(300, 300, 16), (37, 53, 16), (530, 37, 8)]:
+        q, k, v, do = _inputs(2, 3, l, s, d, dtype, seed=l + s, strided=True)
+        ref = kernels.math_fwd(q.double(), k.double(), v.double(), causal, 0.3)[0]
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=0.3)
+        mine, mine_lse = cpu_flash.fwd(q, k, v, causal, 0.3)
+        assert mine.dtype == dtype and mine_lse.dtype == torch.float32
+        assert mine.stride() == out.stride() and mine_lse.stride() == lse.stride()
+        assert (mine.double() - ref).abs().max() <= 2 * (out.double() - ref).abs().max() + eps
+        grads_ref = kernels.math_bwd(do.double(), q.double(), k.double(), v.double(), out.double(),
+                                     lse.double(), causal, 0.3)
+        theirs = aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0,
+                                                                            causal, scale=0.3)
+        for a, b, r in zip(cpu_flash.bwd(do, q, k, v, out, lse, causal, 0.3), theirs, grads_ref):
+            assert a.dtype == dtype and a.stride() == b.stride()
+            assert (a.double() - r).abs().max() <= 2 * (b.double() - r).abs().max() + eps
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_matches_the_math_path_and_its_gradient(causal):
     q, k, v, do = _inputs(1, 2, 200, 200, 8, torch.float64, seed=3, strided=True)
@@ -92,7 +115,7 @@ CHOICES = [
     (torch.float32, True, 300, True, True), (torch.float64, True, cpu_flash.MAX_ROWS, True, True),
     (torch.float32, False, 300, True, False), (torch.float32, True, cpu_flash.MAX_ROWS + 1, True, False),
     (torch.float64, False, 300, False, False), (torch.float64, True, cpu_flash.MAX_ROWS + 1, False, False),
-    (torch.bfloat16, True, 300, False, False),
+    (torch.bfloat16, True, 300, True, False), (torch.float16, False, 300, True, False),
     # fewer rows than MIN_ROWS (a decode step) stay with aten whatever else holds
     (torch.float32, False, cpu_flash.MIN_ROWS - 1, False, False), (torch.float32, True, 1, False, False),
     (torch.float32, True, cpu_flash.MIN_ROWS, True, True),

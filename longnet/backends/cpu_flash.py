@@ -114,6 +114,9 @@ def _plain(*tensors: Tensor) -> bool:
     return all(type(t) is torch.Tensor for t in tensors)
 
 
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def onednn_products() -> bool:
     """Whether float32 products run on oneDNN's brgemm micro-kernel (the conditions under which
     PyTorch's ``at::native::cpublas::brgemm`` uses it): x86, AVX2 or better, oneDNN enabled."""
@@ -123,16 +126,16 @@ def onednn_products() -> bool:
 
 
 def wanted(q: Tensor, k: Tensor, causal: bool) -> bool:
-    """Whether this call goes to longnet's kernel: at least :data:`MIN_ROWS` query rows, and float32
-    on the CPU (where :func:`onednn_products`) or causal float32/float64 of at most
-    :data:`MAX_ROWS` query rows; plain tensors, and the kernel available."""
-    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64) or not _plain(q, k):
+    """Whether this call goes to longnet's kernel: at least :data:`MIN_ROWS` query rows on the CPU,
+    plain tensors, the kernel available, and: float32, bfloat16 or float16 where
+    :func:`onednn_products`; float32 or float64 causal calls of at most :data:`MAX_ROWS` rows."""
+    if q.device.type != "cpu" or q.dtype not in _DTYPES or not _plain(q, k):
         return False
     if q.shape[-2] < MIN_ROWS or k.shape[-2] == 0:
         return False
-    if not (q.dtype == torch.float32 and onednn_products()) and not (causal and q.shape[-2] <= MAX_ROWS):
-        return False
-    return module() is not None
+    fast_products = q.dtype != torch.float64 and onednn_products()
+    tiles_only = causal and q.shape[-2] <= MAX_ROWS and q.dtype in (torch.float32, torch.float64)
+    return (fast_products or tiles_only) and module() is not None
 
 
 def _last_contiguous(x: Tensor) -> Tensor:
@@ -149,4 +152,5 @@ def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, c
         scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) like ``aten._scaled_dot_product_flash_attention_for_cpu_backward``."""
     do, q, k, v, out = (_last_contiguous(x) for x in (do, q, k, v, out))
-    return tuple(module().bwd(do, q, k, v, out, lse.to(q.dtype), causal, float(scale), *BWD_BLOCKS))
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return tuple(module().bwd(do, q, k, v, out, lse, causal, float(scale), *BWD_BLOCKS))

@@ -1,9 +1,10 @@
-// Flash attention on the CPU, forward and backward, for float and double.
+// Flash attention on the CPU, forward and backward, for float, double, bfloat16 and half (the
+// last two computed in float).
 //
 // Same contract as aten::_scaled_dot_product_flash_attention_for_cpu (and its backward)
 // without dropout or masks: q (Z, H, L, D), k and v (Z, H, S, D), any strides with the
 // last dimension contiguous; causal is top-left aligned (query i sees keys 0..i).
-// Returns out (Z, H, L, D) and lse (Z, H, L) in the input dtype.
+// Returns out (Z, H, L, D) in the input dtype and lse (Z, H, L) in the compute type.
 //
 // Why it exists: aten's kernel skips masked scores only in whole key tiles of 512, so a
 // causal problem of S rows still computes about S * 256 masked scores. The dilated op runs
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -67,15 +69,28 @@ Mat<T> slice(const at::Tensor& t, int64_t z, int64_t h) {
   return {t.data_ptr<T>() + z * t.stride(0) + h * t.stride(1), t.stride(2)};
 }
 
-// dst (cols x rows, leading dimension ld) = the transpose of rows x cols of src.
+// dst (cols x rows, leading dimension ld) = the transpose of rows x cols of src, converted to T.
 // Tiles of 16 rows keep the writes to each dst row contiguous and the reads in L1.
-template <typename T>
-void transpose(const Mat<T>& src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
+template <typename S, typename T>
+void transpose(const Mat<S>& src, int64_t rows, int64_t cols, T* dst, int64_t ld) {
   constexpr int64_t kTile = 16;
   for (int64_t i0 = 0; i0 < rows; i0 += kTile) {
     const int64_t i1 = std::min(rows, i0 + kTile);
     for (int64_t d = 0; d < cols; ++d)
-      for (int64_t i = i0; i < i1; ++i) dst[d * ld + i] = src.p[i * src.row + d];
+      for (int64_t i = i0; i < i1; ++i) dst[d * ld + i] = static_cast<T>(src.p[i * src.row + d]);
+  }
+}
+
+// rows x cols of src in the compute type T: src itself when it is of type T, else a converted
+// copy in buf (leading dimension cols). bf16/fp16 inputs are multiplied in float this way.
+template <typename T, typename S>
+Mat<T> computed(const Mat<S>& src, int64_t rows, int64_t cols, std::vector<T>& buf) {
+  if constexpr (std::is_same_v<S, T>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t d = 0; d < cols; ++d) buf[i * cols + d] = static_cast<T>(src.p[i * src.row + d]);
+    return {buf.data(), cols};
   }
 }
 
@@ -99,28 +114,45 @@ inline int64_t key_end(bool causal, int64_t m, int64_t qb, int64_t s) {
 }
 
 // Online-softmax state of one query block: scores, and running max, sum and unnormalised
-// output per row; and this thread's transposed keys, Kt (D, S) with leading dimension S.
+// output per row; and this thread's transposed keys, Kt (D, S) with leading dimension S, and
+// (inputs not of type T only) its query block and values converted to T.
 template <typename T>
 struct RowState {
-  std::vector<T> p, acc, mx, sm, kt;
+  std::vector<T> p, acc, mx, sm, kt, qc, vc;
   const T* Kt = nullptr;
   int64_t S = 0;  // leading dimension of Kt
-  int64_t kt_slice = -1, kt_done = 0;  // (z, h) slice whose first kt_done keys are in kt
-  RowState(int64_t rows, int64_t cols, int64_t d, int64_t s)
-      : p(rows * cols), acc(rows * d), mx(rows), sm(rows), kt(d * keys_ld(s)), Kt(kt.data()), S(keys_ld(s)) {}
+  int64_t kt_slice = -1, kt_done = 0;  // (z, h) slice whose first kt_done keys are in kt (and vc)
+  RowState(int64_t rows, int64_t cols, int64_t d, int64_t s, bool convert)
+      : p(rows * cols), acc(rows * d), mx(rows), sm(rows), kt(d * keys_ld(s)), qc(convert ? rows * d : 0),
+        vc(convert ? s * d : 0), Kt(kt.data()), S(keys_ld(s)) {}
 
-  // Make keys [0, n) of slice t (keys K) available transposed in Kt. A thread takes its tasks in
-  // order (at::parallel_for hands out contiguous ranges), so each slice's keys are transposed
-  // about once per thread, into a buffer that is reused rather than allocated per call.
-  void keys_upto(int64_t t, const Mat<T>& K, int64_t n, int64_t D) {
+  // Make keys [0, n) of slice t (keys K, values V) available transposed in Kt (and values in vc).
+  // A thread takes its tasks in order (at::parallel_for hands out contiguous ranges), so each
+  // slice's keys are transposed about once per thread, into a buffer reused rather than allocated.
+  template <typename Tin>
+  void keys_upto(int64_t t, const Mat<Tin>& K, const Mat<Tin>& V, int64_t n, int64_t D) {
     if (t != kt_slice) kt_slice = t, kt_done = 0;
     if (n <= kt_done) return;
-    transpose<T>({K.p + kt_done * K.row, K.row}, n - kt_done, D, kt.data() + kt_done, S);
+    transpose<Tin, T>({K.p + kt_done * K.row, K.row}, n - kt_done, D, kt.data() + kt_done, S);
+    if constexpr (!std::is_same_v<Tin, T>) {
+      for (int64_t j = kt_done; j < n; ++j)
+        for (int64_t d = 0; d < D; ++d) vc[j * D + d] = static_cast<T>(V.p[j * V.row + d]);
+    }
     kt_done = n;
+  }
+
+  // The slice's values in T: the input itself, or vc.
+  template <typename Tin>
+  Mat<T> values(const Mat<Tin>& V, int64_t D) {
+    if constexpr (std::is_same_v<Tin, T>) {
+      return V;
+    } else {
+      return {vc.data(), D};
+    }
   }
 };
 
-// Rows [a0, a1) of the query block at m (queries Q, state st) against keys [n0, n1), in key
+// Rows [a0, a1) of the query block at m (its queries Q, row 0 = query m; state st) against keys [n0, n1), in key
 // chunks of kvB columns; a row sees only keys <= itself when causal. The scale is applied in the
 // softmax (the max is taken of scaled scores, so a negative scale is right too).
 template <typename T>
@@ -131,7 +163,7 @@ void attend_rows(const Mat<T>& Q, const Mat<T>& V, int64_t m, int64_t a0, int64_
   T* acc = st.acc.data() + a0 * D;
   for (int64_t n = n0; n < n1; n += kvB) {
     const int64_t kb = std::min(kvB, n1 - n);
-    mm(rows, kb, D, Q.p + (m + a0) * Q.row, Q.row, st.Kt + n, st.S, p, kvB, false);  // raw scores
+    mm(rows, kb, D, Q.p + a0 * Q.row, Q.row, st.Kt + n, st.S, p, kvB, false);  // raw scores
     for (int64_t i = 0; i < rows; ++i) {
       T* row = p + i * kvB;
       const int64_t cols = visible(causal, m + a0 + i, n, kb);
@@ -158,18 +190,20 @@ void attend_rows(const Mat<T>& Q, const Mat<T>& V, int64_t m, int64_t a0, int64_
 
 // Query blocks of qB rows take the keys every row of the block sees in products of qB rows;
 // causal blocks then take their diagonal in sub-blocks of sub rows, each up to its own last key,
-// so the masked scores computed are one sub x sub triangle per sub-block.
-template <typename T>
+// so the masked scores computed are one sub x sub triangle per sub-block. Inputs and out are
+// of type Tin; products, softmax and lse are in T (float for bf16/fp16 inputs).
+template <typename Tin, typename T>
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, T scale, at::Tensor& out,
              at::Tensor& lse, int64_t qB, int64_t kvB, int64_t sub) {
   const int64_t Z = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   const int64_t nqb = (L + qB - 1) / qB;
   at::parallel_for(0, Z * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    RowState<T> st(qB, kvB, D, S);
+    RowState<T> st(qB, kvB, D, S, !std::is_same_v<Tin, T>);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t z = t / (H * nqb), h = (t / nqb) % H, m = (t % nqb) * qB, qb = std::min(qB, L - m);
-      const Mat<T> Q = slice<T>(q, z, h), V = slice<T>(v, z, h), O = slice<T>(out, z, h);
-      st.keys_upto(t / nqb, slice<T>(k, z, h), key_end(causal, m, qb, S), D);
+      const Mat<Tin> Qin = slice<Tin>(q, z, h), Vin = slice<Tin>(v, z, h), O = slice<Tin>(out, z, h);
+      st.keys_upto(t / nqb, slice<Tin>(k, z, h), Vin, key_end(causal, m, qb, S), D);
+      const Mat<T> Q = computed<T>(Mat<Tin>{Qin.p + m * Qin.row, Qin.row}, qb, D, st.qc), V = st.values(Vin, D);
       T* lrow = lse.data_ptr<T>() + z * lse.stride(0) + h * lse.stride(1);
       std::fill(st.acc.begin(), st.acc.end(), T(0));
       std::fill(st.mx.begin(), st.mx.end(), kLow<T>);
@@ -184,8 +218,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool
       }
       for (int64_t i = 0; i < qb; ++i) {
         const T inv = T(1) / st.sm[i];
-        T* o = O.p + (m + i) * O.row;
-        for (int64_t d = 0; d < D; ++d) o[d] = st.acc[i * D + d] * inv;
+        Tin* o = O.p + (m + i) * O.row;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Tin>(st.acc[i * D + d] * inv);
         lrow[(m + i) * lse.stride(2)] = st.mx[i] + std::log(st.sm[i]);
       }
     }
@@ -195,13 +229,37 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool
 // Per-thread buffers of the backward. Products are taken transposed (keys x queries) so that
 // every one is a plain row-major A B: Kt (D, S) is the slice's keys transposed; qT, doT, dqT
 // (D, qB) the query block's q, dout and dq transposed; pT, dsT (kvB, qB) probabilities and
-// score gradients of one key chunk.
+// score gradients of one key chunk. Inputs not of type T also get converted copies (kc, vc of
+// the slice, qc, dc of the query block) and accumulators for dk and dv (dkc, dvc).
 template <typename T>
 struct Grads {
-  std::vector<T> Kt, qT, doT, dqT, pT, dsT, delta;
-  Grads(int64_t L, int64_t S, int64_t D, int64_t qB, int64_t kvB)
-      : Kt(D * keys_ld(S)), qT(D * qB), doT(D * qB), dqT(D * qB), pT(kvB * qB), dsT(kvB * qB), delta(L) {}
+  std::vector<T> Kt, qT, doT, dqT, pT, dsT, delta, kc, vc, qc, dc, dkc, dvc;
+  Grads(int64_t L, int64_t S, int64_t D, int64_t qB, int64_t kvB, bool convert)
+      : Kt(D * keys_ld(S)), qT(D * qB), doT(D * qB), dqT(D * qB), pT(kvB * qB), dsT(kvB * qB), delta(L),
+        kc(convert ? S * D : 0), vc(convert ? S * D : 0), qc(convert ? qB * D : 0), dc(convert ? qB * D : 0),
+        dkc(convert ? S * D : 0), dvc(convert ? S * D : 0) {}
 };
+
+// A zeroed (S, D) accumulator in T for the gradient out: out itself, or buf.
+template <typename T, typename Tin>
+Mat<T> accumulator(const Mat<Tin>& out, int64_t S, int64_t D, std::vector<T>& buf) {
+  if constexpr (std::is_same_v<Tin, T>) {
+    for (int64_t j = 0; j < S; ++j) std::fill(out.p + j * out.row, out.p + j * out.row + D, T(0));
+    return out;
+  } else {
+    std::fill(buf.begin(), buf.begin() + S * D, T(0));
+    return {buf.data(), D};
+  }
+}
+
+// out = acc, converted, when acc is a buffer of its own (see accumulator).
+template <typename T, typename Tin>
+void store(const Mat<T>& acc, const Mat<Tin>& out, int64_t S, int64_t D) {
+  if constexpr (!std::is_same_v<Tin, T>) {
+    for (int64_t j = 0; j < S; ++j)
+      for (int64_t d = 0; d < D; ++d) out.p[j * out.row + d] = static_cast<Tin>(acc.p[j * acc.row + d]);
+  }
+}
 
 // pT = exp(sT * scale - lse), dsT = pT * (dpT - delta) * scale for the (kb, qb) chunk of keys
 // [n, n + kb) and queries [m, m + qb); key j is seen by queries m + i >= n + j when causal.
@@ -228,27 +286,27 @@ void chunk_grads(T* pT, T* dsT, int64_t kb, int64_t qb, int64_t ld, int64_t m, i
   }
 }
 
-// Gradients of one (z, h) slice. dq, dk, dv are written in full (dk, dv zeroed here first).
-template <typename T>
-void backward_slice(const Mat<T>& dO, const Mat<T>& Q, const Mat<T>& K, const Mat<T>& V, const Mat<T>& O,
-                    const T* lse, int64_t lse_step, Mat<T> dQ, Mat<T> dK, Mat<T> dV, int64_t L, int64_t S,
-                    int64_t D, bool causal, T scale, int64_t qB, int64_t kvB, Grads<T>& g) {
-  for (int64_t j = 0; j < S; ++j) {
-    std::fill(dK.p + j * dK.row, dK.p + j * dK.row + D, T(0));
-    std::fill(dV.p + j * dV.row, dV.p + j * dV.row + D, T(0));
-  }
+// Gradients of one (z, h) slice, inputs and gradients of type Tin, computed in T. dq, dk, dv
+// are written in full.
+template <typename Tin, typename T>
+void backward_slice(const Mat<Tin>& dO, const Mat<Tin>& Qin, const Mat<Tin>& Kin, const Mat<Tin>& Vin,
+                    const Mat<Tin>& O, const T* lse, int64_t lse_step, Mat<Tin> dQ, Mat<Tin> dKout, Mat<Tin> dVout,
+                    int64_t L, int64_t S, int64_t D, bool causal, T scale, int64_t qB, int64_t kvB, Grads<T>& g) {
+  const Mat<T> dK = accumulator<T>(dKout, S, D, g.dkc), dV = accumulator<T>(dVout, S, D, g.dvc);
   for (int64_t i = 0; i < L; ++i) {  // delta_i = dO_i . O_i
     T s = 0;
-    for (int64_t d = 0; d < D; ++d) s += dO.p[i * dO.row + d] * O.p[i * O.row + d];
+    for (int64_t d = 0; d < D; ++d) s += static_cast<T>(dO.p[i * dO.row + d]) * static_cast<T>(O.p[i * O.row + d]);
     g.delta[i] = s;
   }
+  const Mat<T> K = computed<T>(Kin, S, D, g.kc), V = computed<T>(Vin, S, D, g.vc);
   const int64_t ldk = keys_ld(S);
-  transpose<T>(K, S, D, g.Kt.data(), ldk);
+  transpose<T, T>(K, S, D, g.Kt.data(), ldk);
   for (int64_t m = 0; m < L; m += qB) {
     const int64_t qb = std::min(qB, L - m), kend = key_end(causal, m, qb, S);
-    const Mat<T> q{Q.p + m * Q.row, Q.row}, dout{dO.p + m * dO.row, dO.row};
-    transpose<T>(q, qb, D, g.qT.data(), qB);
-    transpose<T>(dout, qb, D, g.doT.data(), qB);
+    const Mat<T> q = computed<T>(Mat<Tin>{Qin.p + m * Qin.row, Qin.row}, qb, D, g.qc);
+    const Mat<T> dout = computed<T>(Mat<Tin>{dO.p + m * dO.row, dO.row}, qb, D, g.dc);
+    transpose<T, T>(q, qb, D, g.qT.data(), qB);
+    transpose<T, T>(dout, qb, D, g.doT.data(), qB);
     for (int64_t n = 0; n < kend; n += kvB) {
       const int64_t kb = std::min(kvB, kend - n);
       mm(kb, qb, D, K.p + n * K.row, K.row, g.qT.data(), qB, g.pT.data(), qB, false);    // scores^T
@@ -261,23 +319,25 @@ void backward_slice(const Mat<T>& dO, const Mat<T>& Q, const Mat<T>& K, const Ma
     }
     if (kend == 0) std::fill(g.dqT.begin(), g.dqT.end(), T(0));
     for (int64_t i = 0; i < qb; ++i)
-      for (int64_t d = 0; d < D; ++d) dQ.p[(m + i) * dQ.row + d] = g.dqT[d * qB + i];
+      for (int64_t d = 0; d < D; ++d) dQ.p[(m + i) * dQ.row + d] = static_cast<Tin>(g.dqT[d * qB + i]);
   }
+  store<T>(dK, dKout, S, D);
+  store<T>(dV, dVout, S, D);
 }
 
-template <typename T>
+template <typename Tin, typename T>
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, bool causal, T scale, at::Tensor& dq, at::Tensor& dk,
               at::Tensor& dv, int64_t qB, int64_t kvB) {
   const int64_t Z = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), S = k.size(2);
   at::parallel_for(0, Z * H, 1, [&](int64_t begin, int64_t end) {
-    Grads<T> g(L, S, D, qB, kvB);
+    Grads<T> g(L, S, D, qB, kvB, !std::is_same_v<Tin, T>);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t z = t / H, h = t % H;
       const T* l = lse.data_ptr<T>() + z * lse.stride(0) + h * lse.stride(1);
-      backward_slice<T>(slice<T>(dout, z, h), slice<T>(q, z, h), slice<T>(k, z, h), slice<T>(v, z, h),
-                        slice<T>(out, z, h), l, lse.stride(2), slice<T>(dq, z, h), slice<T>(dk, z, h),
-                        slice<T>(dv, z, h), L, S, D, causal, scale, qB, kvB, g);
+      backward_slice<Tin, T>(slice<Tin>(dout, z, h), slice<Tin>(q, z, h), slice<Tin>(k, z, h), slice<Tin>(v, z, h),
+                             slice<Tin>(out, z, h), l, lse.stride(2), slice<Tin>(dq, z, h), slice<Tin>(dk, z, h),
+                             slice<Tin>(dv, z, h), L, S, D, causal, scale, qB, kvB, g);
     }
   });
 }
@@ -289,19 +349,39 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& q) {
 
 }  // namespace
 
-// (out, lse); out laid out (Z, L, H, D) in memory, lse (Z, L, H), like aten's CPU kernel for strided inputs.
+namespace {
+
+// The type products, softmax and lse are computed in: double for double, float otherwise.
+at::ScalarType compute_type(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Calls f(Tin{}, T{}) with the input type of q and its compute type.
+template <typename F>
+void dispatch(const at::Tensor& q, F&& f) {
+  switch (q.scalar_type()) {
+    case at::kFloat: return f(float{}, float{});
+    case at::kDouble: return f(double{}, double{});
+    case at::kBFloat16: return f(at::BFloat16{}, float{});
+    case at::kHalf: return f(at::Half{}, float{});
+    default: TORCH_CHECK(false, "longnet flash_cpu: float32, float64, bfloat16 or float16 only, got ", q.scalar_type());
+  }
+}
+
+}  // namespace
+
+// (out, lse); out laid out (Z, L, H, D) in memory, lse (Z, L, H), like aten's CPU kernel for
+// strided inputs; lse in the compute type (float32, or float64 for float64 inputs).
 std::vector<at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal,
                             double scale, int64_t qB, int64_t kvB, int64_t sub) {
   check(q, "q", q), check(k, "k", q), check(v, "v", q);
   const int64_t Z = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
   at::Tensor out = at::empty({Z, L, H, D}, q.options()).transpose(1, 2);
-  at::Tensor lse = at::empty({Z, L, H}, q.options()).transpose(1, 2);
-  if (q.scalar_type() == at::kFloat) {
-    forward<float>(q, k, v, causal, static_cast<float>(scale), out, lse, qB, kvB, sub);
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kDouble, "longnet flash_cpu: float32 or float64 only");
-    forward<double>(q, k, v, causal, scale, out, lse, qB, kvB, sub);
-  }
+  at::Tensor lse = at::empty({Z, L, H}, q.options().dtype(compute_type(q))).transpose(1, 2);
+  dispatch(q, [&](auto in, auto acc) {
+    using T = decltype(acc);
+    forward<decltype(in), T>(q, k, v, causal, static_cast<T>(scale), out, lse, qB, kvB, sub);
+  });
   return {out, lse};
 }
 
@@ -310,17 +390,16 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q, const a
                             const at::Tensor& out, const at::Tensor& lse, bool causal, double scale, int64_t qB,
                             int64_t kvB) {
   check(dout, "dout", q), check(q, "q", q), check(k, "k", q), check(v, "v", q), check(out, "out", q);
-  TORCH_CHECK(lse.dim() == 3 && lse.scalar_type() == q.scalar_type(), "longnet flash_cpu: lse must be (Z, H, L) of q's dtype");
+  TORCH_CHECK(lse.dim() == 3 && lse.scalar_type() == compute_type(q),
+              "longnet flash_cpu: lse must be (Z, H, L) in float32 (float64 for float64 inputs)");
   auto like = [](const at::Tensor& t) {
     return at::empty({t.size(0), t.size(2), t.size(1), t.size(3)}, t.options()).transpose(1, 2);
   };
   at::Tensor dq = like(q), dk = like(k), dv = like(v);
-  if (q.scalar_type() == at::kFloat) {
-    backward<float>(dout, q, k, v, out, lse, causal, static_cast<float>(scale), dq, dk, dv, qB, kvB);
-  } else {
-    TORCH_CHECK(q.scalar_type() == at::kDouble, "longnet flash_cpu: float32 or float64 only");
-    backward<double>(dout, q, k, v, out, lse, causal, scale, dq, dk, dv, qB, kvB);
-  }
+  dispatch(q, [&](auto in, auto acc) {
+    using T = decltype(acc);
+    backward<decltype(in), T>(dout, q, k, v, out, lse, causal, static_cast<T>(scale), dq, dk, dv, qB, kvB);
+  });
   return {dq, dk, dv};
 }
 
