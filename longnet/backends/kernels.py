@@ -6,9 +6,9 @@ tensor can be passed without copies). lse is (Z, H, L), float32 (float64 for
 float64 inputs).
 
 Which kernel runs:
-- CPU, fp32 (x86 with oneDNN), or causal fp32/fp64 of at most 4,096 query rows: longnet's
-  own flash kernel (:mod:`.cpu_flash`: AVX-512 products, masked scores skipped at a finer
-  grain); ``LONGNET_CPU_KERNEL=aten`` turns it off.
+- CPU, at least 16 query rows, and fp32/bf16/fp16 (x86 with oneDNN) or causal fp32/fp64 of at
+  most 4,096 query rows: longnet's own flash kernel (:mod:`.cpu_flash`: AVX-512 products,
+  masked scores skipped at a finer grain); ``LONGNET_CPU_KERNEL=aten`` turns it off.
 - CPU otherwise: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
   (fp64, fp32, bf16, fp16).
 - CUDA, fp16/bf16, head dim <= 256 and a multiple of 8:
