@@ -21,8 +21,10 @@ pytestmark = pytest.mark.skipif(
     cpu_flash.mode() == "aten" or (cpu_flash.module() is None and not os.environ.get("CI")),
     reason="LONGNET_CPU_KERNEL=aten, or no C++ compiler to build the kernel")
 
-# (L, S, D): equal lengths, both ragged against the 64 x 256 / 64 x 512 blocks, L < S, L > S, single rows.
-SHAPES = [(100, 100, 16), (300, 300, 8), (37, 53, 16), (530, 37, 8), (1, 5, 4), (64, 64, 32), (129, 600, 16)]
+# (L, S, D): equal lengths, both ragged against the 128 x 256 / 128 x 512 blocks, L < S, L > S, single rows,
+# a head dim of 96.
+SHAPES = [(100, 100, 16), (300, 300, 8), (37, 53, 16), (530, 37, 8), (1, 5, 4), (64, 64, 32), (129, 600, 16),
+          (70, 90, 96)]
 
 
 def _inputs(z, h, l, s, d, dtype, seed, strided):
