@@ -41,6 +41,7 @@ dtype laid out (Z, L, H, D) in memory.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -50,6 +51,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .numerics import acc_dtype, last_dim_contiguous
 
 ENV = "LONGNET_CPU_KERNEL"
 MODES = ("auto", "aten", "longnet")
@@ -119,12 +122,17 @@ def _plain(*tensors: Tensor) -> bool:
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_built_for_this_cpu() -> bool:
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
 def onednn_products() -> bool:
     """Whether float32 products run on oneDNN's brgemm micro-kernel (the conditions under which
-    PyTorch's ``at::native::cpublas::brgemm`` uses it): x86, AVX2 or better, oneDNN enabled."""
-    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled
-            and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+    PyTorch's ``at::native::cpublas::brgemm`` uses it): x86, AVX2 or better, oneDNN enabled
+    (the one part that can change while the process runs)."""
+    return torch.backends.mkldnn.enabled and _onednn_built_for_this_cpu()
 
 
 def wanted(q: Tensor, k: Tensor, causal: bool) -> bool:
@@ -140,19 +148,14 @@ def wanted(q: Tensor, k: Tensor, causal: bool) -> bool:
     return (fast_products or tiles_only) and module() is not None
 
 
-def _last_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
     """(out (Z, H, L, D), lse (Z, H, L)) like ``aten._scaled_dot_product_flash_attention_for_cpu``."""
-    q, k, v = (_last_contiguous(x) for x in (q, k, v))
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     return tuple(module().fwd(q, k, v, causal, float(scale), *FWD_BLOCKS))
 
 
 def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
         scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) like ``aten._scaled_dot_product_flash_attention_for_cpu_backward``."""
-    do, q, k, v, out = (_last_contiguous(x) for x in (do, q, k, v, out))
-    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    return tuple(module().bwd(do, q, k, v, out, lse, causal, float(scale), *BWD_BLOCKS))
+    do, q, k, v, out = (last_dim_contiguous(x) for x in (do, q, k, v, out))
+    return tuple(module().bwd(do, q, k, v, out, lse.to(acc_dtype(q.dtype)), causal, float(scale), *BWD_BLOCKS))

@@ -24,9 +24,8 @@ import torch
 from torch import Tensor
 
 from ..patterns import clip_segment
-from . import kernels
 from .lse_grad import backward_grads, backward_inputs
-from .numerics import acc_dtype
+from .numerics import acc_dtype, last_dim_contiguous
 from .torch_backend import accumulate_grads, merge_patterns
 
 __all__ = ["dilated_attention_torch", "dilated_attention_fwd", "dilated_attention_bwd", "mixture_forward",
@@ -152,7 +151,7 @@ def dilated_attention_torch(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Se
     ``segment_phases``: validated phases, one per pattern, or None for all 0.
     Only a last dimension that is not contiguous is copied.
     """
-    q, k, v = (kernels.last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     phases = [int(p) for p in segment_phases] if segment_phases is not None and any(segment_phases) else None
     return torch.ops.longnet.dilated_attention_fwd(q, k, v, [int(w) for w in segment_lengths],
                                                    [int(r) for r in dilation_rates], bool(is_causal), float(scale),

@@ -70,15 +70,6 @@ def _chunked(fn, tensors):
     return tuple(results)
 
 
-def last_dim_contiguous(x: Tensor) -> Tensor:
-    """x itself when its last dimension is contiguous (all the kernels need), else a contiguous copy.
-
-    Every other stride may be anything, so strided views (transposed heads,
-    slices, unbound qkv) reach the kernels without a copy.
-    """
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
 def math_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
     """Reference-quality (out, lse) for (Z, H, L, D) inputs, computed in fp32/fp64."""
     acc = acc_dtype(q.dtype)

@@ -1,10 +1,12 @@
-"""Numerical conventions every backend shares: the default score scale and the accumulation dtype."""
+"""Conventions every backend and kernel shares: the default score scale, the accumulation dtype,
+and the one layout requirement of the flash kernels (a contiguous last dimension)."""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-__all__ = ["default_scale", "acc_dtype"]
+__all__ = ["default_scale", "acc_dtype", "last_dim_contiguous"]
 
 
 def default_scale(head_dim: int) -> float:
@@ -19,3 +21,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     half-precision partials are merged and summed without compounding rounding.
     """
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def last_dim_contiguous(x: Tensor) -> Tensor:
+    """x itself when its last dimension is contiguous (all the kernels need), else a contiguous copy.
+
+    Every other stride may be anything, so strided views (transposed heads,
+    slices, unbound qkv) reach the kernels without a copy.
+    """
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()

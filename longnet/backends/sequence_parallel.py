@@ -70,7 +70,7 @@ from torch import Tensor
 from ..patterns import clip_phase, clip_segment, head_offset, segment_bounds, segment_start, used_offsets, \
     validate_phases
 from . import kernels
-from .numerics import acc_dtype
+from .numerics import acc_dtype, last_dim_contiguous
 from .lse_grad import lse_columns
 from .torch_backend import accumulate_grads, merge_partial, merge_patterns
 from .collectives import Message, all_gather_chunks, exchange, reduce_scatter_chunks, segment_group
@@ -512,5 +512,5 @@ def sequence_parallel_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment
         raise ValueError(f"backend must be None, 'torch' or 'math' with group=..., got {backend!r}: "
                          "sequence parallelism runs the torch backend's kernels (flash or plain matmuls)")
     plan = _checked_plan(group, q, segment_lengths, dilation_rates, segment_phases)
-    q, k, v = (kernels.last_dim_contiguous(x) for x in (q, k, v))
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     return _SequenceParallelFn.apply(q, k, v, plan, bool(is_causal), float(scale), backend == "math")

@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from ..patterns import clip_phase, clip_segment, kept_count, segment_groups
-from .kernels import last_dim_contiguous
+from .numerics import last_dim_contiguous
 from .numerics import acc_dtype, default_scale
 
 __all__ = ["dilated_attention_triton", "supports", "why_not", "backend_fn", "BlockConfig", "default_config", "INTERPRET",

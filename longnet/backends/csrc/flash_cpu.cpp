@@ -81,6 +81,13 @@ void transpose(const Mat<S>& src, int64_t rows, int64_t cols, T* dst, int64_t ld
   }
 }
 
+// dst (rows x cols, leading dimension cols) = rows x cols of src, converted to T.
+template <typename S, typename T>
+void convert(const Mat<S>& src, int64_t rows, int64_t cols, T* dst) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < cols; ++d) dst[i * cols + d] = static_cast<T>(src.p[i * src.row + d]);
+}
+
 // rows x cols of src in the compute type T: src itself when it is of type T, else a converted
 // copy in buf (leading dimension cols). bf16/fp16 inputs are multiplied in float this way.
 template <typename T, typename S>
@@ -88,8 +95,7 @@ Mat<T> computed(const Mat<S>& src, int64_t rows, int64_t cols, std::vector<T>& b
   if constexpr (std::is_same_v<S, T>) {
     return src;
   } else {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t d = 0; d < cols; ++d) buf[i * cols + d] = static_cast<T>(src.p[i * src.row + d]);
+    convert(src, rows, cols, buf.data());
     return {buf.data(), cols};
   }
 }
@@ -114,30 +120,27 @@ inline int64_t key_end(bool causal, int64_t m, int64_t qb, int64_t s) {
 }
 
 // Online-softmax state of one query block: scores, and running max, sum and unnormalised
-// output per row; and this thread's transposed keys, Kt (D, S) with leading dimension S, and
+// output per row; and this thread's transposed keys, kt (D, S) with leading dimension ldk, and
 // (inputs not of type T only) its query block and values converted to T.
 template <typename T>
 struct RowState {
   std::vector<T> p, acc, mx, sm, kt, qc, vc;
-  const T* Kt = nullptr;
-  int64_t S = 0;  // leading dimension of Kt
+  int64_t ldk;
   int64_t kt_slice = -1, kt_done = 0;  // (z, h) slice whose first kt_done keys are in kt (and vc)
-  RowState(int64_t rows, int64_t cols, int64_t d, int64_t s, bool convert)
-      : p(rows * cols), acc(rows * d), mx(rows), sm(rows), kt(d * keys_ld(s)), qc(convert ? rows * d : 0),
-        vc(convert ? s * d : 0), Kt(kt.data()), S(keys_ld(s)) {}
+  RowState(int64_t rows, int64_t cols, int64_t d, int64_t s, bool converts)
+      : p(rows * cols), acc(rows * d), mx(rows), sm(rows), kt(d * keys_ld(s)), qc(converts ? rows * d : 0),
+        vc(converts ? s * d : 0), ldk(keys_ld(s)) {}
 
-  // Make keys [0, n) of slice t (keys K, values V) available transposed in Kt (and values in vc).
+  // Make keys [0, n) of slice t (keys K, values V) available transposed in kt (and values in vc).
   // A thread takes its tasks in order (at::parallel_for hands out contiguous ranges), so each
   // slice's keys are transposed about once per thread, into a buffer reused rather than allocated.
   template <typename Tin>
   void keys_upto(int64_t t, const Mat<Tin>& K, const Mat<Tin>& V, int64_t n, int64_t D) {
     if (t != kt_slice) kt_slice = t, kt_done = 0;
     if (n <= kt_done) return;
-    transpose<Tin, T>({K.p + kt_done * K.row, K.row}, n - kt_done, D, kt.data() + kt_done, S);
-    if constexpr (!std::is_same_v<Tin, T>) {
-      for (int64_t j = kt_done; j < n; ++j)
-        for (int64_t d = 0; d < D; ++d) vc[j * D + d] = static_cast<T>(V.p[j * V.row + d]);
-    }
+    transpose<Tin, T>({K.p + kt_done * K.row, K.row}, n - kt_done, D, kt.data() + kt_done, ldk);
+    if constexpr (!std::is_same_v<Tin, T>) convert(Mat<Tin>{V.p + kt_done * V.row, V.row}, n - kt_done, D,
+                                                   vc.data() + kt_done * D);
     kt_done = n;
   }
 
@@ -163,7 +166,7 @@ void attend_rows(const Mat<T>& Q, const Mat<T>& V, int64_t m, int64_t a0, int64_
   T* acc = st.acc.data() + a0 * D;
   for (int64_t n = n0; n < n1; n += kvB) {
     const int64_t kb = std::min(kvB, n1 - n);
-    mm(rows, kb, D, Q.p + a0 * Q.row, Q.row, st.Kt + n, st.S, p, kvB, false);  // raw scores
+    mm(rows, kb, D, Q.p + a0 * Q.row, Q.row, st.kt.data() + n, st.ldk, p, kvB, false);  // raw scores
     for (int64_t i = 0; i < rows; ++i) {
       T* row = p + i * kvB;
       const int64_t cols = visible(causal, m + a0 + i, n, kb);
@@ -343,7 +346,8 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 }
 
 void check(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.stride(3) == 1 && t.scalar_type() == q.scalar_type(),
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && (t.stride(3) == 1 || t.size(3) == 1) &&
+                  t.scalar_type() == q.scalar_type(),
               "longnet flash_cpu: ", name, " must be a 4-D CPU tensor of q's dtype with a contiguous last dimension");
 }
 
