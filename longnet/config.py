@@ -8,7 +8,7 @@ to and from JSON-able dicts, and come in named presets (:data:`PRESETS`):
 * ``tiny``: 4 layers, d=256, trains on 2 CPU cores in about 4 minutes (``longnet train``'s default);
 * ``small``: 6 layers, d=384, context 2048, for a GPU or a patient CPU;
 * ``paper-base``: the paper's base model (12 layers, d=768, 12 heads, FFN 3072,
-  w = 2048..32768, r = 1, 2, 4, 6, 12) and its optimiser (SPEC.md §5).
+  w = 2048..32768, r = 1, 2, 4, 6, 12) and its optimiser (docs/design.md §5).
 
 Overrides use one syntax everywhere (``longnet train --set KEY=VALUE``): KEY is
 ``model.FIELD``, ``train.FIELD`` or a bare FIELD name that only one of the two has;
@@ -79,7 +79,7 @@ def xpos_max_length(scale_base: float) -> int:
 
 @dataclass
 class LongNetConfig:
-    """The LongNet decoder-only language model (SPEC.md §5).
+    """The LongNet decoder-only language model (docs/design.md §5).
 
     Attributes:
         vocab_size: tokens; 256 for bytes.
@@ -90,7 +90,7 @@ class LongNetConfig:
         local_window: 0, or an even length l >= 2: add a causal local window to every layer's
             mixture, as two r = 1 patterns of length l with segment phases 0 and l/2
             (:meth:`longnet.DilatedPattern.with_local_window`). It links every pair of
-            neighbouring tokens, which the paper's causal pattern does not (SPEC.md §2.1).
+            neighbouring tokens, which the paper's causal pattern does not (docs/design.md §2.1).
         dropout: on the embeddings, attention output, FFN hidden and residual branches.
         activation: FFN activation, one of gelu, relu, silu/swish.
         tie_embeddings: share the input embedding and the output projection.
@@ -186,7 +186,7 @@ class LongNetConfig:
 
 @dataclass
 class TrainConfig:
-    """Training settings (the optimiser defaults follow SPEC.md §5).
+    """Training settings (the optimiser defaults follow docs/design.md §5).
 
     Attributes:
         seq_len: training context in tokens.
@@ -320,7 +320,7 @@ PRESETS: Dict[str, Tuple[LongNetConfig, TrainConfig]] = {
         TrainConfig(seq_len=2048, batch_size=8, max_steps=5000, lr=1e-3, warmup_steps=200,
                     eval_interval=500, eval_windows=64, save_interval=1000),
     ),
-    # SPEC.md §5: the paper's base model and optimiser. Steps and batch are our choice.
+    # docs/design.md §5: the paper's base model and optimiser. Steps and batch are our choice.
     "paper-base": (
         LongNetConfig(n_layers=12, d_model=768, n_heads=12, d_ffn=3072,
                       segment_lengths=(2048, 4096, 8192, 16384, 32768), dilation_rates=(1, 2, 4, 6, 12),

@@ -65,16 +65,16 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor,
                       return_lse: bool = False, backend: Optional[str] = None,
                       group=None, segment_phases: Optional[Sequence[int]] = None
                       ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Dilated attention of LongNet (SPEC.md §1-2), a mixture of dilation patterns.
+    """Dilated attention of LongNet (docs/design.md §1-2), a mixture of dilation patterns.
 
-    By default this computes exactly SPEC.md §1-2. ``segment_phases`` opts in
+    By default this computes exactly docs/design.md §1-2. ``segment_phases`` opts in
     to shifted segment boundaries (an extension, see :mod:`longnet.patterns`):
     pattern i cuts the positions into [0, φ_i), [φ_i, φ_i + w_i), ... instead
     of [0, w_i), [w_i, 2 w_i), .... Its main use is the local-window variant
     of :meth:`longnet.DilatedPattern.with_local_window`, which adds the
     patterns (window, 1, phase 0) and (window, 1, phase window/2) so that in
     every head each pair of neighbours shares a segment, which removes the
-    causal blind spot of SPEC.md §2.1.
+    causal blind spot of docs/design.md §2.1.
 
     Args:
         q, k, v: (B, N, H, D), same shape, dtype and device, any strides.
@@ -93,7 +93,7 @@ def dilated_attention(q: Tensor, k: Tensor, v: Tensor,
             :mod:`longnet.distributed`); or a ``SequenceParallelPlan`` made for
             this block length and pattern, which skips re-checking the split.
         segment_phases: φ_i, same length as ``segment_lengths``, 0 <= φ_i < w_i;
-            None (default) means all 0, i.e. exactly SPEC.md.
+            None (default) means all 0, i.e. exactly the paper's cut (docs/design.md §1).
 
     Returns:
         out (B, N, H, D), or (out, lse). Rows kept by no pattern get 0. The

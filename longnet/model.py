@@ -10,14 +10,14 @@ Each block is pre-LN with MAGNETO's Sub-LayerNorm (Wang et al. 2022):
 
 and MAGNETO's initialisation: Xavier everywhere, with v_proj, out_proj, fc1 and fc2
 scaled by ``sqrt(log(2 * n_layers))``. Attention is causal dilated attention
-(:func:`longnet.dilated_attention`, SPEC.md §1-2) with XPOS relative positions.
+(:func:`longnet.dilated_attention`, docs/design.md §1-2) with XPOS relative positions.
 
 Decoding (:meth:`LongNetLM.generate`) keeps a key/value cache and computes, for the new
 token at position p, exactly the row p of the full forward: for each pattern (w, r), p
 lies in segment a = floor(p / w) * w with offset s = (p - a) mod r; the heads h with
 h mod r = s keep it, and they attend to the cached keys a + s, a + s + r, ..., p (a
 strided slice of the cache, no gather); the patterns are merged by their log-sum-exp
-(SPEC.md §2) and heads that no pattern keeps output 0. Work per token is
+(docs/design.md §2) and heads that no pattern keeps output 0. Work per token is
 O(sum_i w_i / r_i), independent of the context length, and so is the cache's memory:
 no query reads a key more than max(w) - 1 positions back, so the cache grows by doubling
 up to 2 max(w) slots and then drops the positions no later query reads (:class:`KVCache`).
@@ -229,7 +229,7 @@ def _attend_to_cache(q: Tensor, kc: Tensor, vc: Tensor, steps: List[_CacheStep],
         scores = torch.einsum("bhd,bmhd->bhm", q[:, heads], keys) * scale
         l_i = torch.logsumexp(scores, dim=-1)  # (B, Hs)
         o_i = torch.einsum("bhm,bmhd->bhd", torch.exp(scores - l_i[..., None]), vc[:, first:end:r, heads].float())
-        # Mixture merge (SPEC.md §2); l_i is finite (the query sees itself), so new is finite.
+        # Mixture merge (docs/design.md §2); l_i is finite (the query sees itself), so new is finite.
         old = lse[:, heads]
         new = torch.logaddexp(old, l_i)
         out[:, heads] = out[:, heads] * torch.exp(old - new)[..., None] + o_i * torch.exp(l_i - new)[..., None]

@@ -210,7 +210,7 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.segment_lengths, self.dilation_rates = validate_pattern(segment_lengths, dilation_rates)
         self.segment_phases = validate_phases(segment_phases, self.segment_lengths)
-        # Only a phased pattern passes phases on, so the default path stays the SPEC one, unchanged.
+        # Only a phased pattern passes phases on, so the default path stays the paper's.
         self._pattern_kwargs = {"segment_phases": self.segment_phases} if any(self.segment_phases) else {}
         check_backend_name(backend)
         self.embed_dim, self.num_heads = embed_dim, num_heads

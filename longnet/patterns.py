@@ -1,18 +1,18 @@
-"""Dilation patterns: validation, the kept-rows rule, presets and the cost model of SPEC.md §3.
+"""Dilation patterns: validation, the kept-rows rule, presets and the cost model of docs/design.md §3.
 
 A pattern is a pair of equally long sequences ``segment_lengths`` (w_i) and
 ``dilation_rates`` (r_i). Head ``h`` of pattern ``i`` keeps, in each segment
 ``[a, a + w_i)``, the rows ``a + s, a + s + r_i, ...`` with ``s = h mod r_i``.
 
-Segment phases (an extension of SPEC.md, opt-in). A pattern may carry a third
+Segment phases (an extension of docs/design.md, opt-in). A pattern may carry a third
 component, the phase φ_i with 0 <= φ_i < w_i (default 0). Pattern i then cuts
 the positions into [0, φ), [φ, φ + w), [φ + w, φ + 2w), ... (the first is empty
 when φ = 0, the last may be short), and everything else -- kept rows, head
 offsets, causality -- is measured from each segment's own start a as above.
-With every phase 0 this is exactly SPEC.md §1-2.
+With every phase 0 this is exactly docs/design.md §1-2.
 
 The local-window variant, :meth:`DilatedPattern.with_local_window`, uses
-phases to remove the causal blind spot of SPEC.md §2.1: it adds two r = 1
+phases to remove the causal blind spot of docs/design.md §2.1: it adds two r = 1
 patterns (window, 1, phase 0) and (window, 1, phase window / 2). A pair of
 neighbours (j, j + 1) is split by the first only when j + 1 ≡ 0 (mod window)
 and by the second only when j + 1 ≡ window / 2, never both, so in every head
@@ -168,7 +168,7 @@ def validate_phases(segment_phases, segment_lengths) -> Tuple[int, ...]:
 # analysis tool applies this one definition to whatever it holds.
 
 def clip_segment(segment_length: int, n: int) -> int:
-    """w' = min(w, N): a segment at least as long as the sequence is the whole sequence (SPEC.md §1)."""
+    """w' = min(w, N): a segment at least as long as the sequence is the whole sequence (docs/design.md §1)."""
     return min(segment_length, n)
 
 
@@ -282,7 +282,7 @@ def visible_keys(position: int, segment_length: int, dilation_rate: int,
 def dilated_flops(n: int, num_heads: int, head_dim: int, segment_lengths, dilation_rates,
                   *, causal: bool = False, batch: int = 1, backward: bool = False,
                   segment_phases=None) -> float:
-    """Attention FLOPs of one dilated-attention call, by SPEC.md §3's count.
+    """Attention FLOPs of one dilated-attention call, by docs/design.md §3's count.
 
     Counts the two matmuls (QK^T and PV) on the kept rows of every segment,
     head and pattern exactly, including short tail segments, the leading
@@ -366,7 +366,7 @@ class DilatedPattern:
         """This pattern plus a causal local window: (window, 1, phase 0) and (window, 1, phase window/2).
 
         Every pair of neighbours then shares a segment in every head (see the
-        module docstring), which removes the blind spot of SPEC.md §2.1.
+        module docstring), which removes the blind spot of docs/design.md §2.1.
         ``window`` must be even and >= 2.
         """
         window = _as_int("window", window)

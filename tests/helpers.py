@@ -49,10 +49,10 @@ def _segments(n, w, phi):
 
 def loop_reference(q, k, v, segment_lengths, dilation_rates, *, is_causal=False, scale=None,
                    segment_phases=None):
-    """SPEC.md §1-2 spelled out with Python loops: per pattern, head and segment, then merge.
+    """docs/design.md §1-2 spelled out with Python loops: per pattern, head and segment, then merge.
 
     q, k, v: (B, N, H, D) float64. ``segment_phases`` shifts pattern i's segments to start at
-    φ_i + k w_i (SPEC.md §2.1's opt-in variant). Returns (out, lse) like the op.
+    φ_i + k w_i (docs/design.md §2.1's opt-in variant). Returns (out, lse) like the op.
     """
     b, n, h, d = q.shape
     scale = d ** -0.5 if scale is None else scale

@@ -1,5 +1,5 @@
 """The benchmarks: what they report is what they measured (CSV = table, FLOP counts and ratios
-by SPEC.md §3), the shared timing and memory code, and clear errors for absurd arguments
+by docs/design.md §3), the shared timing and memory code, and clear errors for absurd arguments
 before any work starts. No assertion on wall-clock time beyond "positive and finite"."""
 
 import contextlib
@@ -74,7 +74,7 @@ def test_bench_flops_and_ratios_follow_from_the_measured_times(bench_run):
     pattern = DilatedPattern(W, R)
     for dil, dense, op_dense in zip(rows[::3], rows[1::3], rows[2::3]):
         n = int(dil["n"])
-        # The reported FLOP ratio is the pattern's own, and GFLOP/s x time gives SPEC.md §3's count.
+        # The reported FLOP ratio is the pattern's own, and GFLOP/s x time gives docs/design.md §3's count.
         assert float(dil["dense_over_dilated_flops"]) == pytest.approx(pattern.flop_ratio(n, H, D, causal=True))
         dense_fl = dense_flops(n, H, D, causal=True)
         for row, flops in ((dil, dilated_flops(n, H, D, W, R, causal=True)), (dense, dense_fl), (op_dense, dense_fl)):

@@ -29,7 +29,7 @@ BACKENDS = ("torch", "math")
 # --------------------------------------------------------------------------- an oracle from the definition
 
 def loop_oracle(q, k, v, segment_lengths, dilation_rates, phases, causal, scale=None):
-    """SPEC.md §1-2 with shifted segments, per pattern, head and segment (tests/helpers.py)."""
+    """docs/design.md §1-2 with shifted segments, per pattern, head and segment (tests/helpers.py)."""
     return loop_reference(q, k, v, segment_lengths, dilation_rates, is_causal=causal, scale=scale,
                           segment_phases=phases)
 
@@ -42,7 +42,7 @@ def test_segments_by_hand():
     assert [segment_start(p, 8, 3) for p in (0, 2, 3, 10, 11, 19)] == [0, 0, 3, 3, 11, 19]
     assert segment_bounds(2, 20, 8, 3) == (0, 3) and segment_bounds(12, 20, 8, 3) == (11, 19)
     assert segment_bounds(19, 20, 8, 3) == (19, 20)
-    # Phase 0 is SPEC.md's cut; a phase at or past N leaves one segment.
+    # Phase 0 is docs/design.md's cut; a phase at or past N leaves one segment.
     assert segment_groups(20, 8, 0) == [(0, 2, 8), (16, 1, 4)]
     assert segment_groups(5, 8, 6) == [(0, 1, 5)] and clip_phase(6, 5) == 5
     # Head 1 of r = 2 keeps rows 1 of [0,3), 4, 6, 8, 10 of [3,11), 12 ... 18 of [11,19).
@@ -200,7 +200,7 @@ def test_local_window_links_every_neighbour_pair():
     n, h = 300, 12
     for base in (DilatedPattern((16, 32, 64), (1, 2, 4)), DilatedPattern((64, 128), (1, 4))):
         c_base = count_matrix(n, h, base.segment_lengths, base.dilation_rates, is_causal=True)
-        # The paper's pattern alone: token j + 1 never sees token j across an r = 1 boundary (SPEC.md §2.1).
+        # The paper's pattern alone: token j + 1 never sees token j across an r = 1 boundary (docs/design.md §2.1).
         w0 = base.segment_lengths[0]
         assert (c_base[:, w0, w0 - 1] == 0).all()
         for window in (2, 8, 16):

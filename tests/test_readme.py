@@ -82,7 +82,7 @@ def test_readme_flop_ratio_matches_a_direct_count():
 
 
 def test_readme_op_calls_match_the_loop_oracle(monkeypatch):
-    """Each dilated_attention call of the README, recomputed by SPEC.md §1-2 spelled out in loops."""
+    """Each dilated_attention call of the README, recomputed by docs/design.md §1-2 spelled out in loops."""
     original, calls = longnet.dilated_attention, []
     sig = inspect.signature(original)
 

@@ -303,7 +303,7 @@ def test_api_errors(tmp_path):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("n", [37, 64])
 def test_reach_with_phases_matches_the_count_matrix_closure(causal, n):
-    # Oracle: the union-of-heads adjacency from the reference count matrix (SPEC.md §2, with
+    # Oracle: the union-of-heads adjacency from the reference count matrix (docs/design.md §2, with
     # phases), closed under paths by repeated boolean products; reach must agree on every pair.
     from longnet.analysis.reach import depth_matrix
     from longnet.backends.reference import count_matrix as ref_count

@@ -1,7 +1,7 @@
-"""How many stacked dilated-attention layers connect two tokens (SPEC.md §3, "Path length").
+"""How many stacked dilated-attention layers connect two tokens (docs/design.md §3, "Path length").
 
 One layer lets token j influence token i iff ``C_h[i, j] > 0`` for some head h
-(SPEC.md §2): i and j share a segment of some pattern (w, r) and are both kept
+(docs/design.md §2): i and j share a segment of some pattern (w, r) and are both kept
 by a head of that pattern (offset ``h mod r``), with ``j <= i`` when causal.
 Residual connections keep what a token already had, so the reach after L
 layers is every path of at most L edges, and the *depth* of a pair is its

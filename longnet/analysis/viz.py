@@ -3,7 +3,7 @@
 Computation first (numpy, no N x N array unless asked for a tiny N):
 
 * :func:`keep_masks` -- (K, H, N) rows kept by each pattern and head;
-* :func:`count_matrix` -- C of SPEC.md §2 summed over b x b blocks, built
+* :func:`count_matrix` -- C of docs/design.md §2 summed over b x b blocks, built
   from per-segment kept-row counts (``B = M^T M``), so N = 65536 costs about
   N/r work per pattern and head instead of N^2;
 * :func:`count_stats` -- exact nonzeros and sum of C per head by
@@ -121,7 +121,7 @@ def _pattern_block_sums(n: int, w: int, r: int, s: int, block: int, causal: bool
 
 def count_matrix(pattern, n: int, num_heads: int, *, causal: bool = False,
                  head: Optional[int] = None, block: int = 1) -> np.ndarray:
-    """C of SPEC.md §2, summed over ``block x block`` tiles, as int64.
+    """C of docs/design.md §2, summed over ``block x block`` tiles, as int64.
 
     Returns (H, nb, nb) for all heads, or (nb, nb) for ``head=h``, with
     ``nb = ceil(N / block)``; ``C[.., I, J]`` sums C[p, j] over queries p in

@@ -1,1 +1,1 @@
-"""Backends of :func:`longnet.dilated_attention`. Each computes SPEC.md §1-2 exactly."""
+"""Backends of :func:`longnet.dilated_attention`. Each computes docs/design.md §1-2 exactly."""

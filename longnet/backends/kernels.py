@@ -31,7 +31,7 @@ aten = torch.ops.aten
 # Query rows per chunk in the math path: bounds its (chunk x L) score matrix.
 _MATH_CHUNK = 1024
 # Several attention kernels index with 32 bits or launch one block row per (batch, head): keep
-# every call under these by chunking over Z and H (SPEC.md §7).
+# every call under these by chunking over Z and H (docs/design.md §7).
 MAX_ELEMENTS = 2**31 - 1
 MAX_BATCH_HEADS = 65535
 
@@ -92,7 +92,7 @@ def math_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tup
 
 def math_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradient of attention given the (possibly merged) out and lse; see SPEC.md §7."""
+    """Gradient of attention given the (possibly merged) out and lse; see docs/design.md §7."""
     acc = acc_dtype(q.dtype)
     L, S = q.shape[-2], k.shape[-2]
     kf, vf = k.to(acc), v.to(acc)
@@ -146,7 +146,7 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     """(dq, dk, dv) for ``attn_fwd``, given the out and lse to differentiate at.
 
     Passing a *merged* out and lse yields this partial's share of the exact
-    gradient of the merged attention (SPEC.md §7).
+    gradient of the merged attention (docs/design.md §7).
     """
     return _chunked(lambda *t: _attn_bwd(*t, causal, scale, force_math), (q, k, v, do, out, lse))
 

@@ -10,7 +10,7 @@ __all__ = ["default_scale", "acc_dtype", "last_dim_contiguous"]
 
 
 def default_scale(head_dim: int) -> float:
-    """The score scale when none is given: D ** -0.5 (SPEC.md §1)."""
+    """The score scale when none is given: D ** -0.5 (docs/design.md §1)."""
     return head_dim ** -0.5
 
 

@@ -1,4 +1,4 @@
-"""The dense oracle: SPEC.md §2 written as one masked softmax.
+"""The dense oracle: docs/design.md §2 written as one masked softmax.
 
 ``o = softmax(q k^T * scale + log C) v`` where ``C[h, p, j]`` counts the
 patterns in which query p and key j share a segment and are both kept by
@@ -37,7 +37,7 @@ def keep_mask(n: int, num_heads: int, segment_length: int, dilation_rate: int,
 def count_matrix(n: int, num_heads: int, segment_lengths: Sequence[int],
                  dilation_rates: Sequence[int], *, is_causal: bool = False,
                  device=None, segment_phases: Optional[Sequence[int]] = None) -> Tensor:
-    """(H, N, N) int64: C[h, p, j] of SPEC.md §2 (with each pattern's segment phase, default 0)."""
+    """(H, N, N) int64: C[h, p, j] of docs/design.md §2 (with each pattern's segment phase, default 0)."""
     pos = torch.arange(n, device=device)
     c = torch.zeros(num_heads, n, n, dtype=torch.int64, device=device)
     for w, r, phi in zip(segment_lengths, dilation_rates, validate_phases(segment_phases, segment_lengths)):

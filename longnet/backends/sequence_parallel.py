@@ -1,8 +1,8 @@
-"""Sequence-parallel dilated attention (SPEC.md §4): one sequence split over P ranks.
+"""Sequence-parallel dilated attention (docs/design.md §4): one sequence split over P ranks.
 
 Rank i of ``group`` (P ranks) holds positions [i*L, (i+1)*L) of a sequence of
 N = P*L positions; q, k, v, out are (B, L, H, D) and lse is (B, L, H). The
-result on each rank is its block of the single-device result (SPEC.md §2,
+result on each rank is its block of the single-device result (docs/design.md §2,
 with segment phases if given, see :mod:`longnet.patterns`): out and lse, and
 the gradients of q, k, v.
 
@@ -33,7 +33,7 @@ ranks sharing the segment, at most 2 * B * (w/r) * H * D; halo patterns
 2 * B * (rows/r) * H * D per message, rows < w' the straddling segment's rows
 on the sending rank, at most one message per neighbour. Neither grows with N.
 
-The patterns are merged with the stable update of SPEC.md §7, and the
+The patterns are merged with the stable update of docs/design.md §7, and the
 backward calls each partial's flash backward with the merged out and lse,
 which is the exact gradient of the mixture. A gradient flowing into lse is
 supported too, carried in extra head-dim columns (:func:`.lse_grad.lse_columns`).
@@ -41,7 +41,7 @@ supported too, carried in extra head-dim columns (:func:`.lse_grad.lse_columns`)
 Compatibility rule (checked by :func:`check_sequence_parallel`): for every
 pattern, with w' = min(w, P*L) and φ' = min(φ, P*L),
 
-* φ = 0 (SPEC.md): if w' <= L: L % w' == 0 (segments do not straddle two
+* φ = 0 (docs/design.md): if w' <= L: L % w' == 0 (segments do not straddle two
   blocks); if w' > L: w' % L == 0 (a segment is whole blocks) and L % r == 0
   (every block starts at a kept-row phase of 0, so all ranks keep the same
   local rows);

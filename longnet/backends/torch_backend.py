@@ -11,7 +11,7 @@ the strides allow it, else each batch item is a call of its own; only a last
 dimension that is not contiguous is copied, because the kernels need it. Large
 groups are split over several calls (:func:`_calls`), which bounds the memory of
 copies and kernel outputs. Partial outputs are merged into one output buffer
-with the stable update of SPEC.md §7, and the backward calls each partial's
+with the stable update of docs/design.md §7, and the backward calls each partial's
 flash backward with the merged out and lse, which is the exact gradient of
 the mixture (weights included). Saved for backward: q, k, v, out, lse.
 The entry point, its autograd and its ``torch.library`` registration are in
@@ -233,7 +233,7 @@ def _merge01(x: Tensor) -> Tensor:
 
 
 def merge_partial(out: Tensor, lse: Tensor, o_p: Tensor, l_p: Tensor) -> None:
-    """Merge one partial (o_p, l_p) into views (out, lse) in place: the stable update of SPEC.md §7.
+    """Merge one partial (o_p, l_p) into views (out, lse) in place: the stable update of docs/design.md §7.
 
     out <- out + sigmoid(l_p - lse) (o_p - out); the weight is 1 where lse = -inf.
     """

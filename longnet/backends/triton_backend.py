@@ -1,4 +1,4 @@
-"""A fused Triton kernel for dilated attention (SPEC.md §1-2, §7), forward and backward.
+"""A fused Triton kernel for dilated attention (docs/design.md §1-2, §7), forward and backward.
 
 Layouts: q, k, v, out and the gradients are (B, N, H, D) with any strides
 whose last dimension is contiguous; lse and delta are (B, N, H) float32.
@@ -20,7 +20,7 @@ How it works (no gather copies, no per-segment launches):
 - Inside a segment, attention is flash-style (online softmax in fp32 on
   exp2). In kept-row coordinates the causal mask is the plain lower
   triangle, because query and key rows share offset and stride.
-- The mixture merge (SPEC.md §2) is the forward kernel's epilogue: pattern i
+- The mixture merge (docs/design.md §2) is the forward kernel's epilogue: pattern i
   reads the running (out, lse) of the rows it keeps, merges its own (o_i,
   lse_i) with the stable formula and writes them back. Within one launch no
   two programs touch the same (row, head), and launches run in order, so no
@@ -633,7 +633,7 @@ class _TritonDilatedAttentionFn(torch.autograd.Function):
 def dilated_attention_triton(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, *,
                              is_causal: bool = False, scale: Optional[float] = None,
                              segment_phases: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
-    """(out (B, N, H, D), lse (B, N, H) fp32) of SPEC.md §2 with the fused kernels; differentiable.
+    """(out (B, N, H, D), lse (B, N, H) fp32) of docs/design.md §2 with the fused kernels; differentiable.
 
     Call it through ``longnet.dilated_attention(..., backend="triton")``, which
     validates the arguments (``segment_phases`` included; None means all 0).

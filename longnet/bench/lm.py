@@ -51,7 +51,7 @@ class Row:
     step_s: float  # one optimizer step: forward + backward + AdamW
     tokens_per_s: float
     peak_mem_mib: float  # growth during one step; NaN where not measured
-    attn_gflop: float  # attention FLOPs of one step, all layers, forward + backward (SPEC.md §3)
+    attn_gflop: float  # attention FLOPs of one step, all layers, forward + backward (docs/design.md §3)
     longnet_over_dense: float  # longnet rows: its tokens/s over the dense row's at this N
     dense_status: str  # longnet rows: the status of the dense row that ratio is taken against
     pattern: str

@@ -6,7 +6,7 @@ and of two dense baselines on the same machine in the same run: causal
 attention through ``dilated_attention`` itself (one pattern, w = N, r = 1: the
 same kernels, so the op's ratio to it is the pattern's alone; where longnet's
 kernel is faster than PyTorch's, the ratio to SDPA is larger by that factor).
-Also peak memory growth, and achieved GFLOP/s by SPEC.md §3's count.
+Also peak memory growth, and achieved GFLOP/s by docs/design.md §3's count.
 Prints a table; ``--csv`` and ``--plot`` write the results.
 
 ``--figure5`` times the forward only, from 4K to 1M tokens, and plots time against N
@@ -52,7 +52,7 @@ class Row:
     mem_over_io: float
     dense_over_dilated_fwd: float = NAN
     dense_over_dilated_fwdbwd: float = NAN
-    dense_over_dilated_flops: float = NAN  # the ideal speed-up: SPEC.md §3's FLOP ratio
+    dense_over_dilated_flops: float = NAN  # the ideal speed-up: docs/design.md §3's FLOP ratio
     op_dense_over_dilated_fwd: float = NAN  # against dense attention through the op (same kernels)
     op_dense_over_dilated_fwdbwd: float = NAN
 
@@ -137,7 +137,7 @@ def plot(rows: List[Row], path: str, title: str) -> None:
     """Time (log-log) and GFLOP/s against N, forward and forward+backward, one line per impl."""
     log = ("log", {})
     time_p = Panel("time", "sequence length N", "time (ms)", xscale=log, yscale=log)
-    rate_p = Panel("throughput", "sequence length N", "GFLOP/s (SPEC §3 count)", xscale=log)
+    rate_p = Panel("throughput", "sequence length N", "GFLOP/s (docs/design.md §3 count)", xscale=log)
     for impl in dict.fromkeys(r.impl for r in rows):
         rs = [r for r in rows if r.impl == impl]
         ns = [r.n for r in rs]

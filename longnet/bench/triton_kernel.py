@@ -10,7 +10,7 @@ times forward and forward+backward of
 - ``dilated_attention(..., backend="torch")`` (strided views + flash kernels),
 - dense ``F.scaled_dot_product_attention`` (flash), up to ``--dense-max-n``,
 
-and reports achieved TFLOP/s by SPEC.md §3's count
+and reports achieved TFLOP/s by docs/design.md §3's count
 (:func:`longnet.patterns.dilated_flops` / ``dense_flops``), triton's fraction
 of dense SDPA's TFLOP/s (issue target >= 0.70), its speed-up over the torch
 backend (target > 1 at every N >= 16K), and with ``--max-n`` the largest N

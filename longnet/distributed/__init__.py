@@ -1,4 +1,4 @@
-"""Sequence parallelism for LongNet on ``torch.distributed`` (SPEC.md §4).
+"""Sequence parallelism for LongNet on ``torch.distributed`` (docs/design.md §4).
 
 - :func:`sequence_parallel_dilated_attention` — the op; ``longnet.dilated_attention(..., group=g)``
   calls it. Rank i of g passes positions [i*L, (i+1)*L) as (B, L, H, D).

@@ -206,7 +206,7 @@ def _aligned_start(q_offset: int, segment_lengths: Sequence[int], phases: Sequen
 
 def _dense_with_dropout(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, causal: bool,
                         scale: float, dropout: float, segment_phases=None) -> Tensor:
-    """q, k, v (B, N, H, D) -> (B, N, H, D): SPEC.md §2's softmax(q k^T scale + log C), dropout on its
+    """q, k, v (B, N, H, D) -> (B, N, H, D): docs/design.md §2's softmax(q k^T scale + log C), dropout on its
     probabilities. Dense (H, N, N) scores: the training path when attention dropout is on."""
     n, h = q.shape[1], q.shape[2]
     c = count_matrix(n, h, segment_lengths, dilation_rates, is_causal=causal, device=q.device,
@@ -270,7 +270,7 @@ def _decode(query: Tensor, key: Tensor, value: Tensor, pattern: DilatedPattern, 
     """One query (B, Hq, 1, D) at position p = S - 1 against key/value (B, Hkv, S, D) -> (B, 1, Hq, D).
 
     Each pattern reads only its kept keys, as strided slices of the cache, and the
-    partials merge by log-sum-exp (SPEC.md §2); heads no pattern keeps output 0.
+    partials merge by log-sum-exp (docs/design.md §2); heads no pattern keeps output 0.
     """
     b, hq, _, d = query.shape
     p, rep = key.shape[2] - 1, hq // key.shape[1]

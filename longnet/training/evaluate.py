@@ -10,7 +10,7 @@ long-context prompting experiment: the loss of a fixed suffix (``--suffix-length
 bytes) given prefixes of growing length before it, averaged over ``--max-windows``
 places in the split. A progress bar (stderr) follows the windows.
 
-``--position-loss`` measures the causal blind spot of SPEC.md §2.1 instead: the mean loss
+``--position-loss`` measures the causal blind spot of docs/design.md §2.1 instead: the mean loss
 at each query position over ``--max-windows`` (default 128) random windows, grouped by
 the position's residue modulo the smallest segment length; the boundary spike is the
 worst group's mean over the median group's (1.0: no boundary effect)::

@@ -26,7 +26,7 @@ from .plan import DENSE, PASSKEY, Run, Settings, passkey_distances
 
 __all__ = ["Stopped", "train_run", "evaluate_lm_run", "evaluate_passkey_run", "eval_flops"]
 
-FORWARD_SHARE = 1.0 / 3.0  # a forward pass costs about a third of a training step (SPEC.md §3: 1 + 2)
+FORWARD_SHARE = 1.0 / 3.0  # a forward pass costs about a third of a training step (docs/design.md §3: 1 + 2)
 
 
 class Stopped(Exception):

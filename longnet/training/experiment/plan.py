@@ -9,13 +9,13 @@ Models (same width and depth; only attention differs), C = ``Settings.context``:
 * ``longnet@4C``, ``longnet@16C``: the paper-style geometric pattern trained at 4C and 16C,
   w_i = w0 * 2^i up to the training length and r_i = min(2^i, heads) (:func:`paper_pattern`);
 * ``longnet+lwL@4C``, ``longnet+lwL@16C``: the same plus ``local_window`` = L (two r = 1
-  patterns of length L with phases 0 and L/2, which link every pair of neighbours; SPEC.md §2.1);
+  patterns of length L with phases 0 and L/2, which link every pair of neighbours; docs/design.md §2.1);
 * ``slidingL@16C``: local attention only, as the two patterns (L, 1, phase 0) and
   (L, 1, phase L/2), each query seeing the previous L/2 to L tokens. L is chosen so that its
   attention FLOPs at 16C match ``longnet@16C``'s (:func:`matched_window`).
 
 Equal compute: every model trains on the same FLOP budget, counted per training token as
-6 x non-embedding parameters plus, per layer, the attention FLOPs of one sequence (SPEC.md §3:
+6 x non-embedding parameters plus, per layer, the attention FLOPs of one sequence (docs/design.md §3:
 forward + backward, causal; :func:`longnet.patterns.dilated_flops`, or
 :func:`~longnet.patterns.dense_flops` for the dense model) divided by its length. All models
 take the same tokens per optimiser step (``batch_tokens``), so the step count follows from the
@@ -156,7 +156,7 @@ def paper_pattern(n: int, base_segment: int, heads: int) -> DilatedPattern:
 
 
 def attention_flops(config: LongNetConfig, n: int, dense: bool = False) -> float:
-    """Attention FLOPs of one layer on one sequence of n tokens, forward + backward, causal (SPEC.md §3)."""
+    """Attention FLOPs of one layer on one sequence of n tokens, forward + backward, causal (docs/design.md §3)."""
     if dense:
         return dense_flops(n, config.n_heads, config.head_dim, causal=True, backward=True)
     return config.pattern.flops(n, config.n_heads, config.head_dim, causal=True, backward=True)
