@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longnet import report
 from longnet.analysis.viz import png_size
 from longnet.bench import common, lm, op, sp, triton_kernel
 from longnet.cli import main
+from longnet.device import machine_name
 from longnet.patterns import DilatedPattern, dense_flops, dilated_flops
 
 W, R, H, D = (64, 128), (1, 2), 2, 8
@@ -127,7 +129,7 @@ def test_bench_without_the_op_dense_baseline(tmp_path):
 
 
 def test_machine_name_is_descriptive():
-    assert f"{torch.get_num_threads()} threads" in common.machine_name(torch.device("cpu"))
+    assert f"{torch.get_num_threads()} threads" in machine_name(torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------- shared timing code
@@ -180,10 +182,10 @@ def test_peak_memory_growth_sees_an_allocation():
 
 
 def test_format_table_blanks_nan_and_aligns():
-    cols = (common.Column("name", "a", width=6, align="<"), common.Column("x", "b", ".2f", 6))
-    text = common.format_table([{"a": "p", "b": 1.234}, {"a": "q", "b": float("nan")}], cols)
+    cols = (report.Column("name", "a", width=6, align="<"), report.Column("x", "b", ".2f", 6))
+    text = report.format_table([{"a": "p", "b": 1.234}, {"a": "q", "b": float("nan")}], cols)
     assert text.splitlines() == ["name        x", "-" * 13, "p        1.23", "q            "]
-    assert common.format_table([{"a": "p", "b": 2.0}], cols, header=False) == "p        2.00"
+    assert report.format_table([{"a": "p", "b": 2.0}], cols, header=False) == "p        2.00"
 
 
 def test_csv_write_read_roundtrip_and_append(tmp_path):
@@ -191,14 +193,14 @@ def test_csv_write_read_roundtrip_and_append(tmp_path):
     row = sp.Row(2, 64, 128, 1.5, 2.5, 3.5, 4.5, 10, 20, 30, 40, float("nan"), 7.0, "cpu", "cfg, with comma")
     assert sp.write_csv([row], path) == [row]
     both = sp.write_csv([dataclasses.replace(row, world_size=4)], path, append=True)
-    back = common.read_csv(path, sp.Row)
+    back = report.read_csv(path, sp.Row)
     assert [r.world_size for r in back] == [2, 4] and len(both) == 2
     assert back[0].config == "cfg, with comma" and math.isnan(back[0].single_fwd_ms)
     assert dataclasses.replace(back[1], single_fwd_ms=0.0) == dataclasses.replace(both[1], single_fwd_ms=0.0)
     assert [type(getattr(back[0], f.name)) for f in dataclasses.fields(sp.Row)][:3] == [int, int, int]
     (tmp_path / "other.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="other.csv: not a CSV of Row rows"):
-        common.read_csv(str(tmp_path / "other.csv"), sp.Row)
+        report.read_csv(str(tmp_path / "other.csv"), sp.Row)
     assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []  # atomic writes left nothing
 
 
@@ -393,9 +395,9 @@ def figure5_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fig5")
     csv_path, png = out / "f.csv", out / "f.png"
     panels = []
-    real_plot = common.plot_panels
+    real_plot = report.plot_panels
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as buf:
-        mp.setattr(common, "plot_panels", lambda ps, *a, **k: (panels.extend(ps), real_plot(ps, *a, **k))[1])
+        mp.setattr(report, "plot_panels", lambda ps, *a, **k: (panels.extend(ps), real_plot(ps, *a, **k))[1])
         rc = main(["bench", "--figure5", "--n", "128,256,512,1024", "--dense-max-n", "256", *TINY,
                    "--csv", str(csv_path), "--plot", str(png)])
     return rc, buf.getvalue(), csv_path, png, panels

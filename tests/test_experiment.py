@@ -17,10 +17,30 @@ from longnet.model import LongNetLM
 from longnet.patterns import dense_flops, dilated_flops
 from longnet.training.context import TrainContext
 from longnet.training.data import PasskeyTask, RandomWindowSampler
-from longnet.training.evaluate import boundary_spike, next_token_loss, position_loss, weighted_loss
-from longnet.training.experiment.plan import (DEFAULT, DENSE, LM, LONGNET, PASSKEY, QUICK, SLIDING, VARIANT,
-                                              attention_flops, flops_per_token, matched_window, model_specs,
-                                              non_embedding_params, paper_pattern, passkey_distances, plan_runs)
+from longnet.training.evaluate import (
+    boundary_spike,
+    next_token_loss,
+    position_loss,
+    weighted_loss,
+)
+from longnet.training.experiment.plan import (
+    DEFAULT,
+    DENSE,
+    LM,
+    LONGNET,
+    PASSKEY,
+    QUICK,
+    SLIDING,
+    VARIANT,
+    attention_flops,
+    flops_per_token,
+    matched_window,
+    model_specs,
+    non_embedding_params,
+    paper_pattern,
+    passkey_distances,
+    plan_runs,
+)
 from longnet.training.trainer import _Trainer
 from tests.train_helpers import MICRO, write_corpus
 

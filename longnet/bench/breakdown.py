@@ -26,10 +26,11 @@ from typing import Iterator, List, Optional
 import torch
 import torch.nn.functional as F
 
+from .. import report
 from ..backends import kernels
 from ..patterns import DilatedPattern, clip_segment, dense_flops, dilated_flops
+from ..report import Column
 from . import common
-from .common import Column
 
 NAN = float("nan")
 
@@ -182,7 +183,7 @@ def run(args, pattern: DilatedPattern, device: torch.device, ns: List[int]) -> i
         splits += measure_split(n, **shape, pattern=pattern, dtype=dtype, device=device, causal=causal,
                                 backend=args.backend, repeats=repeats, warmup=warmup)
         print(f"  N={n}: done", flush=True)
-    print(common.format_table(splits, SPLIT_COLUMNS))
+    print(report.format_table(splits, SPLIT_COLUMNS))
     print("dense/kernel: dense time over the time inside the dilated op's kernel calls, the ratio if "
           "nothing else cost anything")
     n = max(ns)
@@ -190,11 +191,11 @@ def run(args, pattern: DilatedPattern, device: torch.device, ns: List[int]) -> i
              for s in kept_lengths(pattern, n)]
     print(f"\nPyTorch's kernel alone at N={n}: causal problems of S rows against the same without the mask, "
           "and the kernel the op uses for them")
-    print(common.format_table(tiles, TILE_COLUMNS))
+    print(report.format_table(tiles, TILE_COLUMNS))
     print("ideal: (S + 1) / (2 S), a kernel that computes only the unmasked scores")
     if args.csv:
-        common.write_csv(splits, args.csv)
+        report.write_csv(splits, args.csv)
         tiles_csv = args.csv[:-4] + "_tiles.csv" if args.csv.endswith(".csv") else args.csv + "_tiles.csv"
-        common.write_csv(tiles, tiles_csv)
+        report.write_csv(tiles, tiles_csv)
         print(f"wrote {args.csv} and {tiles_csv}")
     return 0

@@ -1,32 +1,33 @@
-"""What every benchmark shares: timing, peak memory, CSV files, tables and plots.
+"""What every benchmark shares: timing, peak memory and extrapolation.
 
 The benchmarks (:mod:`.op`, :mod:`.lm`, :mod:`.sp`, :mod:`.triton_kernel`) time with
 :func:`timed` / :func:`best_of` / :func:`interleaved_times` (or :func:`gpu_median_ms`
-for Triton's GPU timer), measure memory with :func:`peak_memory_growth`, extrapolate
-dense attention with :func:`quadratic_fit`, write CSVs with :func:`write_csv` (atomic),
-print with :func:`format_table` and draw with :func:`plot_panels`, so how we time and
-record is decided in one place.
+for Triton's GPU timer), measure memory with :func:`peak_memory_growth` and extrapolate
+dense attention with :func:`quadratic_fit`, so how we time is decided in one place.
+Tables, CSVs and plots come from :mod:`longnet.report`, devices from :mod:`longnet.device`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
-import dataclasses
 import gc
 import math
 import os
-import platform
 import threading
 import time
-import typing
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import (
+    Any,
+    Callable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import torch
-
-from ..fileio import atomic_path, atomic_savefig
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,8 +104,9 @@ def attention_call(impl: Optional[str], mode: str, q, k, v, do, pattern, causal:
     ``dilated_attention`` (``impl=DENSE_OP``: w = N, r = 1) or of ``dilated_attention`` with
     backend ``impl`` (None: the automatic choice). q, k, v, do: (B, N, H, D); dense SDPA gets
     (B, H, N, D) transposed views, never copies. The call returns the output, (B, N, H, D)."""
-    from ..functional import dilated_attention
     import torch.nn.functional as F
+
+    from ..functional import dilated_attention
 
     def attn(a, b, c):
         if impl == DENSE:
@@ -197,24 +199,6 @@ def peak_memory_growth(fn: Callable[[], Any], device: torch.device) -> int:
     return m.growth
 
 
-def machine_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model and torch's thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def memory_bytes(device: torch.device) -> int:
-    """Total memory of the device (physical RAM for CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 # --------------------------------------------------------------------------- extrapolation
 
 
@@ -240,138 +224,3 @@ def quadratic_fit(ns: Sequence[float], ts: Sequence[float]) -> Tuple[float, floa
     elif b < 0:
         a, b = sxt / sxx, 0.0
     return a / scale, b / scale**2
-
-
-# --------------------------------------------------------------------------- CSV
-
-Record = Union[Mapping[str, Any], Any]  # a dict or a dataclass instance
-
-
-def _as_dict(row: Record) -> Mapping[str, Any]:
-    return dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row
-
-
-def write_csv(rows: Sequence[Record], path: str, fieldnames: Optional[Sequence[str]] = None) -> None:
-    """Write rows (dicts or dataclasses) to ``path`` atomically; missing fields are left blank.
-
-    ``fieldnames`` defaults to the dataclass's fields, or the first dict's keys.
-    """
-    if fieldnames is None:
-        if not rows:
-            raise ValueError("write_csv needs fieldnames when there are no rows")
-        fieldnames = list(_as_dict(rows[0]))
-    with atomic_path(path, ".csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(fieldnames))
-        w.writeheader()
-        for r in rows:
-            d = _as_dict(r)
-            w.writerow({k: d.get(k, "") for k in fieldnames})
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_csv(path: str, row_type: type) -> list:
-    """Rows of a CSV written by :func:`write_csv` from ``row_type`` (a dataclass), typed again."""
-    hints = typing.get_type_hints(row_type)
-    names = [fl.name for fl in dataclasses.fields(row_type)]
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [n for n in names if n not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: not a CSV of {row_type.__name__} rows (no column {', '.join(missing)})")
-        return [row_type(**{n: hints[n](rec[n]) for n in names}) for rec in reader]
-
-
-# --------------------------------------------------------------------------- tables
-
-
-@dataclass(frozen=True)
-class Column:
-    """One table column: ``value`` is a field name or a function of the row; NaN prints blank."""
-
-    header: str
-    value: Union[str, Callable[[Any], Any]]
-    fmt: str = ""
-    width: int = 10
-    align: str = ">"
-
-    def cell(self, row: Record) -> str:
-        if callable(self.value):
-            v = self.value(row)
-        else:
-            v = row[self.value] if isinstance(row, Mapping) else getattr(row, self.value)
-        if isinstance(v, float) and math.isnan(v):
-            v = ""
-        text = format(v, self.fmt) if self.fmt and v != "" else str(v)
-        return format(text, f"{self.align}{self.width}")
-
-
-def format_table(rows: Sequence[Record], columns: Sequence[Column], header: bool = True) -> str:
-    """Rows as fixed-width text, one column per :class:`Column`, with a header and a rule."""
-    lines = []
-    if header:
-        head = " ".join(format(c.header, f"{c.align}{c.width}") for c in columns)
-        lines += [head, "-" * len(head)]
-    lines += [" ".join(c.cell(r) for c in columns) for r in rows]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- plots
-
-
-@dataclass
-class Series:
-    label: str
-    x: Sequence[float]
-    y: Sequence[float]
-    style: str = "o-"
-    color: Optional[str] = None  # None: matplotlib's next colour
-
-
-@dataclass
-class Panel:
-    """One axes of a figure: its lines, labels and scales."""
-
-    title: str
-    xlabel: str
-    ylabel: str
-    series: List[Series] = field(default_factory=list)
-    xscale: Tuple[str, dict] = ("linear", {})
-    yscale: Tuple[str, dict] = ("linear", {})
-    xticks: Optional[Sequence[float]] = None
-
-
-def extrapolated_series(label: str, measured: Sequence[Tuple[float, float]],
-                        extrapolated: Sequence[Tuple[float, float]], style: str = "s-",
-                        color: Optional[str] = None) -> List[Series]:
-    """A measured line and, dashed in the same colour and labelled "extrapolated", its continuation
-    from the last measured point through the extrapolated (x, y) points (none if there are none)."""
-    series = [Series(label, [p[0] for p in measured], [p[1] for p in measured], style, color)] if measured else []
-    if extrapolated:
-        pts = list(measured[-1:]) + list(extrapolated)
-        series.append(Series(f"{label} (extrapolated)", [p[0] for p in pts], [p[1] for p in pts],
-                             style.rstrip("-") + "--", color))
-    return series
-
-
-def plot_panels(panels: Sequence[Panel], path: str, title: str, size=(11, 4.2)) -> str:
-    """Draw the panels side by side and write a PNG atomically; returns ``path``."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=size, squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for s in panel.series:
-            ax.plot(s.x, s.y, s.style, label=s.label, color=s.color)
-        ax.set_xscale(panel.xscale[0], **panel.xscale[1])
-        ax.set_yscale(panel.yscale[0], **panel.yscale[1])
-        if panel.xticks is not None:
-            ax.set_xticks(list(panel.xticks), [f"{t:g}" for t in panel.xticks])
-            ax.minorticks_off()
-        ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return atomic_savefig(fig, path, dpi=110)

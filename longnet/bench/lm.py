@@ -33,10 +33,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..argtypes import nonneg_int, output_file, pattern_from_flags, positive_int, positive_int_list
+from .. import report
+from ..argtypes import (
+    nonneg_int,
+    output_file,
+    pattern_from_flags,
+    positive_int,
+    positive_int_list,
+)
+from ..device import machine_name, memory_bytes
 from ..patterns import DilatedPattern, dilated_flops
+from ..report import Column, Panel, Series
 from . import common
-from .common import Column, Panel, Series, machine_name
 
 NAN = float("nan")
 MEASURED, EXTRAPOLATED, SKIPPED = "measured", "extrapolated", "skipped"
@@ -109,9 +117,9 @@ def build_model(config, device: torch.device):
 
 def train_step(model, n: int, precision: str, device: torch.device) -> Callable[[], torch.Tensor]:
     """One optimizer step as a call: AdamW (the tiny preset's settings) on batch 1 of n random bytes,
-    forward under ``precision``'s autocast (training.evaluate.autocast_context), backward outside it."""
+    forward under ``precision``'s autocast (longnet.device.autocast_context), backward outside it."""
     from ..config import preset
-    from ..training.evaluate import autocast_context
+    from ..device import autocast_context
     tcfg = preset("tiny")[1]
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, model.config.vocab_size, (1, n + 1), generator=gen).to(device)
@@ -224,12 +232,12 @@ def plot(rows: List[Row], path: str, title: str) -> None:
     for label, model, style, color in (("LongNet", LONGNET, "o-", "C0"), ("dense", DENSE, "s-", "C1")):
         measured = [r for r in rows if r.model == model and r.status == MEASURED]
         extrapolated = [(r.n, r.tokens_per_s) for r in rows if r.model == model and r.status == EXTRAPOLATED]
-        tput.series += common.extrapolated_series(label, [(r.n, r.tokens_per_s) for r in measured], extrapolated,
+        tput.series += report.extrapolated_series(label, [(r.n, r.tokens_per_s) for r in measured], extrapolated,
                                                   style, color)
         with_mem = [r for r in measured if not math.isnan(r.peak_mem_mib)]
         if with_mem:
             mem.series.append(Series(label, [r.n for r in with_mem], [r.peak_mem_mib for r in with_mem], style, color))
-    common.plot_panels([tput, mem] if mem.series else [tput], path, title)
+    report.plot_panels([tput, mem] if mem.series else [tput], path, title)
 
 
 def describe(args: argparse.Namespace, base, fixed: Optional[DilatedPattern], device: torch.device) -> str:
@@ -308,7 +316,7 @@ def _check_memory(base, ns: List[int], device: torch.device) -> None:
     their gradient in fp32 are a lower bound of one step's memory (with checkpointing too)."""
     n = max(ns)
     need = 4 * n * (base.n_layers * base.d_model + base.d_ffn + 2 * base.vocab_size)
-    have = common.memory_bytes(device)
+    have = memory_bytes(device)
     if need > have:
         raise ValueError(f"--n {n}: one training step needs at least {need / 2**30:.1f} GiB at this model size, "
                          f"more than the {have / 2**30:.1f} GiB of {device}")
@@ -316,7 +324,7 @@ def _check_memory(base, ns: List[int], device: torch.device) -> None:
 
 def _checked(args: argparse.Namespace):
     """(base config, fixed pattern or None, device, sorted lengths) once every argument is checked."""
-    from ..training.evaluate import check_precision, pick_device  # the one rule for --device
+    from ..device import check_precision, pick_device  # the one rule for --device
     fixed = pattern_from_flags(args.segment_lengths, args.dilation_rates)
     device = pick_device(args.device)
     try:
@@ -348,14 +356,14 @@ def run(args: argparse.Namespace) -> int:
     title = describe(args, base, fixed, device)
     print(title, flush=True)
     rows = measure_all(args, base, fixed, device, ns)
-    print(common.format_table(rows, COLUMNS))
+    print(report.format_table(rows, COLUMNS))
     if any(r.status == EXTRAPOLATED for r in rows):
         print("extrapolated: dense step time from the fit t = a N + b N^2 of its measured steps, not measured "
               "(* marks ratios against it)")
     if any(r.status == SKIPPED for r in rows):
         print("skipped: dense not run at this N, and fewer than two measured dense N to extrapolate from")
     if args.csv:
-        common.write_csv(rows, args.csv)
+        report.write_csv(rows, args.csv)
         print(f"wrote {args.csv}")
     if args.plot:
         plot(rows, args.plot, title)

@@ -28,10 +28,19 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from ..argtypes import nonneg_int, output_file, pattern_from_flags, positive_int, positive_int_list
+from .. import report
+from ..argtypes import (
+    nonneg_int,
+    output_file,
+    pattern_from_flags,
+    positive_int,
+    positive_int_list,
+)
+from ..device import machine_name, memory_bytes
 from ..patterns import DilatedPattern, dense_flops, dilated_flops
+from ..report import Column, Panel, Series
 from . import common
-from .common import DTYPES, Column, Panel, Series, machine_name
+from .common import DTYPES
 
 NAN = float("nan")
 EXTRAPOLATED = "dense-extrapolated"  # impl of --figure5's rows that come from the fit, not a measurement
@@ -126,11 +135,11 @@ def _timed_memory(fn: Callable[[], torch.Tensor], device: torch.device) -> Tuple
 
 
 def format_table(rows: List[Row]) -> str:
-    return common.format_table(rows, COLUMNS)
+    return report.format_table(rows, COLUMNS)
 
 
 def write_csv(rows: List[Row], path: str) -> None:
-    common.write_csv(rows, path)
+    report.write_csv(rows, path)
 
 
 def plot(rows: List[Row], path: str, title: str) -> None:
@@ -145,7 +154,7 @@ def plot(rows: List[Row], path: str, title: str) -> None:
                           Series(f"{impl} fwd+bwd", ns, [r.fwdbwd_ms for r in rs], "s--")]
         rate_p.series += [Series(f"{impl} fwd", ns, [r.fwd_gflops for r in rs], "o-"),
                           Series(f"{impl} fwd+bwd", ns, [r.fwdbwd_gflops for r in rs], "s--")]
-    common.plot_panels([time_p, rate_p], path, title)
+    report.plot_panels([time_p, rate_p], path, title)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -225,7 +234,7 @@ def _check_figure5(args, ns: List[int]) -> None:
 def _checked(args) -> Tuple[DilatedPattern, torch.device, List[int]]:
     """(pattern, device, lengths) once every argument is checked; ValueError naming the flag if not."""
     from ..backends.registry import get_backend
-    from ..training.evaluate import pick_device  # the one rule for --device
+    from ..device import pick_device  # the one rule for --device
     pattern = pattern_from_flags(args.segment_lengths, args.dilation_rates)
     device = pick_device(args.device)
     ns = _lengths(args)
@@ -234,7 +243,7 @@ def _checked(args) -> Tuple[DilatedPattern, torch.device, List[int]]:
     dtype = DTYPES[args.dtype]
     tensors, what = (4, "q, k, v and out") if args.figure5 else (8, "q, k, v, out and their gradients")
     need = tensors * args.batch * max(ns) * args.heads * args.head_dim * dtype.itemsize
-    have = common.memory_bytes(device)
+    have = memory_bytes(device)
     if need > have:
         raise ValueError(f"--n {max(ns)}: {what} alone need {need / 2**30:.1f} GiB "
                          f"(--batch {args.batch} --heads {args.heads} --head-dim {args.head_dim} "
@@ -267,10 +276,10 @@ def plot_figure5(rows: List[Row], path: str, title: str) -> None:
               "forward time (s)", xscale=("log", {"base": 2}), yscale=("log", {}))
     dilated = [r for r in rows if r.impl.startswith("dilated")]
     p.series.append(Series(dilated[0].impl, [r.n for r in dilated], [r.fwd_ms / 1e3 for r in dilated], "o-", "C0"))
-    p.series += common.extrapolated_series(
+    p.series += report.extrapolated_series(
         "dense SDPA", [(r.n, r.fwd_ms / 1e3) for r in rows if r.impl == "dense-sdpa"],
         [(r.n, r.fwd_ms / 1e3) for r in rows if r.impl == EXTRAPOLATED], "s-", "C1")
-    common.plot_panels([p], path, title, size=(7, 4.8))
+    report.plot_panels([p], path, title, size=(7, 4.8))
 
 
 def _measure_all(args, pattern: DilatedPattern, device: torch.device, ns: List[int]) -> List[Row]:

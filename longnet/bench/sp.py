@@ -34,10 +34,19 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..argtypes import nonneg_int, output_file, pattern_from_flags, positive_int, positive_int_list
+from .. import report
+from ..argtypes import (
+    nonneg_int,
+    output_file,
+    pattern_from_flags,
+    positive_int,
+    positive_int_list,
+)
+from ..device import machine_name
 from ..patterns import DilatedPattern
+from ..report import Column, Panel, Series
 from . import common
-from .common import DTYPES, Column, Panel, Series
+from .common import DTYPES
 
 
 @dataclass
@@ -201,21 +210,21 @@ def _run_torchrun(args) -> List[Row]:
         dist.all_gather_object(gathered, res)
     finally:
         dist.destroy_process_group()
-    name = common.machine_name(device) if device.type == "cuda" else "cpu"
+    name = machine_name(device) if device.type == "cuda" else "cpu"
     return [_row(args, gathered, world, f"{name} ({'nccl' if device.type == 'cuda' else 'gloo'})")]
 
 
 # ---------------------------------------------------------------- output
 
 def format_table(rows: List[Row], header: bool = True) -> str:
-    return common.format_table(rows, COLUMNS, header=header)
+    return report.format_table(rows, COLUMNS, header=header)
 
 
 def write_csv(rows: List[Row], path: str, append: bool = False) -> List[Row]:
     """Write rows (after the rows already in ``path`` when ``append``); returns all rows written."""
     if append and os.path.exists(path):
-        rows = common.read_csv(path, Row) + rows
-    common.write_csv(rows, path)
+        rows = report.read_csv(path, Row) + rows
+    report.write_csv(rows, path)
     return rows
 
 
@@ -239,7 +248,7 @@ def plot(rows: List[Row], path: str) -> None:
             Series(f"sent fwd+bwd ({lab})", ps, [(r.fwd_sent_bytes + r.bwd_sent_bytes) / 2**20 for r in rs], "o-"),
             Series(f"received fwd+bwd ({lab})", ps,
                    [(r.fwd_recv_bytes + r.bwd_recv_bytes) / 2**20 for r in rs], "s--")]
-    common.plot_panels([time_p, comm_p], path, rows[-1].config)
+    report.plot_panels([time_p, comm_p], path, rows[-1].config)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -274,7 +283,7 @@ def build_parser(prog: str = "python -m longnet.bench.sp") -> argparse.ArgumentP
 def _validate(args, torchrun: bool) -> None:
     """Every check that can fail, before any process is spawned or any group is formed."""
     from ..backends.sequence_parallel import check_sequence_parallel
-    from ..training.evaluate import pick_device  # the one rule for --device
+    from ..device import pick_device  # the one rule for --device
     w, r = _pattern(args)
     if torchrun:
         pick_device(args.device or "cpu")
@@ -289,7 +298,7 @@ def _validate(args, torchrun: bool) -> None:
             raise ValueError(f"--block-length {args.block_length} at P = {world}: {e}") from None
     if torchrun and args.csv and os.path.exists(args.csv):
         try:  # under torchrun the row is appended: refuse another kind of CSV before measuring
-            common.read_csv(args.csv, Row)
+            report.read_csv(args.csv, Row)
         except ValueError as e:
             raise ValueError(f"--csv {args.csv}: rows are appended to it under torchrun, but {e}") from None
 

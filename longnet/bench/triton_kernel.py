@@ -24,16 +24,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import report
 from ..argtypes import output_file, positive_int
+from ..device import machine_name
 from ..functional import dilated_attention  # for _fits
 from ..patterns import DilatedPattern, dense_flops, dilated_flops
+from ..report import Column
 from . import common
-from .common import Column
 
 FIELDS = ("gpu", "backend", "heads", "head_dim", "n", "causal", "mode", "ms", "tflops",
           "frac_of_dense", "speedup_vs_torch", "note")
@@ -185,7 +186,7 @@ def largest_n(dtype, pattern: DilatedPattern, cap: int, start: int = 1 << 18, st
 
 
 def write_csv(rows: List[Dict], path: str) -> None:
-    common.write_csv(rows, path, FIELDS)
+    report.write_csv(rows, path, FIELDS)
 
 
 def sweep(args, dtype, pattern: DilatedPattern) -> None:
@@ -248,13 +249,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..backends import triton_backend as tb
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     pattern = DilatedPattern.paper()
-    gpu = common.machine_name(torch.device("cuda"))
+    gpu = machine_name(torch.device("cuda"))
     print(f"{gpu}, torch {torch.__version__}, triton {tb.TRITON_VERSION}, {args.dtype}, paper pattern, B=1")
     if args.sweep:
         sweep(args, dtype, pattern)
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal]
     rows: List[Dict] = []
-    print(common.format_table([], COLUMNS), flush=True)
+    print(report.format_table([], COLUMNS), flush=True)
     for heads, head_dim in args.dims:
         for causal in causals:
             for mode in args.modes:
@@ -263,7 +264,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     new, dense_best = _rows_at(args, n, heads, head_dim, causal, mode, dtype, pattern,
                                                gpu, dense_best)
                     rows += new
-                    print(common.format_table(new, COLUMNS, header=False), flush=True)
+                    print(report.format_table(new, COLUMNS, header=False), flush=True)
                 write_csv(rows, args.csv)
     if args.max_n:
         n_max = largest_n(dtype, pattern, args.max_n_cap)

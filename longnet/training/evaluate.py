@@ -27,7 +27,6 @@ import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -37,55 +36,21 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..argtypes import int_at_least, nonneg_int, output_file, positive_int, positive_int_list
+from ..argtypes import (
+    int_at_least,
+    nonneg_int,
+    output_file,
+    positive_int,
+    positive_int_list,
+)
+from ..device import autocast_context, check_precision, pick_device
 from .context import TrainContext
 
 __all__ = ["next_token_loss", "mean_loss", "loss_stats", "evaluate_lm", "evaluate_passkey",
-           "prompt_length_curve", "add_arguments", "run", "autocast_context", "compute_dtype",
-           "check_precision", "pick_device", "weighted_loss", "position_loss", "BoundarySpike", "boundary_spike",
+           "prompt_length_curve", "add_arguments", "run", "weighted_loss", "position_loss", "BoundarySpike", "boundary_spike",
            "passkey_by_distance", "position_loss_panels"]
 
 LN2 = math.log(2.0)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda if available else cpu; otherwise cpu, cuda or cuda:N that exists here."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} requested but CUDA is not available here; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    return dev
-
-
-def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """The autocast dtype of ``precision`` on ``device``: "auto" is bf16 on CUDA and fp32 on CPU."""
-    if precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda"):
-        return torch.bfloat16
-    return torch.float16 if precision == "fp16" else torch.float32
-
-
-def autocast_context(device: torch.device, precision: str = "auto"):
-    """Autocast to :func:`compute_dtype` (nothing for fp32)."""
-    dtype = compute_dtype(device, precision)
-    return nullcontext() if dtype == torch.float32 else torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-def check_precision(device: torch.device, precision: str) -> None:
-    """Raise ValueError when ``precision`` cannot run on ``device`` (before any work starts)."""
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("train.precision=bf16 but this GPU has no bf16 support; use train.precision=fp16 or fp32")
-    if precision == "fp16" and not torch.amp.is_autocast_available(device.type):
-        raise ValueError(f"train.precision=fp16 needs fp16 autocast, which torch does not offer on {device.type}; "
-                         "use train.precision=fp32")
 
 
 def next_token_loss(model, x: Tensor, y: Tensor, *, precision: str = "auto", first: int = 0,
@@ -325,10 +290,10 @@ def passkey_by_distance(model, seq_len: int, distances: Sequence[int], *, num_se
 
 
 def position_loss_panels(curves: Dict[str, Tuple[np.ndarray, BoundarySpike]], smooth: int = 1) -> list:
-    """Two plot panels (:class:`longnet.bench.common.Panel`) for models' position losses:
+    """Two plot panels (:class:`longnet.report.Panel`) for models' position losses:
     loss against query position (moving mean over ``smooth`` positions; log x), and each
     group's mean loss over the median group's against the residue (the boundary spikes)."""
-    from ..bench.common import Panel, Series
+    from ..report import Panel, Series
     by_pos = Panel("loss against position in the window", "bytes read (query position + 1)", "loss (nats/byte)",
                    xscale=("log", {}))
     by_res = Panel("loss by position modulo the period", "position mod period", "group mean / median")
@@ -456,12 +421,12 @@ def _report_positions(args: argparse.Namespace, job: Dict) -> None:
     print(f"boundary spike (positions >= {spike.skip} by residue mod {spike.period}): {spike.spike:.3f}; worst "
           "residues: " + ", ".join(f"{g} ({r:.3f}x median)" for g, r in spike.worst(5)))
     if args.position_csv:
-        from ..bench.common import write_csv
+        from ..report import write_csv
         write_csv([{"position": p, "loss": float(v), "residue": p % spike.period} for p, v in enumerate(losses)],
                   args.position_csv)
         print(f"per-position losses: {args.position_csv}")
     if args.position_png:
-        from ..bench.common import plot_panels
+        from ..report import plot_panels
         label = f"step {job['info']['step']}"
         plot_panels(position_loss_panels({label: (losses, spike)}, smooth=max(1, spike.period // 16)),
                     args.position_png, f"{job['info']['dir']}: loss by query position ({windows} windows of {context})")

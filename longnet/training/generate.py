@@ -71,8 +71,8 @@ def _read_prompt(args: argparse.Namespace) -> bytes:
 
 def _start(args: argparse.Namespace) -> Tuple[bytes, Iterator[Tensor]]:
     """Load the model and check everything; returns (prompt bytes, the stream of new tokens)."""
+    from ..device import pick_device
     from .checkpoint import load_model
-    from .evaluate import pick_device
     device = pick_device(args.device)
     prompt_bytes = _read_prompt(args)
     model = load_model(args.checkpoint, map_location=device)

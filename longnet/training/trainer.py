@@ -47,15 +47,31 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backends.registry import get_backend
-from ..config import PRESETS, LongNetConfig, TrainConfig, apply_overrides, check_compatible, config_fields_help, \
-    lr_factor, preset
+from ..config import (
+    PRESETS,
+    LongNetConfig,
+    TrainConfig,
+    apply_overrides,
+    check_compatible,
+    config_fields_help,
+    lr_factor,
+    preset,
+)
+from ..device import check_precision, compute_dtype, pick_device
 from ..model import LongNetLM
-from .checkpoint import (CheckpointError, ResumeState, checkpoint_dir, load_resume_state, rng_state, save_checkpoint,
-                         set_rng_state, update_metrics)
+from .checkpoint import (
+    CheckpointError,
+    ResumeState,
+    checkpoint_dir,
+    load_resume_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    update_metrics,
+)
 from .context import TrainContext
 from .data import VOCAB_SIZE, PasskeyTask, RandomWindowSampler, open_corpus
-from .evaluate import (check_precision, compute_dtype, evaluate_lm, evaluate_passkey, next_token_loss, pick_device,
-                       weighted_loss)
+from .evaluate import evaluate_lm, evaluate_passkey, next_token_loss, weighted_loss
 from .runfolder import NoLog, RunLog, check_out_dir, plot_loss_curve
 
 __all__ = ["add_arguments", "run", "train"]

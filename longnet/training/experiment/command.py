@@ -28,12 +28,26 @@ import torch
 from tqdm.auto import tqdm
 
 from ...argtypes import nonneg_int, output_dir, positive_int
-from ...bench.common import machine_name
+from ...device import machine_name, pick_device
 from ...fileio import atomic_write_json
 from ..data import open_corpus
-from ..evaluate import pick_device
-from .execute import Stopped, eval_flops, evaluate_lm_run, evaluate_passkey_run, train_run
-from .plan import DEFAULT, LM, QUICK, Run, Settings, check_settings, non_embedding_params, plan_runs
+from .execute import (
+    Stopped,
+    eval_flops,
+    evaluate_lm_run,
+    evaluate_passkey_run,
+    train_run,
+)
+from .plan import (
+    DEFAULT,
+    LM,
+    QUICK,
+    Run,
+    Settings,
+    check_settings,
+    non_embedding_params,
+    plan_runs,
+)
 from .report import format_results, write_plots, write_results, write_table
 
 __all__ = ["add_arguments", "run", "settings_from_args"]

@@ -20,7 +20,13 @@ from ...config import TrainConfig, xpos_max_length
 from ...model import LongNetLM
 from ..checkpoint import load_model
 from ..data import Corpus, PasskeyTask, RandomWindowSampler
-from ..evaluate import BoundarySpike, boundary_spike, evaluate_lm, passkey_by_distance, position_loss
+from ..evaluate import (
+    BoundarySpike,
+    boundary_spike,
+    evaluate_lm,
+    passkey_by_distance,
+    position_loss,
+)
 from ..trainer import train
 from .plan import DENSE, PASSKEY, Run, Settings, passkey_distances
 

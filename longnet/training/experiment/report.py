@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ...bench.common import Column, Panel, Series, format_table, plot_panels, write_csv
 from ...fileio import atomic_write_text
+from ...report import Column, Panel, Series, format_table, plot_panels, write_csv
 from ..evaluate import BoundarySpike, position_loss_panels
 
 __all__ = ["RESULT_FIELDS", "result_fields", "write_results", "write_plots", "format_results", "write_table"]
