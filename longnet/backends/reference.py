@@ -24,7 +24,7 @@ from torch import Tensor
 from ..patterns import clip_phase, clip_segment, keep_mask as _keep_mask, segment_start, validate_phases
 from .numerics import acc_dtype, default_scale
 
-__all__ = ["count_matrix", "dilated_attention_reference", "keep_mask"]
+__all__ = ["count_matrix", "dilated_attention_reference", "dilated_attention_reference_varlen", "keep_mask"]
 
 
 def keep_mask(n: int, num_heads: int, segment_length: int, dilation_rate: int,
@@ -108,3 +108,40 @@ def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, segment_lengths
     out = _weighted_values(probs, v, allowed, finite)
     lse = torch.where(empty[None], torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device), lse)
     return out, lse.transpose(1, 2).to(acc_dtype(q.dtype))
+
+
+def dilated_attention_reference_varlen(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
+                                       dilation_rates: Sequence[int], *, cu_seqlens: Optional[Tensor] = None,
+                                       key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
+                                       scale: Optional[float] = None,
+                                       segment_phases: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor]:
+    """The oracle for variable lengths: :func:`dilated_attention_reference` run on each sequence alone.
+
+    Packed q, k, v (T, H, D) with ``cu_seqlens``, or padded (B, N, H, D) with
+    ``key_padding_mask`` (layouts of :mod:`.varlen_ops`). Rows of no sequence get
+    out 0 and lse -inf; autograd through the slices gives them gradient 0.
+    """
+    from .varlen_ops import sequences
+    starts, lengths = sequences(q, cu_seqlens, key_padding_mask)
+    h, d = q.shape[-2:]
+    fq, fk, fv = (x.reshape(-1, h, d) for x in (q, k, v))
+    rows = fq.shape[0]
+    outs, lses, pos = [], [], 0
+    for s, n in sorted(zip(starts, lengths)):
+        if n == 0:
+            continue
+        if s > pos:  # a gap (padding): zeros and -inf, no kernel
+            outs.append(fq.new_zeros(s - pos, h, d))
+            lses.append(torch.full((s - pos, h), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device))
+        o, l = dilated_attention_reference(fq[None, s:s + n], fk[None, s:s + n], fv[None, s:s + n],
+                                           segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
+                                           segment_phases=segment_phases)
+        outs.append(o[0])
+        lses.append(l[0])
+        pos = s + n
+    if rows > pos:
+        outs.append(fq.new_zeros(rows - pos, h, d))
+        lses.append(torch.full((rows - pos, h), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device))
+    out = torch.cat(outs) if outs else fq.new_zeros(0, h, d)
+    lse = torch.cat(lses) if lses else torch.zeros(0, h, dtype=acc_dtype(q.dtype), device=q.device)
+    return out.view(q.shape), lse.view(q.shape[:-1])

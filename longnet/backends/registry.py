@@ -13,6 +13,7 @@ reverse: a third-party backend calls :func:`register_backend`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -21,6 +22,7 @@ from torch import Tensor
 # Imported, not looked up lazily: this registers the torch.ops.longnet custom ops (see
 # custom_ops.py) as soon as longnet is imported, which torch.compile and exported graphs need.
 from .custom_ops import dilated_attention_torch
+from .varlen_ops import dilated_attention_varlen_torch, varlen_by_length
 
 __all__ = ["Backend", "BACKENDS", "register_backend", "available_backends", "pick_backend", "get_backend",
            "check_backend_name"]
@@ -34,6 +36,9 @@ class Backend:
     fn: BackendFn
     why_not: Callable[[Tensor], Optional[str]]
     priority: int
+    # fn(q, k, v, w, r, *, cu_seqlens, key_padding_mask, is_causal, scale[, segment_phases]) for
+    # variable-length batches (layouts in :mod:`.varlen_ops`); None when the backend has none.
+    varlen: Optional[BackendFn] = None
 
 
 def _reference(q, k, v, w, r, *, is_causal, scale, segment_phases=None):
@@ -51,6 +56,24 @@ def _math(q, k, v, w, r, *, is_causal, scale, segment_phases=None):
                                    segment_phases=segment_phases)
 
 
+def _reference_varlen(q, k, v, w, r, *, cu_seqlens, key_padding_mask, is_causal, scale, segment_phases=None):
+    from .reference import dilated_attention_reference_varlen
+    return dilated_attention_reference_varlen(q, k, v, w, r, cu_seqlens=cu_seqlens,
+                                              key_padding_mask=key_padding_mask, is_causal=is_causal,
+                                              scale=scale, segment_phases=segment_phases)
+
+
+def _torch_varlen(q, k, v, w, r, *, cu_seqlens, key_padding_mask, is_causal, scale, segment_phases=None):
+    return dilated_attention_varlen_torch(q, k, v, w, r, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask,
+                                          is_causal=is_causal, scale=scale, segment_phases=segment_phases)
+
+
+def _math_varlen(q, k, v, w, r, *, cu_seqlens, key_padding_mask, is_causal, scale, segment_phases=None):
+    return dilated_attention_varlen_torch(q, k, v, w, r, cu_seqlens=cu_seqlens, key_padding_mask=key_padding_mask,
+                                          is_causal=is_causal, scale=scale, force_math=True,
+                                          segment_phases=segment_phases)
+
+
 def _anything(q: Tensor) -> Optional[str]:
     return None
 
@@ -62,9 +85,9 @@ def _cpu_or_cuda(q: Tensor) -> Optional[str]:
 
 
 BACKENDS: Dict[str, Backend] = {
-    "reference": Backend("reference", _reference, _anything, -1),
-    "math": Backend("math", _math, _anything, 0),
-    "torch": Backend("torch", _torch, _cpu_or_cuda, 10),
+    "reference": Backend("reference", _reference, _anything, -1, _reference_varlen),
+    "math": Backend("math", _math, _anything, 0, _math_varlen),
+    "torch": Backend("torch", _torch, _cpu_or_cuda, 10, _torch_varlen),
 }
 
 
@@ -97,7 +120,8 @@ def _load_optional() -> None:
     # The interpreter is for tests: backend=None never picks it (math, priority 0, runs
     # everything), while backend="triton" still reaches it.
     BACKENDS["triton"] = Backend("triton", triton_backend.backend_fn, triton_backend.why_not,
-                                 -2 if triton_backend.INTERPRET else 20)
+                                 -2 if triton_backend.INTERPRET else 20,
+                                 functools.partial(varlen_by_length, triton_backend.backend_fn))
 
 
 def available_backends() -> Tuple[str, ...]:
