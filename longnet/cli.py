@@ -10,7 +10,7 @@ from typing import List, Optional
 # subcommand -> (module, one-line help). Each module defines
 # ``add_arguments(parser)`` and ``run(args) -> int``.
 COMMANDS = {
-    "train": ("longnet.training.trainer", "train a LongNet language model (default: tiny preset, built-in corpus)"),
+    "train": ("longnet.commands.train", "train a LongNet language model (default: tiny preset, built-in corpus)"),
     "eval": ("longnet.training.evaluate", "bits-per-byte of a checkpoint on valid/test data"),
     "generate": ("longnet.training.generate", "sample text from a checkpoint"),
     "bench": ("longnet.bench.op", "time and memory of dilated vs dense attention"),

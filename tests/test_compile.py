@@ -123,11 +123,16 @@ def test_compile_with_sequence_parallel_is_refused_with_its_reason():
     # Collectives inside the sequence-parallel autograd.Function cannot be captured; data
     # parallelism alone compiles (same losses as eager, measured under torchrun).
     from longnet.config import LongNetConfig, TrainConfig
-    from longnet.training.trainer import _check_settings
+    from longnet.commands.train import _check_mesh
+    from longnet.training.setup import TrainData, TrainSetup
     mcfg = LongNetConfig(n_layers=1, d_model=32, n_heads=2, d_ffn=64, segment_lengths=(16, 32),
                          dilation_rates=(1, 2))
     tcfg = TrainConfig(seq_len=64, batch_size=2)
+
+    def setup(compile_model):
+        return TrainSetup(mcfg, tcfg, "builtin", TrainData("corpus", None, ""), "out", torch.device("cpu"),
+                          compile_model=compile_model)
     with pytest.raises(ValueError, match="--compile cannot be combined with --sequence-parallel"):
-        _check_settings(mcfg, tcfg, torch.device("cpu"), (2, 1, 2), True)
-    _check_settings(mcfg, tcfg, torch.device("cpu"), (1, 2, 2), True)
-    _check_settings(mcfg, tcfg, torch.device("cpu"), (2, 1, 2), False)
+        _check_mesh(setup(True), (2, 1, 2))
+    _check_mesh(setup(True), (1, 2, 2))
+    _check_mesh(setup(False), (2, 1, 2))

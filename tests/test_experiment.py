@@ -41,6 +41,7 @@ from longnet.training.experiment.plan import (
     passkey_distances,
     plan_runs,
 )
+from longnet.training.setup import TrainData
 from longnet.training.trainer import _Trainer
 from tests.train_helpers import MICRO, write_corpus
 
@@ -233,7 +234,7 @@ def test_trainer_minimises_the_weighted_passkey_loss(tmp_path):
     task = PasskeyTask(96, key_digits=3, batch_size=2, answer_weight=50.0)
     mcfg = LongNetConfig(n_layers=1, d_model=16, n_heads=2, d_ffn=32, segment_lengths=(32, 64), dilation_rates=(1, 2))
     tcfg = TrainConfig(seq_len=96, batch_size=2, max_steps=1, passkey_digits=3)
-    data = {"kind": "passkey", "sampler": task, "task": task, "loss_weights": task.loss_weights(), "description": ""}
+    data = TrainData(kind="passkey", sampler=task, task=task, loss_weights=task.loss_weights(), description="")
     trainer = _Trainer(mcfg, tcfg, "passkey", data, str(tmp_path / "run"), TrainContext(torch.device("cpu")),
                        resume=None, compile_model=False, progress=False, preset_name="t")
     x, y = task.next_batch()

@@ -27,6 +27,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import longnet.training.signals as signals_mod
 import longnet.training.trainer as train_mod
 from longnet.training.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint
 from longnet.cli import main
@@ -349,24 +350,24 @@ def test_the_model_does_not_import_torch_distributed():
 
 def test_stop_flag_counts_a_forwarded_sigint_once():
     # torchrun forwards the terminal's SIGINT to workers that already received it.
-    flag = train_mod._StopFlag(debounce_s=60.0, quiet=True)
+    flag = signals_mod.StopFlag(debounce_s=60.0, quiet=True)
     flag._handle(signal.SIGINT, None)
     flag._handle(signal.SIGINT, None)  # within the window: the same Ctrl-C
     assert flag.requested
-    plain = train_mod._StopFlag(quiet=True)
+    plain = signals_mod.StopFlag(quiet=True)
     plain._handle(signal.SIGINT, None)
     with pytest.raises(KeyboardInterrupt):
         plain._handle(signal.SIGINT, None)
 
 
 def test_a_stop_adopted_from_another_rank_is_not_a_second_signal():
-    flag = train_mod._StopFlag(debounce_s=0.0, quiet=True)
-    assert flag.agree([sig == signal.SIGTERM for sig in train_mod._stop_signals()])  # rank 1 got SIGTERM
+    flag = signals_mod.StopFlag(debounce_s=0.0, quiet=True)
+    assert flag.agree([sig == signal.SIGTERM for sig in signals_mod.stop_signals()])  # rank 1 got SIGTERM
     assert flag.requested and flag.exit_code == 128 + signal.SIGTERM
     flag._handle(signal.SIGTERM, None)  # then this rank's own first one: still only a request
     with pytest.raises(KeyboardInterrupt):
         flag._handle(signal.SIGTERM, None)
-    assert not train_mod._StopFlag(quiet=True).agree([False, False, False])
+    assert not signals_mod.StopFlag(quiet=True).agree([False, False, False])
 
 
 def test_one_process_never_imports_the_distributed_package(runs, tmp_path):

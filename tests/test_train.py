@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import longnet.commands.train as train_command
 import longnet.training.trainer as train_mod
+
 from longnet.cli import main
 from longnet.config import TrainConfig, preset
 from longnet.model import LongNetLM
@@ -175,15 +177,15 @@ def test_passkey_training_reports_accuracy(tmp_path, capsys):
 
 
 def test_passkey_weight_and_curriculum_reach_the_task():
-    from longnet.training.trainer import _open_data
+    from longnet.training.setup import open_data
     tcfg = TrainConfig(seq_len=256, passkey_answer_weight=7.0, passkey_curriculum_steps=40)
-    data = _open_data("passkey", tcfg, None)
-    task = data["task"]
+    data = open_data("passkey", tcfg, None)
+    task = data.task
     assert task.answer_weight == 7.0 and task.curriculum_steps == 40
-    w = data["loss_weights"]
-    assert w[-1] / w[0] == pytest.approx(7.0) and "answer weight 7" in data["description"]
+    w = data.loss_weights
+    assert w[-1] / w[0] == pytest.approx(7.0) and "answer weight 7" in data.description
     assert task.longest_distance() < task.max_distance  # the curriculum starts short
-    plain = _open_data("passkey", TrainConfig(seq_len=256, passkey_answer_weight=1.0), None)["loss_weights"]
+    plain = open_data("passkey", TrainConfig(seq_len=256, passkey_answer_weight=1.0), None).loss_weights
     assert torch.equal(plain, torch.ones(256))
 
 
@@ -229,7 +231,7 @@ def test_resume_and_out_conflicts(tmp_path, corpus, capsys):
 def test_default_command_is_tiny_on_builtin():
     import argparse
     p = argparse.ArgumentParser()
-    train_mod.add_arguments(p)
+    train_command.add_arguments(p)
     args = p.parse_args([])
     assert args.preset == "tiny" and args.data is None and args.overrides == [] and args.device == "auto"
     m, t = preset("tiny")

@@ -1,4 +1,4 @@
-"""``longnet train``: train a LongNet language model on bytes.
+"""The training loop of ``longnet train`` (:func:`train`).
 
     longnet train                                   # tiny preset, built-in corpus, CPU, ~4 minutes
     longnet train --data enwik8:~/data/enwik8.zip --preset small --device cuda
@@ -32,363 +32,44 @@ other. Stop requests are agreed by all ranks at each step boundary.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..backends.registry import get_backend
 from ..config import (
-    PRESETS,
     LongNetConfig,
     TrainConfig,
-    apply_overrides,
-    check_compatible,
-    config_fields_help,
     lr_factor,
-    preset,
 )
-from ..device import check_precision, compute_dtype, pick_device
 from ..model import LongNetLM
 from .checkpoint import (
     CheckpointError,
     ResumeState,
     checkpoint_dir,
-    load_resume_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
     update_metrics,
 )
 from .context import TrainContext
-from .data import VOCAB_SIZE, PasskeyTask, RandomWindowSampler, open_corpus
+from .setup import TrainData, warn
+from .signals import StopFlag
 from .evaluate import evaluate_lm, evaluate_passkey, next_token_loss, weighted_loss
-from .runfolder import NoLog, RunLog, check_out_dir, plot_loss_curve
+from .runfolder import NoLog, RunLog, plot_loss_curve
 
-__all__ = ["add_arguments", "run", "train"]
+__all__ = ["train"]
 
 LN2 = math.log(2.0)
-# What --resume reports when a sampler setting changed since the checkpoint.
-_SAMPLER_SETTINGS = {"seq_len": "train.seq_len", "batch_size": "train.batch_size",
-                     "distance": "train.passkey_distance", "key_digits": "train.passkey_digits"}
-
-
 def _after_step(step: int) -> None:
     """Called after every completed optimiser step (a seam for tests); does nothing."""
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = (
-        "overrides: --set KEY=VALUE, repeatable. KEY is model.FIELD, train.FIELD or a field name\n"
-        "that only one of them has; VALUE is parsed by the field's type (true/false, none,\n"
-        "comma-separated integers for tuples). Examples:\n"
-        "  --set model.n_layers=2 --set d_model=128 --set train.lr=1e-3\n"
-        "  --set segment_lengths=64,128 --set dilation_rates=1,2 --set train.grad_accum=4\n"
-        "`longnet train --list-fields` prints every field with its default.")
-    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
-                        help="model + training preset (default tiny: ~4 min on 2 CPU cores)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field (repeatable); see below")
-    parser.add_argument("--data", default=None, metavar="SPEC",
-                        help="builtin (default: Python stdlib sources), enwik8:PATH, text:PATH, or passkey")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="run folder for logs and checkpoints (default runs/PRESET-YYYYmmdd-HHMMSS); a new "
-                             "run needs a new or empty folder")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its newest intact checkpoint")
-    parser.add_argument("--allow-data-change", action="store_true",
-                        help="with --resume: continue even though the training data changed since the checkpoint")
-    parser.add_argument("--max-steps", type=int, default=None, metavar="N",
-                        help="optimiser steps (same as --set train.max_steps=N; the lr schedule spans them)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--cache-dir", default=None, help="data cache folder (default $LONGNET_CACHE or ~/.cache/longnet)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
-    parser.add_argument("--list-fields", action="store_true", help="print every config field and exit")
-    parser.add_argument("--sequence-parallel", type=int, default=1, metavar="S",
-                        help="split each sequence over S processes (launch with torchrun; train.seq_len / S "
-                             "must fit the dilation pattern)")
-    parser.add_argument("--data-parallel", type=int, default=None, metavar="D",
-                        help="data-parallel groups (default WORLD_SIZE / S); torchrun must start S*D processes; "
-                             "train.batch_size is the global batch, split over the D groups")
-
-
-class _NothingToDo(Exception):
-    """The request is already fulfilled (e.g. --resume of a finished run): say so, exit 0."""
-
-
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _warn(msg: str) -> None:
-    print(f"[longnet] warning: {msg}", file=sys.stderr)
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.list_fields:
-        print("config fields (KEY for --set KEY=VALUE, type, value in the tiny preset):")
-        print(config_fields_help())
-        return 0
-    # Under torchrun every rank checks the same settings; rank > 0 says which it is, since a
-    # data path can be missing on one node only.
-    prefix = "" if _is_rank0() else f"[rank {os.environ.get('RANK')}] "
-    ctx = None
-    try:
-        setup, parallel = _setup(args)
-        ctx = _open_context(setup, parallel)
-        return train(**setup, dist_ctx=ctx)
-    except _NothingToDo as e:
-        if _is_rank0():
-            print(f"[longnet] {e}")
-        return 0
-    except KeyboardInterrupt:  # before the loop's own handling (setup, process group) or a third signal
-        return 130
-    except (ValueError, TypeError) as e:  # settings, data, --out or checkpoint: a message, not a traceback
-        print(f"{prefix}longnet train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if ctx is not None:
-            ctx.close()
-
-
-def _parallel_sizes(args: argparse.Namespace) -> Tuple[int, int, int]:
-    """(S, D, world size); the distributed package is imported only when torchrun or the flags ask for it."""
-    S, D = args.sequence_parallel, args.data_parallel
-    if not os.environ.get("WORLD_SIZE") and S == 1 and D in (None, 1):
-        return 1, 1, 1
-    from ..distributed.training import resolve_parallel_sizes
-    return resolve_parallel_sizes(S, D)
-
-
-def _open_context(setup: Dict[str, Any], parallel: Tuple[int, int, int]) -> TrainContext:
-    S, D, world = parallel
-    if world == 1:
-        return TrainContext(setup["device"])
-    from ..distributed.training import init_distributed
-    mcfg, tcfg = setup["model_config"], setup["train_config"]
-    pat = mcfg.pattern
-    ctx = init_distributed(S, D, setup["device"], seq_len=tcfg.seq_len, segment_lengths=pat.segment_lengths,
-                           dilation_rates=pat.dilation_rates, segment_phases=pat.segment_phases)
-    setup["device"] = ctx.device
-    return ctx
-
-
-def _setup(args: argparse.Namespace) -> Tuple[Dict[str, Any], Tuple[int, int, int]]:
-    """Every check, before anything is written. Returns (``train`` keyword arguments, (S, D, world))."""
-    parallel = _parallel_sizes(args)
-    device = pick_device(args.device)
-    if args.max_steps is not None and (isinstance(args.max_steps, bool) or args.max_steps < 1):
-        raise ValueError(f"--max-steps must be a positive integer, got {args.max_steps}")
-    if args.resume and not args.out:
-        raise ValueError("--resume needs --out DIR, the folder of the run to continue")
-    out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    notes = [check_out_dir(out, args.resume)]
-    resume = load_resume_state(out) if args.resume else None
-    mcfg, tcfg, data_spec = _configs(args, resume)
-    _check_settings(mcfg, tcfg, device, parallel, args.compile)
-    if resume is not None:
-        _check_steps(resume, tcfg, out)
-        notes += [f"{e}; resuming from the older {resume.dir} (step {resume.step})" for e in resume.skipped]
-    data = _open_data(data_spec, tcfg, args.cache_dir, verbose=_is_rank0())
-    if resume is not None:
-        notes += _restore_sampler(data["sampler"], resume, data_spec, args.allow_data_change)
-    for note in notes:
-        if note and _is_rank0():
-            _warn(note)
-    return dict(model_config=mcfg, train_config=tcfg, data_spec=data_spec, data=data, out_dir=out, device=device,
-                resume=resume, compile_model=args.compile, progress=not args.no_progress,
-                preset_name=args.preset if resume is None else "resumed"), parallel
-
-
-def _configs(args: argparse.Namespace, resume: Optional[ResumeState]) -> Tuple[LongNetConfig, TrainConfig, str]:
-    overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
-    if resume is None:
-        mcfg, tcfg = apply_overrides(*preset(args.preset), overrides)
-        return mcfg, tcfg, args.data if args.data is not None else "builtin"
-    mcfg = resume.model_config
-    new_m, tcfg = apply_overrides(mcfg, resume.train_config, overrides)
-    if new_m != mcfg:
-        changed = [k for k, v in new_m.to_dict().items() if mcfg.to_dict()[k] != v]
-        raise ValueError(f"cannot change model fields {changed} when resuming; start a new run instead")
-    data_spec = args.data if args.data is not None else (resume.data or "builtin")
-    if data_spec != resume.data:
-        raise ValueError(f"--data {data_spec!r} differs from the run's data {resume.data!r}; "
-                         "a resumed run must use the same data")
-    return mcfg, tcfg, data_spec
-
-
-def _check_settings(mcfg: LongNetConfig, tcfg: TrainConfig, device: torch.device, parallel: Tuple[int, int, int],
-                    compile_model: bool) -> None:
-    """Cross-checks of the settings against each other, the data and the device (raises ValueError)."""
-    check_compatible(mcfg, tcfg)
-    if mcfg.vocab_size < VOCAB_SIZE:
-        raise ValueError(f"model.vocab_size={mcfg.vocab_size} is smaller than the byte vocabulary ({VOCAB_SIZE}): "
-                         f"the data holds byte values 0..255; set model.vocab_size={VOCAB_SIZE} (or more)")
-    check_precision(device, tcfg.precision)
-    if mcfg.attention_backend is not None:
-        # The attention inputs are (B, N, H, D) in the autocast dtype on this device.
-        probe = torch.empty(1, 1, mcfg.n_heads, mcfg.head_dim, device=device,
-                            dtype=compute_dtype(device, tcfg.precision))
-        try:
-            get_backend(mcfg.attention_backend, probe)
-        except ValueError as e:
-            raise ValueError(f"model.attention_backend={mcfg.attention_backend!r}: {e}") from None
-    if compile_model and not hasattr(torch, "compile"):
-        raise ValueError("--compile needs PyTorch >= 2.0")
-    S, D, world = parallel
-    if world > 1:
-        from ..distributed.training import check_parallel_config
-        pat = mcfg.pattern
-        check_parallel_config(tcfg.seq_len, tcfg.batch_size, pat.segment_lengths, pat.dilation_rates, S, D,
-                              segment_phases=pat.segment_phases)
-        if compile_model and S > 1:
-            raise ValueError("--compile cannot be combined with --sequence-parallel > 1: the sequence-parallel "
-                             "attention runs collectives (all-gather, halo exchange, reduce-scatter) inside a "
-                             "torch.autograd.Function, which torch.compile cannot capture, so every attention "
-                             "layer would break the graph; drop --compile, or use --data-parallel alone")
-
-
-def _check_steps(resume: ResumeState, tcfg: TrainConfig, out: str) -> None:
-    step = resume.step
-    if tcfg.max_steps == step:
-        raise _NothingToDo(f"the run in {out} is already at step {step} of train.max_steps={step}; nothing to do "
-                           f"(pass --max-steps N with N > {step} to train further)")
-    if tcfg.max_steps < step:
-        raise ValueError(f"--max-steps {tcfg.max_steps} is below step {step}, where the run in {out} is; nothing "
-                         f"was changed (pass --max-steps N with N > {step} to train further)")
-
-
-def _restore_sampler(sampler, resume: ResumeState, data_spec: str, allow_data_change: bool) -> List[str]:
-    """Load the checkpoint's sampler state; returns warnings about changed settings."""
-    diffs = sampler.state_differences(resume.data_state)
-    if "data_size" in diffs and not allow_data_change:
-        saved, now = diffs["data_size"]
-        raise ValueError(f"the training data changed since the checkpoint: the train split of {data_spec} has "
-                         f"{now:,} bytes now and had {saved:,}, so the run cannot draw the batches it would have "
-                         "drawn; pass --allow-data-change to resume on the changed data anyway")
-    notes = [f"{_SAMPLER_SETTINGS.get(k, 'the train split size')} changed from {a!r} to {b!r} since the "
-             "checkpoint; the run continues from the saved sampler position with the new value, so its loss "
-             "curve will differ from an uninterrupted run" for k, (a, b) in diffs.items()]
-    sampler.load_state_dict(resume.data_state, strict=False)
-    return notes
-
-
-def _open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str], verbose: bool = True) -> Dict[str, Any]:
-    if spec == "passkey":
-        task = PasskeyTask(tcfg.seq_len, tcfg.passkey_distance or None, key_digits=tcfg.passkey_digits,
-                           seed=tcfg.seed, batch_size=tcfg.batch_size, answer_weight=tcfg.passkey_answer_weight,
-                           curriculum_steps=tcfg.passkey_curriculum_steps)
-        return {"kind": "passkey", "sampler": task, "task": task, "loss_weights": task.loss_weights(),
-                "description": f"passkey task: seq_len {tcfg.seq_len}, distance "
-                               f"{tcfg.passkey_distance or f'random in [{task.min_distance}, {task.max_distance}]'}, "
-                               f"{tcfg.passkey_digits}-digit keys, answer weight {tcfg.passkey_answer_weight:g}"
-                               + (f", curriculum over {tcfg.passkey_curriculum_steps} steps"
-                                  if tcfg.passkey_curriculum_steps else "")}
-    # The trainer prints the corpus description itself; the data module would repeat it on a first build.
-    corpus = open_corpus(spec, cache_dir=cache_dir, verbose=False)
-    if corpus.valid.size < tcfg.seq_len + 1:
-        raise ValueError(f"the valid split of {spec!r} has {corpus.valid.size:,} bytes, fewer than train.seq_len + 1 "
-                         f"= {tcfg.seq_len + 1}; use a smaller train.seq_len or more data")
-    sampler = RandomWindowSampler(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
-    return {"kind": "corpus", "sampler": sampler, "corpus": corpus, "description": corpus.description}
-
-
-# ----------------------------------------------------------------------------- signals
-
-
-def _stop_signals() -> List[int]:
-    return [s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGHUP")) if s is not None]
-
-
-class _StopFlag:
-    """The first SIGINT (Ctrl-C), SIGTERM or SIGHUP asks to stop after the current step; a
-    second one, or any after :meth:`abort_on_signal`, raises KeyboardInterrupt at once.
-
-    ``debounce_s``: a repeat this soon after the first counts as the same request (torchrun
-    forwards a terminal's SIGINT, and schedulers' SIGTERM, to workers that already got it).
-    A stop adopted from another rank (:meth:`agree`) is not this process's first signal: its
-    own first one still only asks to stop.
-    """
-
-    def __init__(self, debounce_s: float = 0.0, quiet: bool = False):
-        self.requested, self.at_once = False, False
-        self.signum: Optional[int] = None
-        self.received_at: Optional[float] = None  # when this process got its first signal
-        self.debounce_s, self.quiet = debounce_s, quiet
-        self.previous: Dict[int, Any] = {}
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process killed by it (Ctrl-C: 130)."""
-        return 128 + int(self.signum or signal.SIGINT)
-
-    def __enter__(self):
-        for sig in _stop_signals():
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: plain KeyboardInterrupt handling only
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received_at is not None and not self.at_once:
-            if time.monotonic() - self.received_at < self.debounce_s:
-                return
-            self.at_once = True  # a second signal
-        if self.at_once:
-            self.signum = signum
-            raise KeyboardInterrupt
-        self.received_at = time.monotonic()
-        if not self.requested:  # else keep the signal agreed with the other ranks (one exit code)
-            self.requested, self.signum = True, signum
-        if not self.quiet:
-            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-            try:
-                print(f"\n[longnet] {name}: stopping after this step and saving a checkpoint "
-                      f"({name} again to stop at once)", file=sys.stderr, flush=True)
-            except OSError:  # SIGHUP: the terminal may be gone
-                pass
-
-    def votes(self) -> List[bool]:
-        """One flag per stop signal: which one this process received (all False: none)."""
-        return [self.requested and self.signum == sig for sig in _stop_signals()]
-
-    def agree(self, votes: List[bool]) -> bool:
-        """Adopt the first signal any process voted for (see :meth:`votes`), so that every
-        process stops, and exits with the same code; returns whether to stop."""
-        for sig, vote in zip(_stop_signals(), votes):
-            if vote:
-                self.requested, self.signum = True, sig
-                return True
-        return False
-
-    def abort_on_signal(self) -> None:
-        """From now on a signal raises KeyboardInterrupt at once (a pending request too)."""
-        self.at_once = True
-        if self.requested:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-# ----------------------------------------------------------------------------- training
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -413,10 +94,10 @@ class _Snapshot:
 
     step: int
     rng: Dict[str, Any]
-    data: Dict[str, Any]
+    data: TrainData
 
 
-def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: str, data: Dict[str, Any],
+def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: str, data: TrainData,
           out_dir: str, device: torch.device, resume: Optional[ResumeState] = None,
           compile_model: bool = False, progress: bool = True, preset_name: str = "",
           dist_ctx: Optional[TrainContext] = None) -> int:
@@ -430,33 +111,33 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
     ctx = dist_ctx if dist_ctx is not None else TrainContext(device)
     trainer = _Trainer(model_config, train_config, data_spec, data, out_dir, ctx, resume=resume,
                        compile_model=compile_model, progress=progress, preset_name=preset_name)
-    with _StopFlag(debounce_s=ctx.debounce_s, quiet=not ctx.is_main) as stop:
+    with StopFlag(debounce_s=ctx.debounce_s, quiet=not ctx.is_main) as stop:
         return trainer.run(stop)
 
 
 class _Trainer:
     """One run: the model, optimizer and data of ``train``, and the loop over steps."""
 
-    def __init__(self, mcfg: LongNetConfig, tcfg: TrainConfig, data_spec: str, data: Dict[str, Any], out_dir: str,
+    def __init__(self, mcfg: LongNetConfig, tcfg: TrainConfig, data_spec: str, data: TrainData, out_dir: str,
                  ctx: TrainContext, *, resume: Optional[ResumeState], compile_model: bool, progress: bool,
                  preset_name: str):
         self.mcfg, self.tcfg, self.data_spec, self.data, self.out_dir, self.ctx = mcfg, tcfg, data_spec, data, \
             out_dir, ctx
-        self.device, self.sampler, self.progress = ctx.device, data["sampler"], progress
-        self.is_passkey = data["kind"] == "passkey"
+        self.device, self.sampler, self.progress = ctx.device, data.sampler, progress
+        self.is_passkey = data.kind == "passkey"
         self.title = (f"{preset_name}: {mcfg.n_layers}L d={mcfg.d_model} H={mcfg.n_heads} "
                       f"{mcfg.pattern}, "
                       f"{data_spec}")
         if tcfg.num_threads:
             torch.set_num_threads(tcfg.num_threads)
         self._build(resume)
-        self.weights = self._shard_weights(data.get("loss_weights"))
+        self.weights = self._shard_weights(data.loss_weights)
         self.train_module = ctx.prepare(self.model)  # self.model stays the unwrapped module
         self.fwd = torch.compile(self.train_module) if compile_model else self.train_module
         # Only now is anything written: every check and every read of the checkpoint has passed.
         if ctx.is_main:
             os.makedirs(out_dir, exist_ok=True)
-        self.log = RunLog(out_dir, resume.step if resume is not None else None, _warn) if ctx.is_main else NoLog()
+        self.log = RunLog(out_dir, resume.step if resume is not None else None, warn) if ctx.is_main else NoLog()
         self.tok_rate: Optional[float] = None
 
     def _build(self, resume: Optional[ResumeState]) -> None:
@@ -505,7 +186,7 @@ class _Trainer:
 
     def _announce(self) -> None:
         mcfg, tcfg, ctx = self.mcfg, self.tcfg, self.ctx
-        lines = [f"[longnet] data: {self.data['description']}",
+        lines = [f"[longnet] data: {self.data.description}",
                  f"[longnet] model: {self.model.num_parameters():,} parameters, {mcfg.n_layers} layers, d_model "
                  f"{mcfg.d_model}, {mcfg.n_heads} heads, {mcfg.pattern}; device "
                  f"{self.device}, {torch.get_num_threads()} CPU threads"]
@@ -527,7 +208,7 @@ class _Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, stop: _StopFlag) -> int:
+    def run(self, stop: StopFlag) -> int:
         self._announce()
         self.t_start, self.elapsed_before = time.perf_counter(), self.log.elapsed()
         self.bar = tqdm(total=self.tcfg.max_steps, initial=self.snap.step, desc="train", unit="step",
@@ -546,7 +227,7 @@ class _Trainer:
             self.bar.close()
             return self._interrupted(stop.exit_code)
 
-    def _loop(self, stop: _StopFlag) -> str:
+    def _loop(self, stop: StopFlag) -> str:
         """Steps until done ("done"), the time limit ("time limit") or a stop request ("stopped")."""
         tcfg = self.tcfg
         while self.snap.step < tcfg.max_steps:
@@ -635,10 +316,10 @@ class _Trainer:
     def _evaluate(self) -> Dict[str, float]:
         tcfg = self.tcfg
         if self.is_passkey:
-            return evaluate_passkey(self.ctx.full_sequence(self.model), self.data["task"], tcfg.eval_windows,
+            return evaluate_passkey(self.ctx.full_sequence(self.model), self.data.task, tcfg.eval_windows,
                                     batch_size=tcfg.eval_batch_size, seed=tcfg.seed + 1, device=self.device,
                                     precision=tcfg.precision)
-        return evaluate_lm(self.model, self.data["corpus"].valid, tcfg.seq_len, max_windows=tcfg.eval_windows,
+        return evaluate_lm(self.model, self.data.corpus.valid, tcfg.seq_len, max_windows=tcfg.eval_windows,
                            batch_size=tcfg.eval_batch_size, precision=tcfg.precision, ctx=self.ctx)
 
     def _log_eval(self, res: Dict[str, float]) -> None:
@@ -718,9 +399,9 @@ class _Trainer:
         return 0
 
 
-def _sample_at_end(model, data: Dict[str, Any], tcfg: TrainConfig, device: torch.device, is_passkey: bool) -> None:
+def _sample_at_end(model, data: TrainData, tcfg: TrainConfig, device: torch.device, is_passkey: bool) -> None:
     if tcfg.sample_tokens and not is_passkey:
-        valid = data["corpus"].valid
+        valid = data.corpus.valid
         prompt = torch.from_numpy(valid[:min(64, valid.size)].astype("int64"))
         gen = torch.Generator().manual_seed(tcfg.seed)
         out = model.generate(prompt.to(device), tcfg.sample_tokens, temperature=0.8, top_k=40,
@@ -731,8 +412,8 @@ def _sample_at_end(model, data: Dict[str, Any], tcfg: TrainConfig, device: torch
         print(text)
         print("-" * 60)
     elif is_passkey:
-        x, y, mask = data["task"].batch(1, np.random.default_rng(tcfg.seed + 7))
+        x, y, mask = data.task.batch(1, np.random.default_rng(tcfg.seed + 7))
         prompt = x[0, :int(mask[0].nonzero()[0]) + 1]
-        out = model.generate(prompt.to(device), data["task"].key_digits, temperature=0)
+        out = model.generate(prompt.to(device), data.task.key_digits, temperature=0)
         print(f"[longnet] passkey example: expected {_decode(y[0][mask[0]].tolist())!r}, "
               f"model answered {_decode(out[prompt.numel():].tolist())!r}")

@@ -27,6 +27,7 @@ from ..evaluate import (
     passkey_by_distance,
     position_loss,
 )
+from ..setup import TrainData
 from ..trainer import train
 from .plan import DENSE, PASSKEY, Run, Settings, passkey_distances
 
@@ -68,16 +69,16 @@ def _train_config(run: Run, s: Settings, threads: int) -> TrainConfig:
                        seed=s.seed, num_threads=threads, passkey_digits=s.passkey_digits)
 
 
-def _run_data(run: Run, s: Settings, tcfg: TrainConfig, corpus: Corpus) -> Tuple[str, Dict[str, Any]]:
+def _run_data(run: Run, s: Settings, tcfg: TrainConfig, corpus: Corpus) -> Tuple[str, TrainData]:
     """(data spec, the ``data`` argument of ``train``) of a run."""
     if run.task == PASSKEY:
         task = PasskeyTask(tcfg.seq_len, key_digits=s.passkey_digits, seed=s.seed, batch_size=tcfg.batch_size,
                            answer_weight=s.passkey_weight, curriculum_steps=round(s.passkey_curriculum * run.steps))
-        return "passkey", {"kind": "passkey", "sampler": task, "task": task, "loss_weights": task.loss_weights(),
-                           "description": f"passkey task, seq_len {tcfg.seq_len}, answer weight {s.passkey_weight:g}, "
-                                          f"curriculum over {task.curriculum_steps} steps"}
+        return "passkey", TrainData(kind="passkey", sampler=task, task=task, loss_weights=task.loss_weights(),
+                                    description=f"passkey task, seq_len {tcfg.seq_len}, answer weight "
+                                                f"{s.passkey_weight:g}, curriculum over {task.curriculum_steps} steps")
     sampler = RandomWindowSampler(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
-    return corpus.name, {"kind": "corpus", "sampler": sampler, "corpus": corpus, "description": corpus.description}
+    return corpus.name, TrainData(kind="corpus", sampler=sampler, corpus=corpus, description=corpus.description)
 
 
 def train_run(run: Run, s: Settings, corpus: Corpus, run_dir: str, device: torch.device, threads: int,
@@ -90,7 +91,7 @@ def train_run(run: Run, s: Settings, corpus: Corpus, run_dir: str, device: torch
     tcfg = _train_config(run, s, threads)
     spec, data = _run_data(run, s, tcfg, corpus)
     per_batch = run.flops_per_token * tcfg.batch_size * tcfg.seq_len
-    data["sampler"] = _Metered(data["sampler"], lambda: advance(per_batch))
+    data.sampler = _Metered(data.sampler, lambda: advance(per_batch))
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "train.log"), "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
         code = train(model_config=run.model.config, train_config=tcfg, data_spec=spec, data=data, out_dir=run_dir,

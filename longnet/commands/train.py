@@ -1,0 +1,151 @@
+"""``longnet train``: train a LongNet language model on bytes.
+
+    longnet train                                   # tiny preset, built-in corpus, CPU, ~4 minutes
+    longnet train --data enwik8:~/data/enwik8.zip --preset small --device cuda
+    longnet train --set model.n_layers=2 --set train.lr=1e-3 --max-steps 50 --out runs/try
+    longnet train --resume --out runs/try --max-steps 100   # continue (and extend) a run
+    longnet train --data passkey --set train.seq_len=1024  # synthetic long-range retrieval
+    torchrun --nproc_per_node 2 -m longnet train --sequence-parallel 2   # one sequence over 2 processes
+
+Settings come from a preset, then ``--set KEY=VALUE`` overrides (``model.FIELD``,
+``train.FIELD`` or a bare field name; ``--list-fields`` lists them), then ``--max-steps``.
+Everything (settings, device, data, ``--out``, the checkpoint to resume) is checked before
+the run folder is written. The run folder receives ``log.csv`` (one row per step, one per
+evaluation), ``loss_curve.png``, TensorBoard events when ``tensorboard`` is installed, and
+checkpoints (see :mod:`longnet.training.checkpoint`).
+
+Stopping. Ctrl-C, SIGTERM and SIGHUP (what ``timeout``, ``docker stop`` and schedulers
+send) stop the run after the current step, save a checkpoint and exit with 128 + the
+signal number; a second signal stops at once, still saving the last complete step when
+that is safe. The last checkpoint is written before the final evaluation, so a signal
+during it loses nothing. ``--resume`` continues from the newest intact checkpoint and
+follows the same loss curve as an uninterrupted run on CPU.
+
+Under ``torchrun`` the same loop runs on a (data x sequence) device mesh through a
+:class:`longnet.distributed.training.DistContext` (one process uses the do-nothing
+:class:`longnet.training.context.TrainContext`): ``--sequence-parallel S`` cuts every
+sequence into S blocks, one per process, and ``--data-parallel D`` (default WORLD_SIZE / S)
+splits the batch's rows. ``train.batch_size`` stays the global batch, so a run follows the
+same loss curve (up to fp32 rounding) at any mesh shape, and its checkpoints resume at any
+other. Stop requests are agreed by all ranks at each step boundary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Tuple
+
+from ..config import PRESETS, config_fields_help
+from ..training.context import TrainContext
+from ..training.setup import NothingToDo, TrainSetup, is_rank0, prepare
+from ..training.trainer import train
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "overrides: --set KEY=VALUE, repeatable. KEY is model.FIELD, train.FIELD or a field name\n"
+        "that only one of them has; VALUE is parsed by the field's type (true/false, none,\n"
+        "comma-separated integers for tuples). Examples:\n"
+        "  --set model.n_layers=2 --set d_model=128 --set train.lr=1e-3\n"
+        "  --set segment_lengths=64,128 --set dilation_rates=1,2 --set train.grad_accum=4\n"
+        "`longnet train --list-fields` prints every field with its default.")
+    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
+                        help="model + training preset (default tiny: ~4 min on 2 CPU cores)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable); see below")
+    parser.add_argument("--data", default=None, metavar="SPEC",
+                        help="builtin (default: Python stdlib sources), enwik8:PATH, text:PATH, or passkey")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="run folder for logs and checkpoints (default runs/PRESET-YYYYmmdd-HHMMSS); a new "
+                             "run needs a new or empty folder")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its newest intact checkpoint")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="with --resume: continue even though the training data changed since the checkpoint")
+    parser.add_argument("--max-steps", type=int, default=None, metavar="N",
+                        help="optimiser steps (same as --set train.max_steps=N; the lr schedule spans them)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cache-dir", default=None, help="data cache folder (default $LONGNET_CACHE or ~/.cache/longnet)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    parser.add_argument("--list-fields", action="store_true", help="print every config field and exit")
+    parser.add_argument("--sequence-parallel", type=int, default=1, metavar="S",
+                        help="split each sequence over S processes (launch with torchrun; train.seq_len / S "
+                             "must fit the dilation pattern)")
+    parser.add_argument("--data-parallel", type=int, default=None, metavar="D",
+                        help="data-parallel groups (default WORLD_SIZE / S); torchrun must start S*D processes; "
+                             "train.batch_size is the global batch, split over the D groups")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list_fields:
+        print("config fields (KEY for --set KEY=VALUE, type, value in the tiny preset):")
+        print(config_fields_help())
+        return 0
+    # Under torchrun every rank checks the same settings; rank > 0 says which it is, since a
+    # data path can be missing on one node only.
+    prefix = "" if is_rank0() else f"[rank {os.environ.get('RANK')}] "
+    ctx = None
+    try:
+        parallel = _parallel_sizes(args)
+        setup = prepare(args)
+        _check_mesh(setup, parallel)
+        ctx = _open_context(setup, parallel)
+        return train(**setup.kwargs(), dist_ctx=ctx)
+    except NothingToDo as e:
+        if is_rank0():
+            print(f"[longnet] {e}")
+        return 0
+    except KeyboardInterrupt:  # before the loop's own handling (setup, process group) or a third signal
+        return 130
+    except (ValueError, TypeError) as e:  # settings, data, --out or checkpoint: a message, not a traceback
+        print(f"{prefix}longnet train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ctx is not None:
+            ctx.close()
+
+
+def _parallel_sizes(args: argparse.Namespace) -> Tuple[int, int, int]:
+    """(S, D, world size); the distributed package is imported only when torchrun or the flags ask for it."""
+    S, D = args.sequence_parallel, args.data_parallel
+    if not os.environ.get("WORLD_SIZE") and S == 1 and D in (None, 1):
+        return 1, 1, 1
+    from ..distributed.training import resolve_parallel_sizes
+    return resolve_parallel_sizes(S, D)
+
+
+def _open_context(setup: TrainSetup, parallel: Tuple[int, int, int]) -> TrainContext:
+    """One process, or the (data x sequence) mesh of a torchrun launch."""
+    S, D, world = parallel
+    if world == 1:
+        return TrainContext(setup.device)
+    from ..distributed.training import init_distributed
+    mcfg, tcfg = setup.model_config, setup.train_config
+    pat = mcfg.pattern
+    ctx = init_distributed(S, D, setup.device, seq_len=tcfg.seq_len, segment_lengths=pat.segment_lengths,
+                           dilation_rates=pat.dilation_rates, segment_phases=pat.segment_phases)
+    setup.device = ctx.device
+    return ctx
+
+
+
+def _check_mesh(setup: TrainSetup, parallel: Tuple[int, int, int]) -> None:
+    """Checks of the settings against the mesh (raises ValueError)."""
+    S, D, world = parallel
+    if world > 1:
+        from ..distributed.training import check_parallel_config
+        mcfg, tcfg, compile_model = setup.model_config, setup.train_config, setup.compile_model
+        pat = mcfg.pattern
+        check_parallel_config(tcfg.seq_len, tcfg.batch_size, pat.segment_lengths, pat.dilation_rates, S, D,
+                              segment_phases=pat.segment_phases)
+        if compile_model and S > 1:
+            raise ValueError("--compile cannot be combined with --sequence-parallel > 1: the sequence-parallel "
+                             "attention runs collectives (all-gather, halo exchange, reduce-scatter) inside a "
+                             "torch.autograd.Function, which torch.compile cannot capture, so every attention "
+                             "layer would break the graph; drop --compile, or use --data-parallel alone")
