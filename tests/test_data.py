@@ -13,7 +13,7 @@ from longnet.training.data import (
     ENWIK8_URL, Corpus, LongNetDataError, PasskeyTask, RandomWindowSampler, check_sampler_state, iter_eval_windows,
     num_eval_windows, open_builtin, open_corpus, open_enwik8, open_text,
 )
-from longnet.training.data import _bucket, _byte_split
+from longnet.training.data.corpus import _bucket, _byte_split
 
 SMALL = 10_000  # stand-in for enwik8's 100,000,000 bytes
 
