@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import longnet
-from longnet.backends import collectives, custom_ops, lse_grad, registry
+from longnet.backends import collectives, custom_ops, kernels, lse_grad, registry
 from longnet.backends import sequence_parallel as sp
 from longnet.backends.reference import dilated_attention_reference
 from tests.helpers import assert_close
@@ -139,7 +139,16 @@ class NoGuardIndexing(TorchFunctionMode):
 
 
 @pytest.fixture
-def fake_cuda():
+def gpu_arch(monkeypatch):
+    """The compute capability the fake CUDA device reports (an H100's, sm90); set ``.value`` to change it."""
+    class Arch:
+        value = (9, 0)
+    monkeypatch.setattr(kernels, "cuda_capability", lambda device: Arch.value)
+    return Arch
+
+
+@pytest.fixture
+def fake_cuda(gpu_arch):
     with FakeTensorMode() as mode, NoGuardIndexing():
         yield mode
 
@@ -306,6 +315,21 @@ def test_sequence_parallel_on_cuda(fake_cuda, monkeypatch, causal, rank):
 
 # ---------------------------------------------------------------- Triton dispatch
 
+class CurrentDevice:
+    """Stands in for ``torch.cuda.device``: a context manager that sets ``CurrentDevice.now``."""
+
+    now = "cuda:0"
+
+    def __init__(self, device):
+        self.device = str(device)
+
+    def __enter__(self):
+        self.prev, CurrentDevice.now = CurrentDevice.now, self.device
+
+    def __exit__(self, *exc):
+        CurrentDevice.now = self.prev
+
+
 @pytest.fixture
 def triton_as_on_gpu(monkeypatch):
     """The Triton backend registered as on a GPU machine (not the interpreter), restored afterwards."""
@@ -313,17 +337,22 @@ def triton_as_on_gpu(monkeypatch):
     monkeypatch.setattr(tb, "INTERPRET", False)
     monkeypatch.setattr(registry, "BACKENDS", dict(registry.BACKENDS))
     monkeypatch.setattr(registry, "_optional_loaded", False)
+    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
+    monkeypatch.setattr(CurrentDevice, "now", "cuda:0")
     return tb
 
 
 class Launches:
-    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not run."""
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` is recorded, not run
+    (with the current device, which Triton launches on)."""
 
     def __init__(self, name, log):
         self.name, self.log = name, log
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.log.append((self.name, tuple(grid), args, kwargs))
+        def launch(*args, **kwargs):
+            self.log.append((self.name, tuple(grid), args, dict(kwargs, current_device=CurrentDevice.now)))
+        return launch
 
 
 def test_registry_picks_triton_for_cuda_half(fake_cuda, triton_as_on_gpu):
@@ -358,6 +387,200 @@ def test_triton_launches_on_cuda(fake_cuda, triton_as_on_gpu, monkeypatch):
     assert names == ["_bwd_preprocess"] + ["_bwd_dkdv_kernel", "_bwd_dq_kernel"] * 3
     assert launches[0][1] == (-(-b * n * h // 64),) and launches[0][3]["HAS_DLSE"] is True
     assert [g.shape for g in grads[:3]] == [q.shape] * 3 and all(g.dtype == torch.bfloat16 for g in grads[:3])
+
+
+def _triton_round_trip(tb, monkeypatch, device, d, pattern=((64, 128, 256), (1, 2, 4))):
+    launches = []
+    for name in ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        monkeypatch.setattr(tb, name, Launches(name, launches))
+    ctxs = _capture_apply(monkeypatch, tb._TritonDilatedAttentionFn)
+    q, k, v = (torch.randn(1, 256, 2, d, dtype=torch.bfloat16, device=device) for _ in range(3))
+    out, lse = longnet.dilated_attention(q, k, v, *pattern, is_causal=True, return_lse=True)
+    tb._TritonDilatedAttentionFn.backward(ctxs[-1], torch.randn_like(out), torch.randn_like(lse))
+    return launches
+
+
+def test_triton_launches_on_the_tensors_gpu(fake_cuda, triton_as_on_gpu, monkeypatch):
+    """Tensors on cuda:1 while cuda:0 is current: every launch runs with cuda:1 current (Triton
+    launches on the current device), and the current device is restored afterwards."""
+    launches = _triton_round_trip(triton_as_on_gpu, monkeypatch, "cuda:1", 64)
+    assert len(launches) == 3 + 1 + 6
+    assert {kw["current_device"] for _, _, _, kw in launches} == {"cuda:1"}
+    assert CurrentDevice.now == "cuda:0"
+
+
+def test_triton_tiles_follow_the_architecture(fake_cuda, gpu_arch, triton_as_on_gpu, monkeypatch):
+    """D = 128: the launch tiles are default_config's for the GPU's compute capability."""
+    tb = triton_as_on_gpu
+    for cap in ((9, 0), (8, 0)):
+        gpu_arch.value = cap
+        launches = _triton_round_trip(tb, monkeypatch, "cuda", 128, pattern=((256,), (1,)))
+        cfg = tb.default_config(128, cap)
+        by_name = {name: kw for name, _, _, kw in launches}
+        assert (by_name["_fwd_kernel"]["BLOCK_M"], by_name["_fwd_kernel"]["BLOCK_N"]) == cfg.fwd[:2]
+        assert (by_name["_bwd_dq_kernel"]["BLOCK_M"], by_name["_bwd_dq_kernel"]["num_stages"]) == \
+            (cfg.dq[0], cfg.dq[3])
+    assert tb.default_config(128, (8, 0)) != tb.default_config(128, (9, 0))
+
+
+@pytest.mark.parametrize("cap", [(7, 0), (7, 5)], ids=["V100", "T4"])
+def test_gpus_older_than_sm80_fall_back(fake_cuda, gpu_arch, triton_as_on_gpu, cap):
+    """Triton refuses them with the reason, backend=None takes the torch backend, and the torch
+    backend's flash kernel is not called: fp16 runs efficient attention, bf16 the math path."""
+    gpu_arch.value = cap
+    tb = triton_as_on_gpu
+    q = _cuda(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert "compute capability >= 8.0" in tb.why_not(q) and f"{cap[0]}.{cap[1]}" in tb.why_not(q)
+    assert registry.pick_backend(q).name == "torch"
+    with pytest.raises(ValueError, match="compute capability"):
+        longnet.dilated_attention(q, q, q, (8,), (1,), backend="triton")
+    for dtype, want in ((torch.float16, "efficient"), (torch.bfloat16, "math")):
+        z = _cuda(1, 2, 40, 64, dtype=dtype)
+        assert kernels.cuda_kernel(z) == want
+        with AtenLog() as log:
+            kernels.attn_fwd(z, z, z, True, 0.125)
+        assert FLASH_FWD not in log.ops()
+        assert (EFFICIENT_FWD in log.ops()) == (want == "efficient")
+
+
+EFFICIENT_FWD = aten._scaled_dot_product_efficient_attention.default
+EFFICIENT_BWD = aten._scaled_dot_product_efficient_attention_backward.default
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_float32_on_cuda_runs_efficient_attention(fake_cuda, causal):
+    """fp32 (any GPU): efficient attention, its lse (padded to 64 rows for L = 40) sliced to L and
+    padded again for the backward; no chunked math (matmuls) anywhere, through the whole op."""
+    z = [_cuda(2, 3, 40, 32, dtype=torch.float32) for _ in range(3)]
+    with AtenLog() as log:
+        out, lse = kernels.attn_fwd(*z, causal, 0.125)
+    (a, res), = log.of(EFFICIENT_FWD)
+    assert a["compute_log_sumexp"] is True and a["is_causal"] == causal and a["scale"] == 0.125
+    assert res[1].shape == (2, 3, 64) and lse.shape == (2, 3, 40) and out.shape == (2, 3, 40, 32)
+    with AtenLog() as log:
+        grads = kernels.attn_bwd(torch.randn_like(out), *z, out, lse, causal, 0.125)
+    (a, _), = log.of(EFFICIENT_BWD)
+    assert a["logsumexp"].shape == (2, 3, 64) and a["logsumexp"].is_contiguous()
+    assert a["logsumexp"].dtype == torch.float32 and a["dropout_p"] == 0.0 and a["is_causal"] == causal
+    assert list(a["grad_input_mask"]) == [True, True, True, False] and a["attn_bias"] is None
+    assert [g.shape for g in grads] == [z[0].shape] * 3 and all(g.dtype == torch.float32 for g in grads)
+    q, k, v = _inputs(1, 96, 4, 32, torch.float32, "contiguous")
+    with AtenLog() as log:
+        out, lse = custom_ops.mixture_forward(q, k, v, (32, 64), (1, 2), causal, 0.125, False, None)
+        custom_ops.mixture_backward(torch.randn_like(out), None, q, k, v, out, lse, (32, 64), (1, 2), causal,
+                                    0.125, False, None)
+    assert EFFICIENT_FWD in log.ops() and EFFICIENT_BWD in log.ops()
+    assert not (log.ops() & NOT_ON_CUDA_HALF), "math or CPU kernels ran on CUDA float32"
+
+
+def test_misaligned_views_are_copied_for_the_cuda_kernels(fake_cuda):
+    """A view starting 1 element into its rows (2 bytes: not 16-byte aligned) reaches FlashAttention-2
+    as an aligned copy; an aligned view goes as it is."""
+    base = _cuda(1, 2, 64, 72, dtype=torch.bfloat16)
+    for view, copied in ((base[..., 1:65], True), (base[..., 8:72], False)):
+        assert view.stride(-1) == 1
+        with AtenLog() as log:
+            out, lse = kernels.attn_fwd(view, view, view, True, 0.125)
+            kernels.attn_bwd(view, view, view, view, out, lse, True, 0.125)
+        for op in (FLASH_FWD, FLASH_BWD):
+            (a, _), = log.of(op)
+            q = a["query"]
+            assert (q.storage_offset() * 2) % 16 == 0 and all((st * 2) % 16 == 0 for st in q.stride()[:-1])
+            assert (q is not view) == copied
+    assert kernels.aligned16(base) is base
+
+
+def test_causal_calls_must_be_square():
+    """FlashAttention-2 aligns a non-square causal mask bottom-right, the other kernels top-left, so
+    the kernels refuse non-square causal calls; non-square full attention is fine."""
+    q = torch.randn(1, 2, 8, 16)
+    kv = torch.randn(1, 2, 12, 16)
+    for call in (lambda: kernels.attn_fwd(q, kv, kv, True, 0.25),
+                 lambda: kernels.attn_bwd(q, q, kv, kv, q, q[..., 0], True, 0.25)):
+        with pytest.raises(ValueError, match="as many keys as queries"):
+            call()
+    out, lse = kernels.attn_fwd(q, kv, kv, False, 0.25)
+    ref_out, ref_lse = kernels.math_fwd(q, kv, kv, False, 0.25)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert_close(lse, ref_lse, torch.float32, "lse")
+
+
+# ---------------------------------------------------------------- sequence parallelism over NCCL (plan)
+
+class FakeGroup:
+    def __init__(self, ranks):
+        self.ranks = list(ranks)
+
+
+class FakeDist:
+    """What plan_sequence_parallel asks torch.distributed, for one rank of a world of ``world`` ranks,
+    with group creation and barriers recorded instead of run."""
+
+    def __init__(self, rank, world, split):
+        self.rank, self.world, self.split = rank, world, split
+        self.created, self.barriers = [], []
+
+    def install(self, monkeypatch):
+        d = collectives.dist
+        monkeypatch.setattr(d, "is_initialized", lambda: True)
+        monkeypatch.setattr(d, "get_rank", lambda group=None: self.rank)
+        monkeypatch.setattr(d, "get_world_size", lambda group=None: self.world)
+        monkeypatch.setattr(d, "get_process_group_ranks", lambda g: g.ranks)
+        monkeypatch.setattr(d, "get_backend", lambda group=None: "nccl")
+        monkeypatch.setattr(d, "new_group", self.new_group)
+        monkeypatch.setattr(d, "barrier", lambda group=None, device_ids=None: self.barriers.append(group))
+        monkeypatch.setattr(collectives, "_split_mode", lambda: self.split)
+        monkeypatch.setattr(collectives, "_SUBGROUPS", {})  # each rank is its own process
+        monkeypatch.setattr(collectives.torch.cuda, "is_available", lambda: False)
+
+    def new_group(self, ranks, use_local_synchronization=False):
+        self.created.append((tuple(ranks), use_local_synchronization))
+        if use_local_synchronization and self.rank not in ranks:
+            return None
+        return FakeGroup(ranks)
+
+
+def test_halo_plans_initialise_the_group_on_every_rank(monkeypatch):
+    """w = 8, phase 4, L = 12, P = 4: only the boundary at 24 is straddled, so ranks 0 and 3 send
+    nothing, yet every rank joins the one barrier that creates the group's communicator."""
+    world = FakeGroup(range(4))
+    halos = []
+    for rank in range(4):
+        fake = FakeDist(rank, 4, split=False)
+        fake.install(monkeypatch)
+        plan = sp.plan_sequence_parallel(world, 12, (8,), (1,), (4,))
+        halos.append(bool(plan.halos))
+        assert fake.barriers == [world] and fake.created == []
+    assert halos == [False, True, True, False]
+    fake = FakeDist(0, 4, split=False)
+    fake.install(monkeypatch)
+    sp.plan_sequence_parallel(world, 16, (8,), (1,), (0,))  # no halo pattern: nothing to initialise
+    assert fake.barriers == []
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["nccl-split", "local-sync"])
+def test_sub_groups_are_created_alike_on_every_rank(monkeypatch, split):
+    """Patterns (2L, phase L) and (3L, phase 0) on P = 4 give segments {0}, {1, 2}, {3} and {0, 1, 2},
+    {3}. Every rank makes the same new_group calls in the same order; under NCCL splits (a bound
+    device id) non-members take part too (no use_local_synchronization), and each rank gets its own
+    segment's group with the positions of its members."""
+    world, L = FakeGroup(range(4)), 16
+    calls = []
+    for rank in range(4):
+        fake = FakeDist(rank, 4, split)
+        fake.install(monkeypatch)
+        plan = sp.plan_sequence_parallel(world, L, (2 * L, 3 * L), (1, 1), (L, 0))
+        calls.append(fake.created)
+        for span, (pg, order) in zip(plan.spans, plan.groups):
+            members = list(range(span.first, span.first + span.count))
+            if span.count == 1:
+                assert pg is None and order == [0]
+            else:
+                assert pg.ranks == members and order == list(range(span.count))
+        again = sp.plan_sequence_parallel(world, L, (2 * L, 3 * L), (1, 1), (L, 0))
+        assert again.groups == plan.groups and fake.created == calls[-1]  # cached alike on every rank
+    assert all(c == calls[0] for c in calls)
+    assert calls[0] == [((1, 2), not split), ((0, 1, 2), not split)]
 
 
 # ---------------------------------------------------------------- the lse gradient at head dim D (real, CPU)

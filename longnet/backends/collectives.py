@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CommStats", "comm_stats", "global_comm_stats", "segment_group", "all_gather_chunks",
+__all__ = ["CommStats", "comm_stats", "global_comm_stats", "segment_groups", "init_communicator", "all_gather_chunks",
            "reduce_scatter_chunks", "Message", "exchange"]
 
 
@@ -92,9 +92,10 @@ def _record(phase: str, sent: int, received: int) -> None:
 
 # ---------------------------------------------------------------- sub-groups
 
-# Keyed by the sorted global ranks: ``new_group(use_local_synchronization=True)`` names a group by
-# a hash of its ranks, so creating the same rank set twice in one process would clash.
-_SUBGROUPS: Dict[Tuple[int, ...], object] = {}
+# Keyed by the parent group's global ranks and the segments: every rank of the parent makes the
+# same creation calls in the same order (see :func:`segment_groups`), so every rank hits or misses
+# this cache together.
+_SUBGROUPS: Dict[tuple, list] = {}
 
 
 def forget_subgroups() -> None:
@@ -102,30 +103,70 @@ def forget_subgroups() -> None:
     _SUBGROUPS.clear()
 
 
-def segment_group(group, first: int, count: int):
-    """The process group of ranks ``first .. first + count - 1`` of ``group`` (group ranks).
+def _split_mode() -> bool:
+    """Whether new groups are NCCL splits of the default group's communicator.
 
-    Returns ``(pg, order)``: ``order[j]`` is the position inside the segment
-    (0 .. count - 1) of the rank with rank j in ``pg``. When the segment is
-    the whole ``group``, ``group`` itself is returned. Otherwise a sub-group is
-    created once and cached; it is created with ``use_local_synchronization``
-    so that only its members take part, which lets different data-parallel
-    replicas (or different segments) create their own sub-groups at the same
-    time without a world-wide collective.
+    That is the case once a device id is bound to the default group
+    (``init_process_group(device_id=...)``, eager init): PyTorch then creates
+    every group with ``ncclCommSplit``, which every rank of the default group
+    must join, members or not, and ``use_local_synchronization`` non-members
+    would skip it.
+    """
+    default = dist.distributed_c10d._get_default_group()
+    return getattr(default, "bound_device_id", None) is not None
+
+
+def segment_groups(group, segments: Sequence[Tuple[int, int]]) -> List[tuple]:
+    """The process group of each segment ``(first, count)`` of ``group`` (group ranks), as ``(pg, order)``.
+
+    ``order[j]`` is the position inside the segment (0 .. count - 1) of the
+    rank with rank j in ``pg``; ``(None, [])`` for a segment this rank is not
+    in. A segment that is the whole ``group`` gets ``group`` itself, and a
+    one-rank segment gets None (its collectives are skipped). Every rank of
+    ``group`` must call this with the same segments, and every rank makes
+    the same ``new_group`` calls in the same order, members or not: under
+    NCCL splits (:func:`_split_mode`) each is collective over all ranks;
+    otherwise sub-groups use ``use_local_synchronization`` and non-members
+    return at once, so data-parallel replicas may create theirs concurrently.
     """
     size = dist.get_world_size(group)
-    if first == 0 and count == size:
-        return group, list(range(count))
     parent = dist.get_process_group_ranks(group)
-    members = [parent[first + j] for j in range(count)]
-    key = tuple(sorted(members))
-    pg = _SUBGROUPS.get(key)
-    if pg is None:
-        pg = dist.new_group(list(key), use_local_synchronization=True)
-        _SUBGROUPS[key] = pg
-    sub_ranks = dist.get_process_group_ranks(pg)
-    order = [members.index(g) for g in sub_ranks]
-    return pg, order
+    me = dist.get_rank()
+    key = (tuple(parent), tuple((int(a), int(c)) for a, c in segments))
+    cached = _SUBGROUPS.get(key)
+    if cached is not None:
+        return cached
+    split = _split_mode()
+    result = []
+    for first, count in key[1]:
+        members = [parent[first + j] for j in range(count)]
+        if first == 0 and count == size:
+            result.append((group, list(range(count))))
+            continue
+        if count == 1:
+            result.append((None, [0]) if me in members else (None, []))
+            continue
+        pg = dist.new_group(sorted(members), use_local_synchronization=not split)
+        if me not in members:
+            result.append((None, []))
+            continue
+        sub_ranks = dist.get_process_group_ranks(pg)
+        result.append((pg, [members.index(g) for g in sub_ranks]))
+    _SUBGROUPS[key] = result
+    return result
+
+
+def init_communicator(group) -> None:
+    """Run one collective on ``group`` that every rank joins, so its communicator exists.
+
+    A ``batch_isend_irecv`` that is the group's first operation must be
+    joined by every rank of the group (PyTorch's docs; under lazy NCCL init it
+    creates the communicator), but a rank with no halo messages skips it.
+    """
+    if "nccl" in str(dist.get_backend(group)).lower() and torch.cuda.is_available():
+        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier(group=group)
 
 
 # ---------------------------------------------------------------- collectives

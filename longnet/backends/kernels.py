@@ -11,17 +11,28 @@ Which kernel runs:
   masked scores skipped at a finer grain); ``LONGNET_CPU_KERNEL=aten`` turns it off.
 - CPU otherwise: ``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward
   (fp64, fp32, bf16, fp16).
-- CUDA, fp16/bf16, head dim <= 256 and a multiple of 8:
+- CUDA, fp16/bf16, head dim <= 256 and a multiple of 8, compute capability >= 8.0:
   ``aten._scaled_dot_product_flash_attention`` and its backward.
+- CUDA otherwise, fp32/fp16/bf16 with a head dim that is a multiple of 16 bytes (fp32 inputs,
+  and half inputs on GPUs older than sm80): ``aten._scaled_dot_product_efficient_attention``
+  and its backward; its lse is padded to a multiple of 32 rows and is sliced (and padded
+  again for the backward).
 - Anything else: a query-chunked math implementation (``math_fwd``/``math_bwd``).
+
+Causal calls must be square (as many keys as queries): the mask is then the plain lower
+triangle for every kernel. FlashAttention-2 aligns a non-square causal mask bottom-right and
+gives +inf lse to rows with no visible key, the others align it top-left with -inf.
+On CUDA, inputs whose base address or strides are not multiples of 16 bytes are copied first:
+the CUDA kernels load 16-byte vectors along the head dim.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import cpu_flash
 from .numerics import acc_dtype
@@ -118,14 +129,87 @@ def math_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+# FlashAttention-2 in PyTorch runs on Ampere (sm80) and newer.
+FLASH_MIN_CAPABILITY = (8, 0)
+# Efficient attention pads its lse to a multiple of this many rows.
+_EFFICIENT_LSE_ALIGN = 32
+
+
+def cuda_capability(device) -> Tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device (CPU-only tests replace this)."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def _cuda_flash_ok(q: Tensor) -> bool:
     d = q.shape[-1]
-    return q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0
+    return (q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0
+            and cuda_capability(q.device) >= FLASH_MIN_CAPABILITY)
+
+
+def _cuda_efficient_ok(q: Tensor) -> bool:
+    # Its kernels load 16-byte vectors along the head dim; bfloat16 needs sm80 like flash.
+    if (q.shape[-1] * q.element_size()) % 16:
+        return False
+    return q.dtype in (torch.float32, torch.float16) or (
+        q.dtype == torch.bfloat16 and cuda_capability(q.device) >= FLASH_MIN_CAPABILITY)
+
+
+def cuda_kernel(q: Tensor) -> str:
+    """Which kernel a CUDA call on q (Z, H, L, D) runs: "flash", "efficient" or "math"."""
+    if _cuda_flash_ok(q):
+        return "flash"
+    return "efficient" if _cuda_efficient_ok(q) else "math"
+
+
+def _address(x: Tensor) -> int:
+    if is_fake(x):  # no address (FakeTensorMode, tracing); allocations themselves are aligned
+        return x.storage_offset() * x.element_size()
+    return x.data_ptr()
+
+
+def aligned16(x: Tensor) -> Tensor:
+    """x itself when its address and every stride but the last are multiples of 16 bytes, else a copy.
+
+    The CUDA kernels load 16-byte vectors along the head dim (PyTorch checks
+    only stride(-1)); a view such as ``x[..., 1:65]`` would fault with
+    "misaligned address".
+    """
+    item = x.element_size()
+    ok = _address(x) % 16 == 0 and all((st * item) % 16 == 0 for st, n in zip(x.stride()[:-1], x.shape[:-1])
+                                       if n > 1)
+    return x if ok else x.contiguous()
+
+
+def _check_square(q: Tensor, k: Tensor, causal: bool) -> None:
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"causal attention needs as many keys as queries (a square mask), got "
+                         f"{q.shape[-2]} queries and k with {k.shape[-2]} rows")
+
+
+def _efficient_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)
+    return out, lse[..., :q.shape[-2]]
+
+
+def _efficient_bwd(do, q, k, v, out, lse, causal, scale):
+    L = q.shape[-2]
+    padded = torch.zeros((*lse.shape[:-1], -(-L // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN),
+                         dtype=torch.float32, device=lse.device)
+    padded[..., :L] = lse
+    # Dropout is 0, so the seed and offset (CPU int64 scalars outside graph capture) are never read.
+    seed, offset = (torch.empty((), dtype=torch.int64) for _ in range(2))
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        do, q, k, v, None, out, padded, seed, offset, 0.0, [True, True, True, False], causal, scale=scale)
+    return dq, dk, dv
 
 
 def attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
              force_math: bool = False) -> Tuple[Tensor, Tensor]:
-    """(out (Z, H, L, D), lse (Z, H, L)) of softmax(q k^T * scale [+ causal mask]) v."""
+    """(out (Z, H, L, D), lse (Z, H, L)) of softmax(q k^T * scale [+ causal mask]) v.
+
+    k, v are (Z, H, S, D); causal calls need S == L (the lower triangle).
+    """
+    _check_square(q, k, causal)
     return _chunked(lambda a, b, c: _attn_fwd(a, b, c, causal, scale, force_math), (q, k, v))
 
 
@@ -135,9 +219,14 @@ def _attn_fwd(q, k, v, causal, scale, force_math):
             if cpu_flash.wanted(q, k, causal):
                 return cpu_flash.fwd(q, k, v, causal, scale)
             return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        if q.device.type == "cuda" and _cuda_flash_ok(q):
+        kind = cuda_kernel(q) if q.device.type == "cuda" else "math"
+        if kind != "math":
+            q, k, v = (aligned16(x) for x in (q, k, v))
+        if kind == "flash":
             res = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
             return res[0], res[1]
+        if kind == "efficient":
+            return _efficient_fwd(q, k, v, causal, scale)
     return math_fwd(q, k, v, causal, scale)
 
 
@@ -146,8 +235,9 @@ def attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
     """(dq, dk, dv) for ``attn_fwd``, given the out and lse to differentiate at.
 
     Passing a *merged* out and lse yields this partial's share of the exact
-    gradient of the merged attention (docs/design.md §7).
+    gradient of the merged attention (docs/design.md §7). Causal calls need S == L.
     """
+    _check_square(q, k, causal)
     return _chunked(lambda *t: _attn_bwd(*t, causal, scale, force_math), (q, k, v, do, out, lse))
 
 
@@ -158,10 +248,15 @@ def _attn_bwd(q, k, v, do, out, lse, causal, scale, force_math):
                 return cpu_flash.bwd(do, q, k, v, out, lse, causal, scale)
             return aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 do, q, k, v, out, lse.to(acc_dtype(q.dtype)).contiguous(), 0.0, causal, scale=scale)
-        if q.device.type == "cuda" and _cuda_flash_ok(q):
+        kind = cuda_kernel(q) if q.device.type == "cuda" else "math"
+        if kind != "math":
+            do, q, k, v, out = (aligned16(x) for x in (do, q, k, v, out))
+        if kind == "flash":
             return aten._scaled_dot_product_flash_attention_backward(
                 do, q, k, v, out, lse.float().contiguous(), *flash_forward_state(q, k), 0.0, causal,
                 *flash_rng_state(q.device), scale=scale)
+        if kind == "efficient":
+            return _efficient_bwd(do, q, k, v, out, lse, causal, scale)
     return math_bwd(do, q, k, v, out, lse, causal, scale)
 
 

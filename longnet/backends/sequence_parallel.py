@@ -73,7 +73,8 @@ from . import kernels
 from .numerics import acc_dtype, last_dim_contiguous
 from .lse_grad import lse_columns
 from .torch_backend import accumulate_grads, merge_partial, merge_patterns
-from .collectives import Message, all_gather_chunks, exchange, reduce_scatter_chunks, segment_group
+from .collectives import Message, all_gather_chunks, exchange, init_communicator, reduce_scatter_chunks, \
+    segment_groups
 
 __all__ = ["sequence_parallel_dilated_attention", "check_sequence_parallel", "prepare_sequence_parallel",
            "plan_sequence_parallel", "SequenceParallelPlan", "SegmentSpan", "HaloSpan"]
@@ -171,6 +172,11 @@ def check_sequence_parallel(block_length: int, world_size: int, segment_lengths:
     ``rank``'s boundaries. Raises ``ValueError`` stating the rule when a pattern
     does not fit (on every rank alike: the rule does not depend on the rank).
     """
+    return _classify(block_length, world_size, segment_lengths, dilation_rates, rank, segment_phases)
+
+
+def _classify(block_length, world_size, segment_lengths, dilation_rates, rank, segment_phases):
+    """What :func:`check_sequence_parallel` returns; a plan also runs it for the other ranks."""
     L, P = int(block_length), int(world_size)
     local: List[Tuple[int, int, int]] = []
     spans: List[SegmentSpan] = []
@@ -216,8 +222,11 @@ def plan_sequence_parallel(group, block_length: int, segment_lengths: Sequence[i
                            segment_phases: Optional[Sequence[int]] = None) -> SequenceParallelPlan:
     """Validate the split of blocks of ``block_length`` over ``group`` and create its segment sub-groups.
 
-    Call it on every rank of ``group`` together (sub-group creation is
-    collective among their members).
+    Call it on every rank of ``group`` together: sub-group creation is
+    collective (over every rank of the default group when a device id is bound
+    to it, see :func:`.collectives.segment_groups`), and with halo patterns one
+    barrier on ``group`` creates its communicator before any partial
+    point-to-point batch (:func:`.collectives.init_communicator`).
     """
     if group is None or not dist.is_initialized():
         raise ValueError("group must be a process group of an initialised torch.distributed, got "
@@ -228,8 +237,27 @@ def plan_sequence_parallel(group, block_length: int, segment_lengths: Sequence[i
     w, r = tuple(segment_lengths), tuple(dilation_rates)
     phases = validate_phases(segment_phases, w)
     local, spans, halos = check_sequence_parallel(block_length, world, w, r, rank, segment_phases=phases)
-    groups = tuple(segment_group(group, sp.first, sp.count) for sp in spans)
+    every = [_classify(block_length, world, w, r, rk, phases) for rk in range(world)]
+    groups = _span_groups(group, every, spans)
+    if any(h for _, _, h in every):  # the same answer on every rank
+        init_communicator(group)
     return SequenceParallelPlan(group, int(block_length), w, r, local, spans, groups, halos, phases, rank)
+
+
+def _span_groups(group, every, spans) -> tuple:
+    """(pg, order) of this rank's segment of each cross-rank pattern; ``every``: the
+    (local, spans, halos) of every rank of ``group``, in rank order.
+
+    Every rank creates the sub-groups of all segments of every span pattern,
+    in pattern then segment order (:func:`.collectives.segment_groups`), so
+    the creation calls line up on every rank even when they are NCCL splits.
+    """
+    groups = []
+    for j, sp in enumerate(spans):
+        segments = sorted({(other[1][j].first, other[1][j].count) for other in every})
+        made = dict(zip(segments, segment_groups(group, segments)))
+        groups.append(made[(sp.first, sp.count)])
+    return tuple(groups)
 
 
 def prepare_sequence_parallel(group, block_length: int, segment_lengths: Sequence[int],

@@ -46,6 +46,7 @@ never picks the slow interpreter; ``backend="triton"`` still selects it.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -57,6 +58,7 @@ import triton
 import triton.language as tl
 
 from ..patterns import clip_phase, clip_segment, kept_count, segment_groups
+from . import kernels
 from .numerics import last_dim_contiguous
 from .numerics import acc_dtype, default_scale
 
@@ -71,6 +73,10 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 _INTERP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
+# bf16 dots need Ampere; older GPUs fall back to the torch backend (why_not).
+MIN_CAPABILITY = (8, 0)
+# Rows per program of _bwd_preprocess.
+PREPROCESS_ROWS = 64
 # The CUDA grid's y dimension holds batch x heads; larger products are chunked over batch.
 _MAX_GRID_Y = 65535
 
@@ -236,9 +242,10 @@ def _fwd_kernel(Q, K, V, O, LSE,
 def _bwd_preprocess(O, DO, DLSE, DELTA, n_rows,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_DLSE: tl.constexpr):
     """delta = rowsum(dO * O) - dlse over contiguous (rows, D) views, in fp32."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # 64-bit before the multiply: B*N*H rows may pass 2^31.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_rows
-    rows = offs.to(tl.int64)
+    rows = offs
     d = tl.arange(0, HEAD_DIM)
     ptrs = (rows * HEAD_DIM)[:, None] + d[None, :]
     o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -429,23 +436,27 @@ class BlockConfig:
             object.__setattr__(self, name, t)
 
 
-def _env_config() -> Optional[BlockConfig]:
-    # LONGNET_TRITON_CONFIG="fwd_m,fwd_n,w,s;dkdv_n,dkdv_m,w,s;dq_m,dq_n,w,s", for tuning sweeps.
-    spec = os.environ.get("LONGNET_TRITON_CONFIG")
-    if not spec:
-        return None
+def parse_config(spec: str) -> BlockConfig:
+    """A BlockConfig from "fwd_m,fwd_n,w,s;dkdv_n,dkdv_m,w,s;dq_m,dq_n,w,s"."""
     parts = [tuple(int(x) for x in p.split(",")) for p in spec.split(";")]
     if len(parts) != 3:
         raise ValueError(f"LONGNET_TRITON_CONFIG must hold three ';'-separated 4-tuples, got {spec!r}")
     return BlockConfig(*parts)
 
 
-def default_config(head_dim: int) -> BlockConfig:
-    """Tiles for a GPU run.
+def _env_config() -> Optional[BlockConfig]:
+    # LONGNET_TRITON_CONFIG (parse_config's format), for tuning sweeps.
+    spec = os.environ.get("LONGNET_TRITON_CONFIG")
+    return parse_config(spec) if spec else None
+
+
+def default_config(head_dim: int, capability: Optional[Tuple[int, int]] = None) -> BlockConfig:
+    """Tiles for a GPU run at ``head_dim`` on a GPU of ``capability`` (None: sm90).
 
     Chosen offline (no GPU at hand) as the largest tiles that ptxas compiles for
-    sm_90a without register spills, or with the fewest (D = 128: under 200
-    bytes); to be confirmed by timing with the benchmark's ``--sweep``.
+    sm_80 and sm_90a without register spills and within the shared memory of an
+    A100 / H100 (checked by tests/test_triton_compile.py); to be confirmed by
+    timing with the benchmark's ``--sweep``.
     """
     if INTERPRET:
         # Small tiles: the interpreter is slow, and tiny test segments still span several blocks.
@@ -454,7 +465,26 @@ def default_config(head_dim: int) -> BlockConfig:
         return BlockConfig(fwd=(128, 64, 8, 3), dkdv=(128, 32, 8, 3), dq=(128, 32, 4, 3))
     if head_dim <= 64:
         return BlockConfig(fwd=(128, 64, 8, 3), dkdv=(128, 32, 8, 3), dq=(128, 32, 8, 3))
-    return BlockConfig(fwd=(64, 32, 8, 2), dkdv=(64, 32, 8, 2), dq=(32, 32, 4, 2))
+    # D = 128: 128 query rows per dq program (a quarter of the K/V re-reads of 32, and Hopper's
+    # wgmma needs >= 64); on sm_80 the fwd 128 x 64 tile spills and the dq tile fits at 2 stages.
+    if capability is not None and capability < (9, 0):
+        return BlockConfig(fwd=(128, 32, 8, 2), dkdv=(64, 32, 8, 2), dq=(128, 32, 8, 2))
+    return BlockConfig(fwd=(128, 64, 8, 2), dkdv=(64, 32, 8, 2), dq=(128, 32, 8, 3))
+
+
+def _capability(q: Tensor) -> Optional[Tuple[int, int]]:
+    return kernels.cuda_capability(q.device) if q.device.type == "cuda" and not INTERPRET else None
+
+
+def _on_device(fn):
+    """Run ``fn(x, ...)`` with x's GPU as the current device: Triton launches on the current device."""
+    @functools.wraps(fn)
+    def guarded(x, *args, **kwargs):
+        if x.device.type != "cuda" or INTERPRET:
+            return fn(x, *args, **kwargs)
+        with torch.cuda.device(x.device):
+            return fn(x, *args, **kwargs)
+    return guarded
 
 
 def _fit(block: Tuple[int, int, int, int], kept: int) -> Tuple[int, int, int, int]:
@@ -476,6 +506,10 @@ def why_not(q: Tensor) -> Optional[str]:
     if q.device.type == "cuda" and not INTERPRET:
         if q.dtype not in _GPU_DTYPES:
             return f"it needs float16 or bfloat16 on CUDA, got {q.dtype}"
+        cap = kernels.cuda_capability(q.device)
+        if cap < MIN_CAPABILITY:
+            return (f"it needs a GPU of compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                    f"(bfloat16 tensor-core dots), got {cap[0]}.{cap[1]} on {q.device}")
         return None
     if not INTERPRET:
         return (f"it runs on CUDA tensors, got a tensor on {q.device}. To run the kernels on CPU "
@@ -528,11 +562,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@_on_device
 def _forward(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, causal: bool, scale: float,
              config: Optional[BlockConfig] = None, segment_phases=None) -> Tuple[Tensor, Tensor]:
     """(out (B, N, H, D) in q's dtype, lse (B, N, H) fp32) of the mixture; no autograd."""
     b, n, h, d = q.shape
-    config = config or _env_config() or default_config(d)
+    config = config or _env_config() or default_config(d, _capability(q))
     pats = _order(segment_lengths, dilation_rates, n, segment_phases)
     single = len(pats) == 1
     store_first = pats[0][1] == 1
@@ -560,17 +595,18 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, c
     return out.to(q.dtype), lse
 
 
+@_on_device
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
               segment_lengths, dilation_rates, causal: bool, scale: float,
               config: Optional[BlockConfig] = None, segment_phases=None) -> Tuple[Tensor, Tensor, Tensor]:
     """Exact (dq, dk, dv) of the mixture, given the merged out and lse (and optionally dlse)."""
     b, n, h, d = q.shape
-    config = config or _env_config() or default_config(d)
+    config = config or _env_config() or default_config(d, _capability(q))
     do = do.contiguous()
     out = out.contiguous()
     delta = torch.empty((b, n, h), dtype=torch.float32, device=q.device)
     rows = b * n * h
-    blk = 64
+    blk = PREPROCESS_ROWS
     dl = dlse.contiguous().to(torch.float32) if dlse is not None else delta
     _bwd_preprocess[(triton.cdiv(rows, blk),)](out, do, dl, delta, rows, HEAD_DIM=d, BLOCK=blk,
                                                HAS_DLSE=dlse is not None)

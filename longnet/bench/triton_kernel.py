@@ -48,14 +48,29 @@ COLUMNS = (
     Column("note", "note", width=4, align="<"),
 )
 
-SWEEP_CONFIGS = (
-    "128,64,8,3;128,32,8,3;128,32,8,3",
-    "128,64,4,3;128,32,4,3;128,32,4,3",
-    "128,128,8,3;128,64,8,3;128,64,8,3",
-    "64,64,4,3;64,32,4,3;64,32,4,3",
-    "64,32,8,2;64,32,8,2;32,32,4,2",
-    "64,64,8,2;64,32,8,1;64,32,8,1",
-)
+# Tile configs the sweep times, per head dim (D <= 64 share one list), each compiled without
+# spills and within the shared memory of the GPUs it is listed for (tests/test_triton_compile.py):
+# "all" on sm_80 and sm_90a, "sm90" on sm_90a only.
+SWEEP_CONFIGS = {
+    64: {"all": ("128,64,8,3;128,32,8,3;128,32,8,3",
+                 "128,64,4,3;128,32,4,3;128,32,4,3",
+                 "64,64,4,3;64,32,4,3;64,32,4,3",
+                 "64,32,8,2;64,32,8,2;32,32,4,2",
+                 "64,64,8,2;64,32,8,1;64,32,8,1"),
+         "sm90": ()},
+    128: {"all": ("128,32,8,2;64,32,8,2;128,32,8,2",
+                  "64,32,8,2;64,32,8,2;128,32,8,2",
+                  "64,32,8,2;64,32,8,2;32,32,4,2",
+                  "64,32,4,2;64,32,4,2;64,32,4,2"),
+          "sm90": ("128,64,8,2;64,32,8,2;128,32,8,3",
+                   "128,32,8,2;64,32,8,2;128,32,8,3")},
+}
+
+
+def sweep_configs(head_dim: int, capability) -> tuple:
+    """The sweep's LONGNET_TRITON_CONFIG values for ``head_dim`` on a GPU of ``capability``."""
+    lists = SWEEP_CONFIGS[64 if head_dim <= 64 else 128]
+    return lists["all"] + (lists["sm90"] if tuple(capability) >= (9, 0) else ())
 
 
 def _size(text: str) -> int:
@@ -196,10 +211,11 @@ def sweep(args, dtype, pattern: DilatedPattern) -> None:
     try:
         for heads, head_dim in args.dims:
             print(f"\nsweep H={heads} D={head_dim} N={args.sweep_n} (LONGNET_TRITON_CONFIG values)")
-            for cfg in (None,) + SWEEP_CONFIGS:
+            cap = torch.cuda.get_device_capability()
+            for cfg in (None,) + sweep_configs(head_dim, cap):
                 if cfg is None:
                     os.environ.pop("LONGNET_TRITON_CONFIG", None)
-                    label = f"default {tb.default_config(head_dim)}"
+                    label = f"default {tb.default_config(head_dim, cap)}"
                 else:
                     os.environ["LONGNET_TRITON_CONFIG"] = cfg
                     label = cfg
