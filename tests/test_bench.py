@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from longnet import report
-from longnet.analysis.viz import png_size
+from longnet.analysis.plotting import png_size
 from longnet.bench import common, lm, op, sp, triton_kernel
 from longnet.cli import main
 from longnet.device import machine_name

@@ -10,7 +10,8 @@ from longnet.backends.reference import count_matrix as ref_count_matrix, keep_ma
 from longnet.cli import main
 from longnet.patterns import DilatedPattern
 from longnet.analysis.reach import dead_rows, depth_matrix, depth_vs_n, paper_depth_estimate, reach
-from longnet.analysis.viz import count_matrix, count_stats, keep_masks, png_size
+from longnet.analysis.counting import block_count_matrix, count_stats, keep_masks
+from longnet.analysis.plotting import png_size
 
 
 @st.composite
@@ -47,8 +48,8 @@ def test_masks_and_count_matrix_match_reference(case):
     for k in range(len(w)):
         np.testing.assert_array_equal(masks[k], ref_keep_mask(n, heads, w[k], r[k]).numpy())
     ref = ref_count_matrix(n, heads, w, r, is_causal=causal).numpy()
-    np.testing.assert_array_equal(count_matrix((w, r), n, heads, causal=causal), ref)
-    np.testing.assert_array_equal(count_matrix((w, r), n, heads, causal=causal, head=heads - 1), ref[-1])
+    np.testing.assert_array_equal(block_count_matrix((w, r), n, heads, causal=causal), ref)
+    np.testing.assert_array_equal(block_count_matrix((w, r), n, heads, causal=causal, head=heads - 1), ref[-1])
     stats = count_stats((w, r), n, heads, causal=causal)
     for s in stats:
         assert s["nnz"] == (ref[s["head"]] > 0).sum()
@@ -65,7 +66,7 @@ def test_block_sums_match_reference(block, causal):
     nb = -(-n // block)
     pad = nb * block - n
     want = np.pad(ref, ((0, 0), (0, pad), (0, pad))).reshape(heads, nb, block, nb, block).sum((2, 4))
-    np.testing.assert_array_equal(count_matrix((w, r), n, heads, causal=causal, block=block), want)
+    np.testing.assert_array_equal(block_count_matrix((w, r), n, heads, causal=causal, block=block), want)
 
 
 def test_sum_of_c_is_the_flop_count():
@@ -79,7 +80,7 @@ def test_sum_of_c_is_the_flop_count():
 def test_analysis_functions_take_a_pattern_object():
     pat = DilatedPattern((2, 4, 8), (1, 2, 4))
     assert keep_masks(pat, 8, 4).shape == (3, 4, 8)
-    np.testing.assert_array_equal(count_matrix(pat, 8, 4, causal=True),
+    np.testing.assert_array_equal(block_count_matrix(pat, 8, 4, causal=True),
                                   ref_count_matrix(8, 4, pat.segment_lengths, pat.dilation_rates,
                                                    is_causal=True).numpy())
     assert reach(pat, 8, 4).max_depth == 3
@@ -279,13 +280,13 @@ def test_cli_refuses_sizes_too_large_before_any_work(argv, needle, tmp_path, cap
 
 def test_api_errors(tmp_path):
     with pytest.raises(ValueError, match="head must be an integer in"):
-        count_matrix(((4,), (1,)), 8, 2, head=2)
+        block_count_matrix(((4,), (1,)), 8, 2, head=2)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         reach(((4,), (1,)), 0, 2)
     with pytest.raises(ValueError, match="num_heads must be a positive integer"):
         keep_masks(((4,), (1,)), 8, 0)
     with pytest.raises(ValueError, match="block must be a positive integer"):
-        count_matrix(((4,), (1,)), 8, 2, block=0)
+        block_count_matrix(((4,), (1,)), 8, 2, block=0)
     with pytest.raises(ValueError, match="dilation_rates"):
         reach(((4,), (8,)), 8, 1)
     with pytest.raises(TypeError, match="pattern must be"):
