@@ -179,12 +179,16 @@ MODEL_ARCHS: Dict[str, Tuple[int, int]] = {
 
 
 def build_model(model_arch: str = "gigapath_slide_enc12l768d", in_chans: int = 1536, **kwargs) -> LongNetViT:
-    """A randomly initialised slide encoder of one of GigaPath's architectures (:data:`MODEL_ARCHS`)."""
+    """A randomly initialised slide encoder of one of GigaPath's architectures (:data:`MODEL_ARCHS`).
+
+    ``kwargs`` go to :class:`LongNetViT` (``embed_dim``/``depth`` replace the architecture's).
+    """
     if model_arch not in MODEL_ARCHS:
         raise ValueError(f"model_arch must be one of {sorted(MODEL_ARCHS)}, got {model_arch!r}")
     dim, depth = MODEL_ARCHS[model_arch]
-    return LongNetViT(in_chans=in_chans, embed_dim=dim, depth=depth, mlp_ratio=4, norm_layer=_layer_norm_eps6,
-                      **kwargs)
+    kwargs.setdefault("embed_dim", dim)
+    kwargs.setdefault("depth", depth)
+    return LongNetViT(in_chans=in_chans, mlp_ratio=4, norm_layer=_layer_norm_eps6, **kwargs)
 
 
 def create_model(pretrained: str, model_arch: str = "gigapath_slide_enc12l768d", in_chans: int = 1536,
