@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("longnet.training.generate", "sample text from a checkpoint"),
     "bench": ("longnet.bench.op", "time and memory of dilated vs dense attention"),
     "viz": ("longnet.analysis.viz", "draw dilation patterns, count matrices and reach"),
+    "selftest": ("longnet.selftest", "validate longnet on this machine's GPUs (--gpu; --dry-run on CPU)"),
     "experiment": ("longnet.training.experiment.command",
                    "train LongNet and baselines at equal compute and compare them (scaled-down Table 2)"),
 }

@@ -28,6 +28,7 @@ the CUDA kernels load 16-byte vectors along the head dim.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -154,11 +155,21 @@ def _cuda_efficient_ok(q: Tensor) -> bool:
         q.dtype == torch.bfloat16 and cuda_capability(q.device) >= FLASH_MIN_CAPABILITY)
 
 
+CUDA_KERNELS = ("flash", "efficient", "math")
+
+
 def cuda_kernel(q: Tensor) -> str:
-    """Which kernel a CUDA call on q (Z, H, L, D) runs: "flash", "efficient" or "math"."""
-    if _cuda_flash_ok(q):
+    """Which kernel a CUDA call on q (Z, H, L, D) runs: "flash", "efficient" or "math".
+
+    ``LONGNET_CUDA_KERNEL=efficient`` (or ``math``) skips the kernels before it in that
+    order, e.g. to validate efficient attention on half inputs (``longnet selftest --gpu``).
+    """
+    first = os.environ.get("LONGNET_CUDA_KERNEL", "flash")
+    if first not in CUDA_KERNELS:
+        raise ValueError(f"LONGNET_CUDA_KERNEL must be one of {CUDA_KERNELS}, got {first!r}")
+    if first == "flash" and _cuda_flash_ok(q):
         return "flash"
-    return "efficient" if _cuda_efficient_ok(q) else "math"
+    return "efficient" if first != "math" and _cuda_efficient_ok(q) else "math"
 
 
 def _address(x: Tensor) -> int:
