@@ -473,6 +473,22 @@ def test_float32_on_cuda_runs_efficient_attention(fake_cuda, causal):
     assert not (log.ops() & NOT_ON_CUDA_HALF), "math or CPU kernels ran on CUDA float32"
 
 
+def test_cuda_kernel_choice_can_be_moved_to_efficient_or_math(fake_cuda, monkeypatch):
+    """LONGNET_CUDA_KERNEL (used by ``longnet selftest --gpu`` to validate efficient attention on half
+    inputs) skips the kernels before it; a bad value is an error naming the variable."""
+    z = _cuda(1, 2, 40, 64, dtype=torch.bfloat16)
+    assert kernels.cuda_kernel(z) == "flash"
+    for value in ("efficient", "math"):
+        monkeypatch.setenv("LONGNET_CUDA_KERNEL", value)
+        assert kernels.cuda_kernel(z) == value
+        with AtenLog() as log:
+            kernels.attn_fwd(z, z, z, True, 0.125)
+        assert FLASH_FWD not in log.ops() and (EFFICIENT_FWD in log.ops()) == (value == "efficient")
+    monkeypatch.setenv("LONGNET_CUDA_KERNEL", "fast")
+    with pytest.raises(ValueError, match="LONGNET_CUDA_KERNEL"):
+        kernels.cuda_kernel(z)
+
+
 def test_misaligned_views_are_copied_for_the_cuda_kernels(fake_cuda):
     """A view starting 1 element into its rows (2 bytes: not 16-byte aligned) reaches FlashAttention-2
     as an aligned copy; an aligned view goes as it is."""
