@@ -221,7 +221,7 @@ def test_resume_and_out_conflicts(tmp_path, corpus, capsys):
     assert _train(out, corpus, "--max-steps", "1") == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(out), "--set", "d_model=64"]) == 2
-    assert "cannot change model fields ['d_model']" in capsys.readouterr().err
+    assert "cannot change the model (model.d_model: the checkpoint has" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(out), "--prompt", ""]) == 2
     assert "prompt is empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):

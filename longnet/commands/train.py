@@ -45,7 +45,16 @@ from ..training.trainer import train
 __all__ = ["add_arguments", "run"]
 
 
+class _PresetGiven(argparse.Action):
+    """Stores --preset and records that it was given (--resume then checks it against the run)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.preset_given = True
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(preset_given=False)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "overrides: --set KEY=VALUE, repeatable. KEY is model.FIELD, train.FIELD or a field name\n"
@@ -54,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  --set model.n_layers=2 --set d_model=128 --set train.lr=1e-3\n"
         "  --set segment_lengths=64,128 --set dilation_rates=1,2 --set train.grad_accum=4\n"
         "`longnet train --list-fields` prints every field with its default.")
-    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS),
-                        help="model + training preset (default tiny: ~4 min on 2 CPU cores)")
+    parser.add_argument("--preset", default="tiny", choices=tuple(PRESETS), action=_PresetGiven,
+                        help="model + training preset (default tiny: ~4 min on 2 CPU cores); with --resume it "
+                             "must match the run's model")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable); see below")
     parser.add_argument("--data", default=None, metavar="SPEC",
@@ -80,6 +90,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-parallel", type=int, default=None, metavar="D",
                         help="data-parallel groups (default WORLD_SIZE / S); torchrun must start S*D processes; "
                              "train.batch_size is the global batch, split over the D groups")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 over "
+                             "all data x sequence ranks (default: DDP, each rank holds everything); "
+                             "checkpoints are then DCP folders that resume at any world size")
+    parser.add_argument("--dp-replicate", type=int, default=1, metavar="R",
+                        help="with --fsdp: HSDP, R replicas each sharded over WORLD_SIZE / R ranks (R divides D)")
+    parser.add_argument("--fsdp-param-dtype", default="fp32", choices=("fp32", "bf16"),
+                        help="with --fsdp: dtype parameters are gathered and computed in (gradients are reduced "
+                             "and the optimizer runs in fp32)")
+    parser.add_argument("--checkpoint-format", default="auto", choices=("auto", "safetensors", "dcp"),
+                        help="auto: dcp with --fsdp, else safetensors (whole-state files written by rank 0)")
+    parser.add_argument("--async-checkpoint", action="store_true",
+                        help="with dcp checkpoints under torchrun: periodic saves write in the background "
+                             "(dcp.async_save on a gloo group); the last save always waits")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,12 +114,12 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun every rank checks the same settings; rank > 0 says which it is, since a
     # data path can be missing on one node only.
     prefix = "" if is_rank0() else f"[rank {os.environ.get('RANK')}] "
-    ctx = None
+    ctx = setup = None
     try:
         parallel = _parallel_sizes(args)
         setup = prepare(args)
-        _check_mesh(setup, parallel)
-        ctx = _open_context(setup, parallel)
+        _check_mesh(setup, parallel, args)
+        ctx = _open_context(setup, parallel, args)
         return train(**setup.kwargs(), dist_ctx=ctx)
     except NothingToDo as e:
         if is_rank0():
@@ -109,35 +133,54 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if ctx is not None:
             ctx.close()
+        if setup is not None and setup.lock is not None:
+            setup.lock.release()
 
 
 def _parallel_sizes(args: argparse.Namespace) -> Tuple[int, int, int]:
     """(S, D, world size); the distributed package is imported only when torchrun or the flags ask for it."""
     S, D = args.sequence_parallel, args.data_parallel
     if not os.environ.get("WORLD_SIZE") and S == 1 and D in (None, 1):
+        if args.fsdp:
+            raise ValueError("--fsdp shards the model over processes started by torchrun (WORLD_SIZE is not "
+                             "set); launch it as\n  torchrun --nproc_per_node P -m longnet train --fsdp ...")
         return 1, 1, 1
     from ..distributed.training import resolve_parallel_sizes
     return resolve_parallel_sizes(S, D)
 
 
-def _open_context(setup: TrainSetup, parallel: Tuple[int, int, int]) -> TrainContext:
+def _open_context(setup: TrainSetup, parallel: Tuple[int, int, int], args: argparse.Namespace) -> TrainContext:
     """One process, or the (data x sequence) mesh of a torchrun launch."""
     S, D, world = parallel
-    if world == 1:
-        return TrainContext(setup.device)
+    fmt = None if args.checkpoint_format == "auto" else args.checkpoint_format
+    if world == 1 and not args.fsdp:
+        ctx = TrainContext(setup.device)
+        ctx.checkpoint_format = fmt or ctx.checkpoint_format
+        return ctx
+    from ..distributed.fsdp import FSDPOptions
     from ..distributed.training import init_distributed
     mcfg, tcfg = setup.model_config, setup.train_config
     pat = mcfg.pattern
+    fsdp = FSDPOptions(args.dp_replicate, args.fsdp_param_dtype) if args.fsdp else None
     ctx = init_distributed(S, D, setup.device, seq_len=tcfg.seq_len, segment_lengths=pat.segment_lengths,
-                           dilation_rates=pat.dilation_rates, segment_phases=pat.segment_phases)
+                           dilation_rates=pat.dilation_rates, segment_phases=pat.segment_phases, fsdp=fsdp,
+                           checkpoint_format=fmt, async_checkpoint=args.async_checkpoint)
     setup.device = ctx.device
     return ctx
 
 
 
-def _check_mesh(setup: TrainSetup, parallel: Tuple[int, int, int]) -> None:
+def _check_mesh(setup: TrainSetup, parallel: Tuple[int, int, int], args: argparse.Namespace) -> None:
     """Checks of the settings against the mesh (raises ValueError)."""
     S, D, world = parallel
+    if not args.fsdp and (args.dp_replicate != 1 or args.fsdp_param_dtype != "fp32"):
+        raise ValueError("--dp-replicate and --fsdp-param-dtype apply to --fsdp runs only; add --fsdp")
+    if args.fsdp:
+        from ..distributed.fsdp import FSDPOptions
+        FSDPOptions(args.dp_replicate, args.fsdp_param_dtype).check(D)
+    if args.async_checkpoint and (world == 1 or (args.checkpoint_format != "dcp" and not args.fsdp)):
+        raise ValueError("--async-checkpoint needs DCP checkpoints under torchrun (--fsdp or "
+                         "--checkpoint-format dcp)")
     if world > 1:
         from ..distributed.training import check_parallel_config
         mcfg, tcfg, compile_model = setup.model_config, setup.train_config, setup.compile_model

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..fileio import atomic_savefig, atomic_write_text
 from .checkpoint import checkpoint_steps, holds_checkpoints
+from .runlock import LOCK_NAME, FolderLock
 
 __all__ = ["CSV_FIELDS", "RUN_ENTRIES", "check_out_dir", "RunLog", "NoLog", "plot_loss_curve"]
 
@@ -46,20 +47,23 @@ def _enclosing(path: str, is_what: Callable[[str], bool]) -> Optional[str]:
     return None
 
 
-def _ours(out: str, name: str) -> bool:
-    if name in RUN_ENTRIES[1:] or name.startswith((".tmp-", "log.csv.damaged")):
+def _ours(out: str, name: str, marked: bool) -> bool:
+    if name in RUN_ENTRIES[1:] or name == LOCK_NAME or name.startswith((".tmp-", "log.csv.damaged")):
         return True
-    if name != "log.csv":
+    if name != "log.csv" or not marked:
+        # A log.csv counts as a run's only beside the lock file every run writes first: a log
+        # with the right header alone says nothing about who wrote it.
         return False
     with open(os.path.join(out, name), encoding="utf-8", errors="replace") as f:
         return f.readline().strip() == ",".join(CSV_FIELDS)
 
 
-def check_out_dir(out: str, resume: bool) -> Optional[str]:
+def check_out_dir(out: str, resume: bool, lock: Optional[FolderLock] = None) -> Optional[str]:
     """Raise ValueError when ``--out`` must not be used; else None, or a note to print.
 
     Refused: a checkpoint folder or anything inside one or inside another run; a file; for a
-    new run, a folder holding a checkpoint (use --resume) or files no run writes.
+    new run, a folder holding a checkpoint (use --resume) or files no run writes. ``lock``:
+    the folder's lock, when this process holds it (the check is then final).
     """
     path = os.path.abspath(out)
     ckpt = path if _is_checkpoint(path) else _enclosing(path, _is_checkpoint)
@@ -79,7 +83,10 @@ def check_out_dir(out: str, resume: bool) -> Optional[str]:
     if steps:
         raise ValueError(f"--out {out!r} already holds a run (checkpoint at step {steps[-1]}); pass --resume to "
                          "continue it or choose a new --out")
-    foreign = sorted(n for n in os.listdir(path) if not _ours(path, n))
+    marked = lock.inherited if lock is not None else os.path.exists(os.path.join(path, LOCK_NAME))
+    foreign = sorted(n for n in os.listdir(path) if not _ours(path, n, marked))
+    if not foreign and os.listdir(path) == [LOCK_NAME]:
+        return None
     if foreign:
         raise ValueError(f"--out {out!r} exists and is not a longnet run folder (it holds {', '.join(foreign[:3])}"
                          f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder")

@@ -24,6 +24,7 @@ from ..device import check_precision, compute_dtype, pick_device
 from .checkpoint import ResumeState, load_resume_state
 from .data import VOCAB_SIZE, Corpus, PasskeyTask, RandomWindowSampler, open_corpus
 from .runfolder import check_out_dir
+from .runlock import FolderLock
 
 __all__ = ["TrainData", "TrainSetup", "prepare", "open_data", "check_settings", "NothingToDo", "is_rank0", "warn"]
 
@@ -62,9 +63,10 @@ class TrainSetup:
     compile_model: bool = False
     progress: bool = True
     preset_name: str = ""
+    lock: Optional[FolderLock] = None  # the run folder's, held until the command returns
 
     def kwargs(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
 
 
 class NothingToDo(Exception):
@@ -87,12 +89,31 @@ def prepare(args: argparse.Namespace) -> TrainSetup:
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR, the folder of the run to continue")
     out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    notes = [check_out_dir(out, args.resume)]
+    check_out_dir(out, args.resume)  # refuse what is plainly wrong before creating anything
+    lock = FolderLock(out).acquire() if is_rank0() else None
+    try:
+        return _prepare_locked(args, device, out, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release(discard=True)  # nothing was written
+        raise
+
+
+def _prepare_locked(args: argparse.Namespace, device: torch.device, out: str,
+                    lock: Optional[FolderLock]) -> TrainSetup:
+    """The checks of :func:`prepare` that need the run folder to be this process's (``lock``)."""
+    notes = [check_out_dir(out, args.resume, lock)]
+    if lock is not None and lock.stale:
+        notes.append(f"took over the lock of {out} from process {lock.stale}, which is no longer running")
     resume = load_resume_state(out) if args.resume else None
     mcfg, tcfg, data_spec = _configs(args, resume)
     check_settings(mcfg, tcfg, device, args.compile)
     if resume is not None:
         check_steps(resume, tcfg, out)
+        notes += _changed_training(resume.train_config, tcfg)
+        if getattr(args, "preset_given", False):
+            notes.append(f"--preset {args.preset} matches the run's model; its training settings are not applied "
+                         "on --resume (the run keeps its own; change one with --set train.FIELD=VALUE)")
         notes += [f"{e}; resuming from the older {resume.dir} (step {resume.step})" for e in resume.skipped]
     data = open_data(data_spec, tcfg, args.cache_dir, verbose=is_rank0())
     if resume is not None:
@@ -102,7 +123,7 @@ def prepare(args: argparse.Namespace) -> TrainSetup:
             warn(note)
     return TrainSetup(model_config=mcfg, train_config=tcfg, data_spec=data_spec, data=data, out_dir=out,
                       device=device, resume=resume, compile_model=args.compile, progress=not args.no_progress,
-                      preset_name=args.preset if resume is None else "resumed")
+                      preset_name=args.preset if resume is None else "resumed", lock=lock)
 
 
 def _configs(args: argparse.Namespace, resume: Optional[ResumeState]) -> Tuple[LongNetConfig, TrainConfig, str]:
@@ -111,15 +132,38 @@ def _configs(args: argparse.Namespace, resume: Optional[ResumeState]) -> Tuple[L
         mcfg, tcfg = apply_overrides(*preset(args.preset), overrides)
         return mcfg, tcfg, args.data if args.data is not None else "builtin"
     mcfg = resume.model_config
+    if getattr(args, "preset_given", False):
+        _refuse_model_change(mcfg, preset(args.preset)[0], f"--preset {args.preset}")
     new_m, tcfg = apply_overrides(mcfg, resume.train_config, overrides)
-    if new_m != mcfg:
-        changed = [k for k, v in new_m.to_dict().items() if mcfg.to_dict()[k] != v]
-        raise ValueError(f"cannot change model fields {changed} when resuming; start a new run instead")
+    _refuse_model_change(mcfg, new_m, "--set")
     data_spec = args.data if args.data is not None else (resume.data or "builtin")
     if data_spec != resume.data:
         raise ValueError(f"--data {data_spec!r} differs from the run's data {resume.data!r}; "
                          "a resumed run must use the same data")
     return mcfg, tcfg, data_spec
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _refuse_model_change(saved: LongNetConfig, given: LongNetConfig, source: str) -> None:
+    """ValueError naming every model field where ``given`` differs from the checkpoint's ``saved``:
+    a resumed run continues the saved weights and modules, so its model is fixed."""
+    a, b = saved.to_dict(), given.to_dict()
+    changed = [k for k in a if a[k] != b[k]]
+    if changed:
+        what = "; ".join(f"model.{k}: the checkpoint has {_shown(a[k])}, {source} gives {_shown(b[k])}"
+                         for k in changed)
+        raise ValueError(f"--resume cannot change the model ({what}); start a new run with a new --out instead"
+                         + ("" if source == "--set" else f", or drop {source}"))
+
+
+def _changed_training(saved: TrainConfig, now: TrainConfig) -> List[str]:
+    """Notes on the training fields a resume changes (max_steps aside: extending a run is normal)."""
+    a, b = saved.to_dict(), now.to_dict()
+    return [f"train.{k} changed from {a[k]!r} to {b[k]!r} since the checkpoint; the run continues with the new "
+            "value" for k in a if a[k] != b[k] and k != "max_steps"]
 
 
 def check_settings(mcfg: LongNetConfig, tcfg: TrainConfig, device: torch.device, compile_model: bool) -> None:
