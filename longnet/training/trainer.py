@@ -54,6 +54,9 @@ from .checkpoint import (
     CheckpointError,
     ResumeState,
     checkpoint_dir,
+    load_dcp_state,
+    load_optimizer_state,
+    save_dcp_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -64,6 +67,7 @@ from .setup import TrainData, warn
 from .signals import StopFlag
 from .evaluate import evaluate_lm, evaluate_passkey, next_token_loss, weighted_loss
 from .runfolder import NoLog, RunLog, plot_loss_curve
+from .runlock import FolderLock
 
 __all__ = ["train"]
 
@@ -109,10 +113,16 @@ def train(*, model_config: LongNetConfig, train_config: TrainConfig, data_spec: 
     and writes checkpoints. ``resume``: the checked checkpoint to continue from.
     """
     ctx = dist_ctx if dist_ctx is not None else TrainContext(device)
-    trainer = _Trainer(model_config, train_config, data_spec, data, out_dir, ctx, resume=resume,
-                       compile_model=compile_model, progress=progress, preset_name=preset_name)
-    with StopFlag(debounce_s=ctx.debounce_s, quiet=not ctx.is_main) as stop:
-        return trainer.run(stop)
+    # One owner per run folder (re-entrant: `longnet train` already holds it since its checks).
+    lock = FolderLock(out_dir).acquire() if ctx.is_main else None
+    try:
+        trainer = _Trainer(model_config, train_config, data_spec, data, out_dir, ctx, resume=resume,
+                           compile_model=compile_model, progress=progress, preset_name=preset_name)
+        with StopFlag(debounce_s=ctx.debounce_s, quiet=not ctx.is_main) as stop:
+            return trainer.run(stop)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class _Trainer:
@@ -132,7 +142,6 @@ class _Trainer:
             torch.set_num_threads(tcfg.num_threads)
         self._build(resume)
         self.weights = self._shard_weights(data.loss_weights)
-        self.train_module = ctx.prepare(self.model)  # self.model stays the unwrapped module
         self.fwd = torch.compile(self.train_module) if compile_model else self.train_module
         # Only now is anything written: every check and every read of the checkpoint has passed.
         if ctx.is_main:
@@ -145,6 +154,10 @@ class _Trainer:
         torch.manual_seed(tcfg.seed)  # the same initial weights on every rank
         random.seed(tcfg.seed)
         self.model = (resume.model if resume is not None else LongNetLM(self.mcfg)).to(self.device)
+        # Under DDP self.model stays the unwrapped module; FSDP shards it in place, so the
+        # optimizer is built after this, on the shards.
+        self.train_module = self.ctx.prepare(self.model)
+        self.pending = None  # a DCP save still being written (async_save)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, tcfg.weight_decay), lr=tcfg.lr,
                                            betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -162,7 +175,10 @@ class _Trainer:
     def _restore(self, resume: ResumeState) -> None:
         tcfg, state = self.tcfg, resume.trainer_state
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if resume.dcp_dir is not None:
+                load_dcp_state(self.model, self.optimizer, resume.dcp_dir)  # resharded to this mesh
+            else:
+                load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
@@ -237,7 +253,7 @@ class _Trainer:
             if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < tcfg.max_steps:
                 self._log_eval(self._evaluate())
             if tcfg.save_interval and step % tcfg.save_interval == 0 and step < tcfg.max_steps:
-                self._save()
+                self._save(wait=False)
             time_up = bool(tcfg.time_limit_s) and time.perf_counter() - self.t_start >= tcfg.time_limit_s
             time_up, *votes = self.ctx.any_rank(time_up, *stop.votes())  # every rank decides alike
             if stop.agree(votes):
@@ -331,17 +347,30 @@ class _Trainer:
             msg += f", passkey accuracy {res['accuracy']:.3f} (digits {res['digit_accuracy']:.3f})"
         self._say(msg)
 
-    def _save(self, collective: bool = True) -> str:
+    def _save(self, collective: bool = True, wait: bool = True) -> str:
         """Checkpoint the last completed step (once). Every rank holds the same weights, optimizer
         and sampler state (the sampler draws the global batch everywhere), so rank 0's copy is
-        the run's; the weights are the unwrapped model's, with nothing about the mesh."""
+        the run's; the weights are the unwrapped model's, with nothing about the mesh. DCP
+        checkpoints (FSDP) are written by every rank; ``wait=False`` lets an async one finish
+        in the background (it becomes ``latest`` at the next save)."""
         snap = self.snap
         path = checkpoint_dir(self.out_dir, snap.step)
         if self.saved is snap:
+            if wait:
+                self._finish_pending()
             return path
         if collective:
             self.ctx.barrier()
-        if self.ctx.is_main:
+        if self.ctx.checkpoint_format == "dcp":
+            self._finish_pending()
+            self.pending = save_dcp_checkpoint(
+                self.out_dir, ctx=self.ctx, model=self.model, optimizer=self.optimizer, train_config=self.tcfg,
+                data_spec=self.data_spec, step=snap.step, scheduler=self.scheduler, scaler=self.scaler,
+                rng=snap.rng, data_state=snap.data, keep=self.tcfg.keep_checkpoints,
+                async_group=None if wait else getattr(self.ctx, "async_group", None))
+            if wait:
+                self._finish_pending()
+        elif self.ctx.is_main:
             save_checkpoint(self.out_dir, model=self.model, train_config=self.tcfg, data_spec=self.data_spec,
                             step=snap.step, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
                             rng=snap.rng, data_state=snap.data, keep=self.tcfg.keep_checkpoints)
@@ -349,6 +378,11 @@ class _Trainer:
         if collective:
             self.ctx.barrier()  # nobody reads a checkpoint rank 0 is still writing
         return path
+
+    def _finish_pending(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.finish()
 
     def _stopped(self, code: int) -> int:
         path = self._save()
@@ -363,9 +397,9 @@ class _Trainer:
         # complete unless it was inside an optimiser update.
         if not self.ctx.is_main:
             return code
-        if self.snap is None:
-            msg = (f"interrupted during an optimiser update; no checkpoint written (the latest one stays in "
-                   f"{self.out_dir})")
+        if self.snap is None or self.ctx.shards_parameters:
+            msg = (f"interrupted {'during an optimiser update' if self.snap is None else 'with sharded weights'}; "
+                   f"no checkpoint written (the latest one stays in {self.out_dir})")
         else:
             path = self._save(collective=False)
             msg = (f"interrupted; saved step {self.snap.step} to {path}. Continue with:\n"
@@ -383,6 +417,7 @@ class _Trainer:
         metrics = {"val_loss": final["loss"], "val_bpb": final["bpb"], "elapsed_s": elapsed}
         if self.is_passkey:
             metrics["passkey_accuracy"] = final["accuracy"]
+        solo = self.ctx.solo_model(self.model)  # collective under FSDP
         if self.ctx.is_main:
             update_metrics(path, metrics)
             png = self._close_log()
@@ -393,8 +428,8 @@ class _Trainer:
             print(f"[longnet] log: {self.log.path}" + (f", loss curve: {png}" if png else ""))
             # Sampling is sequential decoding by one process: rank 0 runs it on the unwrapped
             # model with the single-device attention (the other ranks wait at the barrier).
-            with self.ctx.single_device(self.model):
-                _sample_at_end(self.model, self.data, self.tcfg, self.device, self.is_passkey)
+            with self.ctx.single_device(solo):
+                _sample_at_end(solo, self.data, self.tcfg, self.device, self.is_passkey)
         self.ctx.barrier()
         return 0
 
