@@ -109,8 +109,11 @@ def head_offsets(num_heads: int, dilation_rate: int) -> List[int]:
 def _split(x: Tensor, sl: int, nseg: int, m: int, r: int) -> Tensor:
     """(B, N, H, D) -> (B * nseg, m, r, H, D): zero-padded segments of sl rows, each padded to m * r."""
     b, n, h, d = x.shape
-    x = F.pad(x, (0, 0, 0, 0, 0, nseg * sl - n)).view(b, nseg, sl, h, d)
-    return F.pad(x, (0, 0, 0, 0, 0, m * r - sl)).view(b * nseg, m, r, h, d)
+    if nseg * sl != n:
+        x = F.pad(x, (0, 0, 0, 0, 0, nseg * sl - n))
+    if m * r != sl:
+        x = F.pad(x.reshape(b, nseg, sl, h, d), (0, 0, 0, 0, 0, m * r - sl))
+    return x.reshape(b * nseg, m, r, h, d)  # a view when nothing was padded
 
 
 def _pattern(q: Tensor, k: Tensor, v: Tensor, w: int, r: int, causal: bool, scale: float,
