@@ -39,6 +39,8 @@ import numbers
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
+from .checks import check_int
+
 __all__ = [
     "DilatedPattern",
     "PAPER_SEGMENT_LENGTHS",
@@ -354,8 +356,7 @@ class DilatedPattern:
         """w_i = base_segment * alpha^i and r_i = base_rate * alpha^i, so w_i / r_i is constant."""
         for name, val in (("base_segment", base_segment), ("num_patterns", num_patterns),
                           ("alpha", alpha), ("base_rate", base_rate)):
-            if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+            check_int(name, val)
         if alpha < 2 and num_patterns > 1:
             raise ValueError(f"alpha must be >= 2 for a geometric pattern, got {alpha}")
         w = tuple(base_segment * alpha**i for i in range(num_patterns))

@@ -34,6 +34,7 @@ from typing import Iterable, List, Optional, Tuple
 import numpy as np
 
 from .. import patterns as _patterns
+from ..checks import check_int
 from ..patterns import DilatedPattern, validate_pattern
 
 __all__ = [
@@ -49,8 +50,7 @@ __all__ = [
 
 def _check_n_heads(n, num_heads) -> Tuple[int, int]:
     for name, val in (("n", n), ("num_heads", num_heads)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        check_int(name, val)
     return int(n), int(num_heads)
 
 
@@ -243,8 +243,7 @@ def reach(pattern, n: int, num_heads: int, *, causal: bool = False,
     seconds and N = 65536 minutes on one core.
     """
     n, num_heads = _check_n_heads(n, num_heads)
-    if isinstance(batch_sources, bool) or not isinstance(batch_sources, int) or batch_sources < 1:
-        raise ValueError(f"batch_sources must be a positive integer, got {batch_sources!r}")
+    check_int("batch_sources", batch_sources)
     w_t, r_t, phi_t = _wr(pattern)
     lcm = math.lcm(*w_t)
     # No segment straddles a multiple of lcm(w), and translating by it maps segments and

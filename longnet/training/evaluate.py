@@ -43,6 +43,7 @@ from ..argtypes import (
     positive_int,
     positive_int_list,
 )
+from ..checks import check_int
 from ..device import autocast_context, check_precision, pick_device
 from .context import TrainContext
 
@@ -209,8 +210,7 @@ def position_loss(model, data: np.ndarray, seq_len: int, *, num_windows: int = 1
     y[p]. Returns float64 (seq_len,).
     """
     from .data import RandomWindowSampler
-    if isinstance(num_windows, bool) or not isinstance(num_windows, int) or num_windows < 1:
-        raise ValueError(f"num_windows must be a positive integer, got {num_windows!r}")
+    check_int("num_windows", num_windows)
     sampler = RandomWindowSampler(data, batch_size, seq_len, seed=seed)
     sizes = _batch_sizes(num_windows, batch_size)
     total = torch.zeros(seq_len, dtype=torch.float64)
@@ -255,8 +255,7 @@ def boundary_spike(losses, period: int, *, skip: Optional[int] = None) -> Bounda
     losses = np.asarray(losses, dtype=np.float64)
     if losses.ndim != 1 or not np.isfinite(losses).all():
         raise ValueError(f"losses must be a 1-D array of finite numbers, got shape {losses.shape}")
-    if isinstance(period, bool) or not isinstance(period, (int, np.integer)) or period < 2:
-        raise ValueError(f"period must be an integer >= 2, got {period!r}")
+    check_int("period", period, minimum=2)
     skip = int(period if skip is None else skip)
     if skip < 0 or losses.size - skip < period:
         raise ValueError(f"{losses.size} positions minus skip={skip} leave fewer than one full period of {period}; "

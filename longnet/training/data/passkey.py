@@ -60,9 +60,7 @@ class PasskeyTask:
     def __init__(self, seq_len: int, distance: Optional[int] = None, *, key_digits: int = 5, seed: int = 0,
                  batch_size: int = 8, answer_weight: float = DEFAULT_ANSWER_WEIGHT, curriculum_steps: int = 0):
         self.seq_len = check_int("seq_len", seq_len)
-        if isinstance(curriculum_steps, bool) or not isinstance(curriculum_steps, int) or curriculum_steps < 0:
-            raise ValueError(f"curriculum_steps must be an integer >= 0, got {curriculum_steps!r}")
-        self.curriculum_steps = curriculum_steps
+        self.curriculum_steps = check_int("curriculum_steps", curriculum_steps, minimum=0)
         if isinstance(answer_weight, bool) or not isinstance(answer_weight, numbers.Real) \
                 or not math.isfinite(answer_weight) or answer_weight <= 0:
             raise ValueError(f"answer_weight must be a finite number > 0, got {answer_weight!r}")

@@ -104,8 +104,7 @@ def check_sampler_state(state) -> None:
     if state.get("kind") not in ("RandomWindowSampler", "PasskeyTask"):
         raise ValueError(f"'kind' must be RandomWindowSampler or PasskeyTask, got {state.get('kind')!r}")
     step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"'step' must be a non-negative integer, got {step!r}")
+    check_int("'step'", step, minimum=0)
     try:
         np.random.default_rng().bit_generator.state = state.get("bit_generator")
     except (TypeError, ValueError, KeyError) as e:
