@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..backends.sequence_parallel import check_sequence_parallel, prepare_sequence_parallel
 from ..training.context import TrainContext
+from .fsdp import FSDPOptions, apply_fsdp, make_fsdp_mesh
 from .parallel import (apply_sequence_parallel, data_parallel, make_mesh, sequence_group,
                        sequence_parallel_disabled, shard_sequence)
 
@@ -147,6 +148,10 @@ class DistContext(TrainContext):
     device: torch.device
     backend: str
     owns_group: bool
+    # FSDP2 sharding (None: DDP); "dcp" or "safetensors" (what the trainer's checkpoints are).
+    fsdp: Optional[FSDPOptions] = None
+    checkpoint_format: str = "safetensors"
+    async_group: Any = None  # a gloo group for dcp.async_save (None: saves block)
     # torchrun forwards a terminal's SIGINT (and a scheduler's SIGTERM) to workers that
     # already received it: a repeat within this window is the same request.
     debounce_s: float = 2.0
@@ -158,7 +163,15 @@ class DistContext(TrainContext):
     def prepare(self, model: nn.Module) -> nn.Module:
         return parallelize(model, self)
 
+    @property
+    def shards_parameters(self) -> bool:
+        return self.fsdp is not None
+
     def accumulate(self, module: nn.Module, sync: bool):
+        if self.fsdp is not None:
+            # FSDP2 keeps unsharded gradients until the last micro-batch, then reduce-scatters once.
+            module.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         # DDP all-reduces gradients on the last micro-batch of a step only.
         return contextlib.nullcontext() if sync or self.world_size == 1 else module.no_sync()
 
@@ -175,9 +188,12 @@ class DistContext(TrainContext):
         return shard_sequence(x[rows], self.mesh), shard_sequence(y[rows], self.mesh)
 
     def eval_shards(self, batches):
-        """Batch i goes to data-parallel group i % D; each rank of it scores its block of the sequence."""
+        """Batch i goes to data-parallel group i % D; each rank of it scores its block of the sequence.
+
+        Under FSDP every forward is collective over the whole mesh, so every group scores every
+        batch: the summed losses and token counts both grow by D, their ratio is unchanged."""
         for i, (x, y) in enumerate(batches):
-            if i % self.data_parallel == self.dp_rank:
+            if self.fsdp is not None or i % self.data_parallel == self.dp_rank:
                 yield shard_sequence(x, self.mesh), shard_sequence(y, self.mesh)
 
     def all_reduce_sum(self, values: Sequence[float]) -> List[float]:
@@ -197,15 +213,27 @@ class DistContext(TrainContext):
     def single_device(self, model: nn.Module):
         return sequence_parallel_disabled(model)
 
+    def solo_model(self, model: nn.Module) -> Optional[nn.Module]:
+        """Under FSDP (collective): a plain copy with the full weights on rank 0, None elsewhere."""
+        if self.fsdp is None:
+            return model
+        from .fsdp import gather_full_model
+        return gather_full_model(model, self.is_main)
+
     def describe(self, batch_size: int, seq_len: int) -> Optional[str]:
         S, D = self.sequence_parallel, self.data_parallel
+        shard = ("; FSDP2 shards parameters, gradients and optimizer state over "
+                 + (f"{self.world_size // self.fsdp.replicate} ranks x {self.fsdp.replicate} replicas (HSDP)"
+                    if self.fsdp.replicate > 1 else f"all {self.world_size} ranks")
+                 + f", {self.fsdp.param_dtype} parameters" if self.fsdp is not None else "; DDP")
         return (f"mesh: {self.world_size} processes ({self.backend}) = data-parallel {D} x sequence-parallel "
                 f"{S}; each process holds {batch_size // D} of {batch_size} rows x {seq_len // S} of "
-                f"{seq_len} positions per micro-step")
+                f"{seq_len} positions per micro-step{shard}; checkpoints: {self.checkpoint_format}")
 
     def resume_command(self, out_dir: str) -> str:
         return (f"torchrun --nproc_per_node {self.world_size} -m longnet train --resume --out {out_dir} "
-                f"--sequence-parallel {self.sequence_parallel} (any S and D work)")
+                f"--sequence-parallel {self.sequence_parallel}" + (" --fsdp" if self.fsdp is not None else "")
+                + " (any S and D work)")
 
     def close(self) -> None:
         shutdown_distributed(self)
@@ -213,12 +241,15 @@ class DistContext(TrainContext):
 
 def init_distributed(sequence_parallel: int, data_parallel: int, device: torch.device, *,
                      seq_len: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
-                     segment_phases: Optional[Sequence[int]] = None, timeout_s: float = 1800.0) -> DistContext:
+                     segment_phases: Optional[Sequence[int]] = None, timeout_s: float = 1800.0,
+                     fsdp: Optional[FSDPOptions] = None, checkpoint_format: Optional[str] = None,
+                     async_checkpoint: bool = False) -> DistContext:
     """Join the torchrun world (or use an already initialised one) and build the mesh.
 
     NCCL for CUDA devices, gloo otherwise; on CUDA each process takes ``cuda:LOCAL_RANK``
     (torchrun sets LOCAL_RANK; several nodes rendezvous through torchrun, nothing more is
-    needed here). The segment sub-groups are created up front
+    needed here). With ``fsdp`` the mesh is :func:`longnet.distributed.fsdp.make_fsdp_mesh`'s
+    and checkpoints default to DCP. The segment sub-groups are created up front
     (:func:`prepare_sequence_parallel`), so no group is created inside a forward.
     """
     local_rank = _env_int(os.environ, "LOCAL_RANK") or 0
@@ -237,14 +268,23 @@ def init_distributed(sequence_parallel: int, data_parallel: int, device: torch.d
     if world != sequence_parallel * data_parallel:
         raise ValueError(f"the process group has {world} ranks, not --sequence-parallel {sequence_parallel} "
                          f"x --data-parallel {data_parallel}")
-    mesh = make_mesh(data_parallel, sequence_parallel, device.type)
+    if fsdp is not None:
+        mesh = make_fsdp_mesh(data_parallel, sequence_parallel, fsdp.replicate, device.type)
+        dp_rank = mesh.get_local_rank("dp_replicate") * (data_parallel // fsdp.replicate) + \
+            mesh.get_local_rank("dp_shard")
+    else:
+        mesh = make_mesh(data_parallel, sequence_parallel, device.type)
+        dp_rank = mesh.get_local_rank("dp")
     if sequence_parallel > 1:
         prepare_sequence_parallel(sequence_group(mesh), seq_len // sequence_parallel, segment_lengths,
                                   dilation_rates, segment_phases)
     return DistContext(world_size=world, rank=dist.get_rank(), local_rank=local_rank,
                        sequence_parallel=sequence_parallel, data_parallel=data_parallel,
-                       sp_rank=mesh.get_local_rank("sp"), dp_rank=mesh.get_local_rank("dp"), mesh=mesh,
-                       device=device, backend=backend, owns_group=owns)
+                       sp_rank=mesh.get_local_rank("sp"), dp_rank=dp_rank, mesh=mesh,
+                       device=device, backend=backend, owns_group=owns, fsdp=fsdp,
+                       checkpoint_format=checkpoint_format or ("dcp" if fsdp is not None else "safetensors"),
+                       # Background saves run their collectives on their own group, as torchtitan does.
+                       async_group=dist.new_group(backend="gloo") if async_checkpoint else None)
 
 
 def shutdown_distributed(ctx: Optional[DistContext]) -> None:
@@ -259,11 +299,14 @@ def shutdown_distributed(ctx: Optional[DistContext]) -> None:
 
 
 def parallelize(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """Apply sequence parallelism (S > 1) to ``model`` in place, then DDP over the whole mesh
-    (more than one rank). Returns the module to call for training; ``model`` stays the
-    unwrapped one (checkpoints, evaluation, sampling)."""
+    """Apply sequence parallelism (S > 1) to ``model`` in place, then FSDP2 (``ctx.fsdp``, in
+    place: ``model`` itself is returned) or DDP over the whole mesh (more than one rank).
+    Returns the module to call for training; under DDP ``model`` stays the unwrapped one
+    (checkpoints, evaluation, sampling)."""
     if ctx.sequence_parallel > 1:
         apply_sequence_parallel(model, ctx.mesh)
+    if ctx.fsdp is not None:
+        return apply_fsdp(model, ctx.mesh, ctx.fsdp)
     if ctx.world_size == 1:
         return model
     # Buffers (XPOS tables) are constants: no need to broadcast them before every forward

@@ -9,13 +9,27 @@ A run folder looks like::
         config.json               {"model": LongNetConfig, "train": TrainConfig, "data": spec, "step": n, ...}
         trainer_state.pt          optimizer, scheduler, grad scaler and RNG states (loads with weights_only=True)
         data_state.json           the data sampler's state_dict()
+      checkpoints/step_00000400/  a DCP checkpoint (FSDP runs, or --checkpoint-format dcp):
+        dcp/                      torch.distributed.checkpoint files: {"model": weights, "optim": AdamW
+                                  state}, each rank's shards; DCP reshards them on load to any world size
+        config.json, trainer_state.pt (no optimizer: it is in dcp/), data_state.json   as above
       log.csv, loss_curve.png     (written by the trainer; tensorboard/ too when installed)
+
+The data sampler draws the global batch on every rank (:mod:`longnet.distributed.training`),
+so its state is one small JSON written by rank 0 and needs no resharding: any world size
+resumes from it at the same batch.
 
 Writing. A checkpoint folder is first written completely under a temporary name
 (``checkpoints/.tmp-step_*``), every file fsynced, then renamed into place and the folder
 fsynced, so a crash or Ctrl-C never leaves a half-written checkpoint under a ``step_*``
 name; ``latest`` is updated only after that. Temporary folders left by a process that died
 while saving are removed by the next save (and named by the loaders' errors until then).
+
+A DCP checkpoint is written by every rank into the same temporary folder
+(``checkpoints/.tmp-step_*-dcp``, on a filesystem all ranks share); rank 0 adds the small
+files and renames it into place only after every rank's shards and DCP's ``.metadata`` are
+written, so the same atomicity holds. ``longnet eval``/``generate`` and one-process resumes
+read it directly (:func:`load_weights`); :func:`export_safetensors` writes the sharing format.
 
 Reading. Every file is checked: a damaged or contradictory file raises
 :class:`CheckpointError`, one line that names the file. :func:`load_resume_state` tries the
@@ -24,12 +38,14 @@ run's checkpoints newest first and falls back to the newest complete one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,18 +55,20 @@ from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
 from ..config import LongNetConfig, TrainConfig
-from ..fileio import atomic_write_json, atomic_write_text, fsync_path, replace_durably
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text, fsync_path, replace_durably
 from .data import check_sampler_state
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_weights", "resolve_checkpoint",
            "load_trainer_state", "load_resume_state", "ResumeState", "update_metrics", "checkpoint_dir",
            "checkpoint_steps", "holds_checkpoints",
-           "rng_state", "set_rng_state", "CheckpointError", "FILES"]
+           "rng_state", "set_rng_state", "CheckpointError", "FILES", "DCP_FILES", "save_dcp_checkpoint",
+           "load_dcp_state", "load_optimizer_state", "export_safetensors", "is_dcp"]
 
 FORMAT = "longnet-checkpoint"
 VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 FILES = ("model.safetensors", "config.json", "trainer_state.pt", "data_state.json")
+DCP_FILES = ("dcp/.metadata", "config.json", "trainer_state.pt", "data_state.json")
 _TMP_PREFIX, _OLD_PREFIX = ".tmp-step_", ".old-step_"
 _TRAINER_KEYS = ("optimizer", "scheduler", "rng", "step")
 
@@ -162,7 +180,12 @@ def _stale_saves(ckpt_root: str) -> List[str]:
 
 
 def _is_complete(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, f)) for f in FILES)
+    return any(all(os.path.isfile(os.path.join(path, f)) for f in files) for files in (FILES, DCP_FILES))
+
+
+def is_dcp(ckpt: str) -> bool:
+    """Whether the checkpoint folder ``ckpt`` holds DCP files (else model.safetensors)."""
+    return os.path.isfile(os.path.join(ckpt, "dcp", ".metadata"))
 
 
 def _step_dirs(ckpt_root: str, complete: bool = True) -> List[Tuple[int, str]]:
@@ -214,7 +237,8 @@ def resolve_checkpoint(path: str) -> str:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist; pass the --out folder of a "
                               "`longnet train` run or one of its checkpoints/step_* folders")
-    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors")):
+    if os.path.isfile(os.path.join(path, "config.json")) and (
+            os.path.isfile(os.path.join(path, "model.safetensors")) or is_dcp(path)):
         return path
     target = _latest_target(path)
     if target is not None and _is_complete(target):
@@ -285,7 +309,12 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def load_weights(model: torch.nn.Module, ckpt: str, *, device="cpu") -> None:
-    """Load ``ckpt``'s model.safetensors into ``model`` (built from its config.json), checked."""
+    """Load ``ckpt``'s weights (model.safetensors, or the model part of its DCP files) into
+    ``model`` (built from its config.json), checked."""
+    if is_dcp(ckpt):
+        _load_dcp_weights(model, ckpt)
+        model.to(device)
+        return
     path = os.path.join(ckpt, "model.safetensors")
     expected = model.state_dict()
     try:
@@ -379,6 +408,9 @@ class ResumeState:
     trainer_state: Dict[str, Any]
     data_state: Dict[str, Any]
     skipped: List[str] = field(default_factory=list)
+    # A DCP checkpoint: ``model`` is freshly initialised and the trainer loads weights and
+    # optimizer state from here after sharding (:func:`load_dcp_state`), on every rank.
+    dcp_dir: Optional[str] = None
 
 
 def _candidates(run_dir: str) -> List[str]:
@@ -393,11 +425,16 @@ def _candidates(run_dir: str) -> List[str]:
 
 def _load_whole(ckpt: str) -> ResumeState:
     from ..model import LongNetLM
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(ckpt, f))]
+    dcp_dir = ckpt if os.path.isdir(os.path.join(ckpt, "dcp")) else None
+    missing = [f for f in (DCP_FILES if dcp_dir else FILES) if not os.path.isfile(os.path.join(ckpt, f))]
     if missing:
         raise CheckpointError(f"{ckpt} is incomplete: {', '.join(missing)} missing")
     info = _read_config(ckpt)
     model = LongNetLM(info["model_config"])
+    if dcp_dir is not None:
+        state = _read_trainer_state(ckpt, info["step"])
+        return ResumeState(ckpt, info["step"], info["data"], info["model_config"], info["train_config"],
+                           info["metrics"], model, state, _read_data_state(ckpt), dcp_dir=dcp_dir)
     load_weights(model, ckpt)
     n_params = len({id(p) for p in model.parameters() if p.requires_grad})
     state = _read_trainer_state(ckpt, info["step"], n_params)
@@ -427,3 +464,154 @@ def load_resume_state(run_dir: str) -> ResumeState:
         raise CheckpointError(_no_checkpoint_message(run_dir))
     more = f" (and {len(errors) - 1} older checkpoint(s) are damaged too)" if len(errors) > 1 else ""
     raise CheckpointError(errors[0] + more)
+
+
+# ----------------------------------------------------------------------------- DCP
+
+
+def _no_dist() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it "assumes" one process when no group exists; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+class PendingSave:
+    """A DCP save in flight (``async_save``) or done; :meth:`finish` completes it: waits for
+    the shards, then rank 0 writes the small files and moves the folder into place."""
+
+    def __init__(self, future, finish_fn):
+        self._future, self._finish_fn = future, finish_fn
+
+    def finish(self) -> str:
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+        path, self._finish_fn = self._finish_fn(), (lambda p=None: p)
+        return path
+
+
+def save_dcp_checkpoint(run_dir: str, *, ctx, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        train_config: TrainConfig, data_spec: str, step: int, scheduler=None, scaler=None,
+                        rng: Optional[Dict[str, Any]] = None, data_state: Optional[Dict] = None,
+                        metrics: Optional[Dict[str, Any]] = None, keep: int = 2,
+                        async_group=None) -> PendingSave:
+    """Every rank writes its shards of ``{"model", "optim"}`` (``get_state_dict``) with DCP.
+
+    ``ctx`` (a :class:`~longnet.training.context.TrainContext`) gives ``is_main`` and
+    ``barrier``. With ``async_group`` (a gloo group) the shards are written by
+    ``dcp.async_save`` in the background; the checkpoint becomes ``latest`` only when
+    :meth:`PendingSave.finish` has run, so an interrupted save never does.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    tmp = os.path.join(ckpt_root, f"{_TMP_PREFIX}{step:08d}-dcp")
+    if ctx.is_main:
+        os.makedirs(ckpt_root, exist_ok=True)
+        _recover_stale(ckpt_root)
+        os.makedirs(tmp)
+    ctx.barrier()
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    target = os.path.join(tmp, "dcp")
+    meta = {"format": FORMAT, "version": VERSION, "step": int(step), "data": data_spec,
+            "model": _unwrap(model).config.to_dict(), "train": train_config.to_dict(), "metrics": metrics or {}}
+    small = {"optimizer": None, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+             "rng": rng if rng is not None else rng_state(), "step": int(step)}
+
+    def finish() -> str:
+        final = checkpoint_dir(run_dir, step)
+        if not ctx.is_main:
+            return final
+        try:
+            atomic_write_json(os.path.join(tmp, "config.json"), meta)
+            torch.save(small, os.path.join(tmp, "trainer_state.pt"))
+            fsync_path(os.path.join(tmp, "trainer_state.pt"))
+            atomic_write_json(os.path.join(tmp, "data_state.json"), data_state)
+            for name in os.listdir(target):
+                fsync_path(os.path.join(target, name))
+            fsync_path(target)
+            os.chmod(tmp, 0o755)
+            fsync_path(tmp)
+            _move_into_place(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_write_text(os.path.join(run_dir, "latest"), f"checkpoints/{os.path.basename(final)}\n")
+        _prune(ckpt_root, keep, step)
+        return final
+
+    if async_group is not None:
+        return PendingSave(dcp.async_save(state, checkpoint_id=target, process_group=async_group), finish)
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=target, no_dist=_no_dist())
+    return PendingSave(None, finish)
+
+
+def load_dcp_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], ckpt: str) -> None:
+    """Load ``ckpt``'s DCP weights (and AdamW state, with ``optimizer``) into ``model`` as it is
+    sharded now: DCP reshards from the world size that saved it. Collective when a process
+    group is initialised (every rank calls it), plain reads in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+    path = os.path.join(ckpt, "dcp")
+    try:
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+        else:
+            msd, osd = get_state_dict(model, optimizer)
+            state = {"model": msd, "optim": osd}
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e)}") from None
+    if optimizer is None:
+        return
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _load_dcp_weights(model: torch.nn.Module, ckpt: str) -> None:
+    import torch.distributed.checkpoint as dcp
+    path = os.path.join(ckpt, "dcp")
+    state = {"model": model.state_dict()}  # views of the parameters: DCP loads into them in place
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e)}") from None
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise CheckpointError(f"{path} is damaged: {name} holds non-finite values")
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """Load an unsharded optimizer's ``state_dict()`` (from a safetensors checkpoint) into
+    ``optimizer``; when ``model``'s parameters are FSDP shards (DTensors) the full state is
+    keyed by parameter name and each rank keeps its shard (``set_optimizer_state_dict``)."""
+    from torch.distributed.tensor import DTensor
+    if not any(isinstance(p, DTensor) for p in model.parameters()):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    fqn = {"state": {order[i]: v for i, v in state["state"].items()},
+           "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, fqn, options=StateDictOptions(full_state_dict=True))
+
+
+def export_safetensors(path: str, out: str) -> str:
+    """Write the weights of the checkpoint at ``path`` (DCP or not) as one safetensors file
+    ``out`` (tied weights once), the format to share; returns ``out``."""
+    model = load_model(path)
+    with atomic_path(out) as tmp:
+        _st_save_model(model, tmp, metadata={"format": FORMAT})
+    return out

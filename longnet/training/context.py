@@ -25,6 +25,8 @@ class TrainContext:
         self.device = torch.device(device)
         self.world_size = self.sequence_parallel = self.data_parallel = 1
         self.rank = 0
+        # "safetensors" (whole-state files, the sharing format) or "dcp" (torch.distributed.checkpoint).
+        self.checkpoint_format = "safetensors"
         # A repeated signal this soon after the first counts as the same one (trainer._StopFlag).
         self.debounce_s = 0.0
 
@@ -32,6 +34,17 @@ class TrainContext:
     def is_main(self) -> bool:
         """The process that prints, logs and writes checkpoints."""
         return self.rank == 0
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether each process holds a shard of the parameters only (FSDP), so the optimizer is
+        built after :meth:`prepare` and a checkpoint is written by every process."""
+        return False
+
+    def solo_model(self, model: nn.Module) -> Optional[nn.Module]:
+        """Collective: a module with the full weights that the main process can run alone
+        (``model`` itself unless the parameters are sharded); None on the other processes."""
+        return model
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """The module to call for training (``model`` itself stays the unwrapped one)."""
