@@ -12,6 +12,8 @@ _LAZY = {
     "LongNetConfig": "longnet.config",
     "LongNetLM": "longnet.model",
     "LongNetTransformer": "longnet.model",
+    "LongNetEncoder": "longnet.encoder",
+    "LongNetEncoderConfig": "longnet.encoder",
 }
 
 

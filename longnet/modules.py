@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .backends.numerics import default_scale
 from .backends.registry import check_backend_name
 from .functional import _dilated_attention
+from .varlen import pad, unpad
 from .patterns import broadcast_pattern, validate_pattern, validate_phases
 
 __all__ = ["XPOS", "RelativePositionBias", "MultiheadDilatedAttention", "DilatedAttention",
@@ -111,6 +112,18 @@ class XPOS(nn.Module):
             center = self.default_center(float(positions[0]), float(positions[-1])) if positions.numel() else 0.0
         cos, sin = self._angles(positions)
         f = self.decay(positions, center).to(q.device)[None, :, None, :]
+        return self.scale(self._rotate(q, cos, sin), self._rotate(k, cos, sin), f)
+
+    def forward_packed(self, q: Tensor, k: Tensor, positions: Tensor, centers: Tensor, max_distance: float):
+        """Apply to packed q, k (1, T, H, D) at positions (T,) with one centre per row (T,) float64.
+
+        Each sequence of a packed batch gets its own positions and centre, so it is rotated
+        and decayed exactly as if alone; ``max_distance`` is the largest |p - c| (range check
+        on a Python number).
+        """
+        self._check_range(0.0, max_distance, 0.0)
+        cos, sin = self._angles(positions)
+        f = self._factor(positions, centers).to(q.device)[None, :, None, :]
         return self.scale(self._rotate(q, cos, sin), self._rotate(k, cos, sin), f)
 
     def forward_range(self, q: Tensor, k: Tensor, start: int, center: Optional[float] = None):
@@ -280,11 +293,55 @@ class MultiheadDilatedAttention(nn.Module):
         return self.attention_fn(q, k, v, self.segment_lengths, self.dilation_rates,
                                  is_causal=self.causal, backend=self.backend, **self._pattern_kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """x (B, N, E) -> (B, N, E). ``key_padding_mask`` (B, N) bool, True = a real token.
+
+        With a mask, each row's real tokens are one sequence, computed exactly as if alone
+        (its positions start at 0) through :meth:`forward_packed`; padding rows give 0. Only
+        real tokens are projected, so padding costs no FLOPs.
+        """
         if x.ndim != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must have shape (B, N, {self.embed_dim}), got {tuple(x.shape)}")
+        if key_padding_mask is not None:
+            packed, indices, cu_seqlens, _ = unpad(x, key_padding_mask)
+            return pad(self.forward_packed(packed, cu_seqlens), indices, x.shape[0], x.shape[1])
         q, k, v = self.project(x)
         return self.finish(self.attend(q, k, v))
+
+    def forward_packed(self, x: Tensor, cu_seqlens: Tensor) -> Tensor:
+        """Packed x (T, E) with cu_seqlens (B + 1,) int32 (:mod:`longnet.varlen`) -> (T, E).
+
+        Each sequence is attended (and XPOS-rotated, from its own position 0) as if alone.
+        """
+        if x.ndim != 2 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (T, {self.embed_dim}) with cu_seqlens, got {tuple(x.shape)}")
+        if self.attention_fn is not _dilated_attention:
+            raise ValueError("packed / padded input is not supported with a replaced attention_fn "
+                             "(sequence parallelism): run variable-length batches without it")
+        if getattr(self, "rel_pos_bias", None) is not None:
+            raise ValueError("packed / padded input is not supported with use_rel_pos_bias=True (its biased "
+                             "path has no variable-length form)")
+        q, k, v = (t[0] for t in self.project_raw(x[None]))
+        if self.xpos is not None:
+            q, k = (t[0] for t in self._xpos_packed(q[None], k[None], cu_seqlens))
+        attn = self.attention_fn(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=self.causal,
+                                 backend=self.backend, cu_seqlens=cu_seqlens, **self._pattern_kwargs)
+        return self.finish(attn[None])[0]
+
+    def _xpos_packed(self, q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tuple[Tensor, Tensor]:
+        """XPOS for packed q, k (1, T, H, D): positions from 0 in each sequence, each its own centre."""
+        starts = cu_seqlens[:-1].long()
+        lengths = cu_seqlens.diff().long()
+        row_start = torch.repeat_interleave(starts, lengths, output_size=q.shape[1])
+        positions = torch.arange(q.shape[1], device=q.device) - row_start
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if self.xpos_center is not None:
+            centers = torch.full_like(positions, 0, dtype=torch.float64) + float(self.xpos_center)
+            reach = max(abs(self.xpos_center), abs(longest - 1 - self.xpos_center))
+        else:
+            centers = (torch.repeat_interleave(lengths, lengths, output_size=q.shape[1]) - 1).double() / 2
+            reach = max(0, longest - 1) / 2
+        return self.xpos.forward_packed(q, k, positions, centers, reach)
 
 
 def _one_name(name: str, value, alias: str, alias_value):

@@ -88,11 +88,15 @@ def sequences(q: Tensor, cu_seqlens: Optional[Tensor], key_padding_mask: Optiona
 
 
 class VarlenCall(NamedTuple):
-    """One kernel call: ``index`` (Z, kept, heads) into the flat (rows x H) view, its pattern, and its rate."""
+    """One kernel call of pattern ``pattern``: ``index`` (Z, kept, G) into x viewed as (rows x H / width, width, D).
+
+    ``width`` is H for an r = 1 pattern (whole rows, every head: G = 1) and 1 otherwise (one
+    head's row per index, G = the stacked heads); the call's input is (Z, G x width, kept, D).
+    """
 
     pattern: int
     index: Tensor
-    rate: int
+    width: int
 
 
 def _segment_starts(starts: Sequence[int], lengths: Sequence[int], w: int, phase: int) -> Dict[int, List]:
@@ -121,8 +125,9 @@ def plan_calls(starts: Sequence[int], lengths: Sequence[int], num_heads: int, se
 
     For pattern (w, r, φ), the segments of one length over all sequences and the head
     offsets of one kept count form a call: index[z, j, c] = (a_z + s_c + j r) H + h_c for
-    segment start a_z and the c-th stacked head h_c with offset s_c. Calls larger than
-    ``_CALL_BYTES`` (``row_bytes`` per row and head) are split over Z.
+    segment start a_z and the c-th stacked head h_c with offset s_c (for r = 1, whole rows:
+    index[z, j, 0] = a_z + j). Calls larger than ``_CALL_BYTES`` (``row_bytes`` per row and
+    head) are split over Z.
     """
     phases = segment_phases or (0,) * len(segment_lengths)
     order = sorted(range(len(segment_lengths)), key=lambda i: dilation_rates[i] != 1)
@@ -138,25 +143,35 @@ def plan_calls(starts: Sequence[int], lengths: Sequence[int], num_heads: int, se
                     by_kept.setdefault(kept, []).append(s)
             for kept, offsets in by_kept.items():
                 heads = [h for s in offsets for h in heads_with_offset(s, r, num_heads)]
+                step = max(1, _CALL_BYTES // max(1, kept * len(heads) * row_bytes))
+                if r == 1:
+                    rows = torch.arange(kept, device=device)[None, :, None]
+                    calls += [VarlenCall(i, seg_starts[z:z + step, None, None] + rows, num_heads)
+                              for z in range(0, seg_starts.numel(), step)]
+                    continue
                 head_t = torch.tensor(heads, dtype=torch.int64, device=device)
                 rows = (head_t % r)[None, None, :] + r * torch.arange(kept, device=device)[None, :, None]
-                step = max(1, _CALL_BYTES // max(1, kept * len(heads) * row_bytes))
-                for z in range(0, seg_starts.numel(), step):
-                    a = seg_starts[z:z + step]
-                    calls.append(VarlenCall(i, (a[:, None, None] + rows) * num_heads + head_t, r))
+                calls += [VarlenCall(i, (seg_starts[z:z + step, None, None] + rows) * num_heads + head_t, 1)
+                          for z in range(0, seg_starts.numel(), step)]
     return calls
 
 
-def _gather(flat: Tensor, index: Tensor) -> Tensor:
-    """(Z, heads, kept, D) kernel input from flat (rows x H, D) and index (Z, kept, heads); one copy."""
-    z, kept, heads = index.shape
-    return flat.index_select(0, index.reshape(-1)).view(z, kept, heads, -1).transpose(1, 2)
+def _units(flat: Tensor, width: int) -> Tensor:
+    """flat (rows x H, *rest) viewed as (rows x H / width, width, *rest): the units a call's index counts."""
+    return flat.view(-1, width, *flat.shape[1:])
 
 
-def _rows(t: Tensor) -> Tensor:
-    """A kernel output (Z, heads, kept, *rest) as flat rows in the index's (Z, kept, heads) order."""
+def _gather(flat: Tensor, c: VarlenCall) -> Tensor:
+    """(Z, G x width, kept, *rest) kernel input from flat (rows x H, *rest); one copy."""
+    z, kept, g = c.index.shape
+    picked = _units(flat, c.width).index_select(0, c.index.reshape(-1))
+    return picked.view(z, kept, g * c.width, *flat.shape[1:]).transpose(1, 2)
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    """A kernel output (Z, G x width, kept, *rest) as (Z x kept x G, width, *rest): units in the index's order."""
     t = t.transpose(1, 2)
-    return t.reshape(-1, *t.shape[3:])
+    return t.reshape(-1, width, *t.shape[3:])
 
 
 def _dense_shape(q: Tensor, starts: Sequence[int], lengths: Sequence[int]) -> Optional[Tuple[int, int]]:
@@ -177,20 +192,29 @@ def _flat(x: Tensor) -> Tensor:
 
 def _mixture(q: Tensor, k: Tensor, v: Tensor, calls: List[VarlenCall], causal: bool, scale: float,
              force_math: bool) -> Tuple[Tensor, Tensor]:
-    """(out (rows x H, D) acc dtype, lse (rows x H,)) of the planned calls; rows of no call stay 0 / -inf."""
-    d = q.shape[-1]
+    """(out (rows x H, D) acc dtype, lse (rows x H,)) of the planned calls; rows of no call stay 0 / -inf.
+
+    An r = 1 pattern covers every row of every sequence once, so the first one (``plan_calls``
+    puts them first) is copied in rather than merged.
+    """
     acc = acc_dtype(q.dtype)
     fq, fk, fv = (_flat(x) for x in (q, k, v))
     out = torch.zeros(fq.shape, dtype=acc, device=q.device)
     lse = torch.full(fq.shape[:1], float("-inf"), dtype=acc, device=q.device)
+    first = calls[0].pattern if calls and calls[0].width == q.shape[-2] else None
     for c in calls:
-        o_g, l_g = kernels.attn_fwd(*(_gather(x, c.index) for x in (fq, fk, fv)), causal, scale, force_math)
+        o_g, l_g = kernels.attn_fwd(*(_gather(x, c) for x in (fq, fk, fv)), causal, scale, force_math)
         idx = c.index.reshape(-1)
-        o_p, l_p = _rows(o_g).view(-1, d), _rows(l_g.unsqueeze(-1)).view(-1)
-        cur_o, cur_l = out.index_select(0, idx), lse.index_select(0, idx)
+        o_p, l_p = _rows(o_g, c.width), _rows(l_g, c.width)
+        uo, ul = _units(out, c.width), _units(lse, c.width)
+        if c.pattern == first:
+            uo.index_copy_(0, idx, o_p.to(acc))
+            ul.index_copy_(0, idx, l_p.to(acc))
+            continue
+        cur_o, cur_l = uo.index_select(0, idx), ul.index_select(0, idx)
         merge_partial(cur_o, cur_l, o_p, l_p)
-        out.index_copy_(0, idx, cur_o)
-        lse.index_copy_(0, idx, cur_l)
+        uo.index_copy_(0, idx, cur_o)
+        ul.index_copy_(0, idx, cur_l)
     return out, lse
 
 
@@ -217,15 +241,13 @@ def _grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor
            causal: bool, scale: float, force_math: bool) -> List[Tensor]:
     """(dq, dk, dv) as (rows x H, D) in the acc dtype: each call's flash backward, index-added."""
     acc = acc_dtype(q.dtype)
-    flats = [_flat(x) for x in (do, q, k, v, out)] + [lse.reshape(-1, 1)]
+    flats = [_flat(x) for x in (do, q, k, v, out)] + [lse.reshape(-1)]
     grads = [torch.zeros(flats[1].shape, dtype=acc, device=q.device) for _ in range(3)]
     for c in calls:
-        g = [_gather(x, c.index) for x in flats]
-        g[-1] = g[-1].squeeze(-1)
-        parts = kernels.attn_bwd(*g, causal, scale, force_math)
+        parts = kernels.attn_bwd(*(_gather(x, c) for x in flats), causal, scale, force_math)
         idx = c.index.reshape(-1)
         for dst, p in zip(grads, parts):
-            dst.index_add_(0, idx, _rows(p).reshape(-1, p.shape[-1]).to(acc))
+            _units(dst, c.width).index_add_(0, idx, _rows(p, c.width).to(acc))
     return grads
 
 
