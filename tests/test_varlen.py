@@ -296,3 +296,14 @@ def test_triton_varlen_under_the_interpreter():
     assert run.returncode == 0, run.stderr[-2000:]
     errors = json.loads(run.stdout.strip().splitlines()[-1])
     assert max(errors) < 1e-4, errors
+
+
+def test_bench_varlen_quick_writes_its_table(tmp_path):
+    from longnet.bench import varlen as bench
+    path = tmp_path / "varlen.csv"
+    assert bench.main(["--quick", "--warmup", "0", "--heads", "2", "--head-dim", "8", "--csv", str(path)]) == 0
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("impl,") and [ln.split(",")[0] for ln in lines[1:]] == list(bench.IMPLS)
+    lengths = bench.draw_lengths(16, 256, 16384, 0)
+    assert len(lengths) == 16 and min(lengths) >= 256 and max(lengths) <= 16384
+    assert lengths == bench.draw_lengths(16, 256, 16384, 0)  # seeded

@@ -341,9 +341,17 @@ def parse_cli(argv: List[str]) -> Tuple[Callable[[argparse.Namespace], int], arg
     if "--lm" in argv:
         from . import lm
         return lm.run, lm.build_parser("longnet bench --lm").parse_args([a for a in argv if a != "--lm"])
+    if "--varlen" in argv:
+        from . import varlen
+        return varlen.run, varlen.build_parser().parse_args([a for a in argv if a != "--varlen"])
+    if "--encoder" in argv:
+        from . import encoder
+        return encoder.run, encoder.build_parser().parse_args([a for a in argv if a != "--encoder"])
     p = argparse.ArgumentParser(prog="longnet bench", description=__doc__.splitlines()[0],
                                 epilog="longnet bench --sequence-parallel --help: the weak-scaling benchmark; "
-                                       "longnet bench --lm --help: LM training throughput")
+                                       "longnet bench --lm --help: LM training throughput; "
+                                       "longnet bench --varlen --help: packed variable-length batches; "
+                                       "longnet bench --encoder --help: LongNetEncoder time and memory")
     add_arguments(p)
     return run, p.parse_args(argv)
 
