@@ -32,6 +32,7 @@ __all__ = ["LongNetConfig", "TrainConfig", "PRESETS", "preset", "apply_overrides
 
 ACTIVATIONS = ("gelu", "relu", "silu", "swish")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BLOCKS = ("magneto", "gpt")
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -100,6 +101,11 @@ class LongNetConfig:
         layer_norm_eps: epsilon of every LayerNorm.
         activation_checkpointing: recompute each block in the backward (less memory).
         attention_backend: None (best available), "torch", "math", "reference", ...
+        block: "magneto" (pre-LN with MAGNETO's Sub-LayerNorm and initialisation) or "gpt"
+            (a plain pre-LN GPT-2 block: no Sub-LN, weights drawn from N(0, 0.02), residual
+            outputs from N(0, 0.02 / sqrt(2 n_layers))); attention is the dilated op in both.
+        max_positions: 0, or learned absolute position embeddings for positions < max_positions
+            (added to the token embedding; a sequence may not be longer).
     """
 
     vocab_size: int = 256
@@ -121,6 +127,8 @@ class LongNetConfig:
     layer_norm_eps: float = 1e-5
     activation_checkpointing: bool = False
     attention_backend: Optional[str] = None
+    block: str = "magneto"
+    max_positions: int = 0
 
     def __post_init__(self) -> None:
         self.vocab_size = _check_int("vocab_size", self.vocab_size, 2)
@@ -145,6 +153,8 @@ class LongNetConfig:
         if self.xpos and self.head_dim % 2:
             raise ValueError(f"xpos needs an even head dim, got d_model / n_heads = {self.head_dim}; "
                              "change d_model or n_heads, or set xpos=False")
+        _check_choice("block", self.block, BLOCKS)
+        self.max_positions = _check_int("max_positions", self.max_positions, 0)
         if self.attention_backend is not None and not isinstance(self.attention_backend, str):
             raise TypeError(f"attention_backend must be a string or None, got {self.attention_backend!r}")
 
@@ -165,13 +175,14 @@ class LongNetConfig:
     def num_parameters(self) -> int:
         """Parameter count of :class:`longnet.model.LongNetLM` with this config."""
         d, f, v, b = self.d_model, self.d_ffn, self.vocab_size, int(self.bias)
-        attn = 4 * (d * d + b * d) + 2 * d  # q, k, v, out + sub-LN
+        sub_ln = self.block == "magneto"
+        attn = 4 * (d * d + b * d) + 2 * d * sub_ln  # q, k, v, out + sub-LN
         if self.qk_norm:
             attn += 4 * self.head_dim
-        ffn = d * f + b * f + 2 * f + f * d + b * d  # fc1, sub-LN, fc2
+        ffn = d * f + b * f + 2 * f * sub_ln + f * d + b * d  # fc1, sub-LN, fc2
         block = attn + ffn + 4 * d  # two pre-LNs
         head = 0 if self.tie_embeddings else v * d
-        return v * d + self.n_layers * block + 2 * d + head
+        return v * d + self.max_positions * d + self.n_layers * block + 2 * d + head
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

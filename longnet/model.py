@@ -61,11 +61,11 @@ class FeedForward(nn.Module):
     """x (B, N, E) -> (B, N, E): fc1 -> activation -> dropout -> Sub-LayerNorm -> fc2."""
 
     def __init__(self, d_model: int, d_ffn: int, *, activation: str = "gelu", dropout: float = 0.0,
-                 bias: bool = True, layer_norm_eps: float = 1e-5, gain: float = 1.0):
+                 bias: bool = True, layer_norm_eps: float = 1e-5, gain: float = 1.0, sub_layernorm: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ffn, bias=bias)
         self.fc2 = nn.Linear(d_ffn, d_model, bias=bias)
-        self.sub_ln = nn.LayerNorm(d_ffn, eps=layer_norm_eps)
+        self.sub_ln = nn.LayerNorm(d_ffn, eps=layer_norm_eps) if sub_layernorm else nn.Identity()
         self.act = _activation(activation)
         self.dropout = dropout
         self.gain = gain
@@ -82,24 +82,39 @@ class FeedForward(nn.Module):
         return self.fc2(self.sub_ln(h))
 
 
+def gpt_init(block: "LongNetBlock", n_layers: int) -> None:
+    """GPT-2's initialisation of a block: N(0, 0.02) weights, N(0, 0.02 / sqrt(2 L)) for the two
+    projections into the residual stream, zero biases."""
+    attn, ffn = block.attn, block.ffn
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, ffn.fc1, ffn.fc2):
+        std = 0.02 / math.sqrt(2 * n_layers) if lin in (attn.out_proj, ffn.fc2) else 0.02
+        nn.init.normal_(lin.weight, std=std)
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+
+
 class LongNetBlock(nn.Module):
-    """One pre-LN MAGNETO block: x (B, N, E) -> (B, N, E)."""
+    """One pre-LN block: x (B, N, E) -> (B, N, E); MAGNETO's (``block="magneto"``) or GPT-2's
+    (``block="gpt"``: no Sub-LN, :func:`gpt_init`), with dilated attention in both."""
 
     def __init__(self, cfg: LongNetConfig):
         super().__init__()
-        gain = magneto_gain(cfg.n_layers)
+        magneto = cfg.block == "magneto"
+        gain = magneto_gain(cfg.n_layers) if magneto else 1.0
         self.attn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         pattern = cfg.pattern
         self.attn = MultiheadDilatedAttention(
             cfg.d_model, cfg.n_heads, pattern.segment_lengths, pattern.dilation_rates,
             segment_phases=pattern.segment_phases, dropout=cfg.dropout,
-            bias=cfg.bias, causal=True, qk_norm=cfg.qk_norm, sub_layernorm=True, xpos=cfg.xpos,
+            bias=cfg.bias, causal=True, qk_norm=cfg.qk_norm, sub_layernorm=magneto, xpos=cfg.xpos,
             xpos_scale_base=cfg.xpos_scale_base, layer_norm_eps=cfg.layer_norm_eps,
             backend=cfg.attention_backend, magneto_gain=gain)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ffn, activation=cfg.activation, dropout=cfg.dropout,
-                               bias=cfg.bias, layer_norm_eps=cfg.layer_norm_eps, gain=gain)
+                               bias=cfg.bias, layer_norm_eps=cfg.layer_norm_eps, gain=gain, sub_layernorm=magneto)
         self.dropout = cfg.dropout
+        if not magneto:
+            gpt_init(self, cfg.n_layers)
 
     def forward(self, x: Tensor, attention: Optional[Callable[[MultiheadDilatedAttention, Tensor], Tensor]] = None
                 ) -> Tensor:
@@ -258,11 +273,15 @@ class LongNetLM(nn.Module):
         self.blocks = nn.ModuleList(LongNetBlock(c) for _ in range(c.n_layers))
         self.norm = nn.LayerNorm(c.d_model, eps=c.layer_norm_eps)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=c.d_model ** -0.5)
+        self.pos_embed = nn.Embedding(c.max_positions, c.d_model) if c.max_positions else None
+        std = c.d_model ** -0.5 if c.block == "magneto" else 0.02
+        nn.init.normal_(self.embed.weight, std=std)
+        if self.pos_embed is not None:
+            nn.init.normal_(self.pos_embed.weight, std=0.02)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         else:
-            nn.init.normal_(self.lm_head.weight, std=c.d_model ** -0.5)
+            nn.init.normal_(self.lm_head.weight, std=std)
 
     # ------------------------------------------------------------------ training forward
 
@@ -281,13 +300,17 @@ class LongNetLM(nn.Module):
         self._check_tokens(tokens)
         return self._logits(tokens)
 
-    def _logits(self, tokens: Tensor, attention: Optional[Callable[[int], Callable]] = None) -> Tensor:
-        """tokens (B, N) -> logits (B, N, V): the model's one forward.
+    def _logits(self, tokens: Tensor, attention: Optional[Callable[[int], Callable]] = None,
+                start: int = 0) -> Tensor:
+        """tokens (B, N) at positions start.. -> logits (B, N, V): the model's one forward.
 
         ``attention(layer)`` gives the attention that :meth:`LongNetBlock.forward` runs in that
         layer (cached decoding); None runs the full op, with activation checkpointing if set.
         """
-        x = F.dropout(self.embed(tokens.long()), self.config.dropout, self.training)
+        x = self.embed(tokens.long())
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(self._positions(start, tokens.shape[1], tokens.device))
+        x = F.dropout(x, self.config.dropout, self.training)
         use_ckpt = (attention is None and self.config.activation_checkpointing and self.training
                     and torch.is_grad_enabled())
         for layer, blk in enumerate(self.blocks):
@@ -296,6 +319,13 @@ class LongNetLM(nn.Module):
             else:
                 x = blk(x) if attention is None else blk(x, attention(layer))
         return self.lm_head(self.norm(x))
+
+    def _positions(self, start: int, n: int, device) -> Tensor:
+        """Positions start..start+n-1 for the learned position embeddings, range-checked."""
+        if start + n > self.config.max_positions:
+            raise ValueError(f"positions up to {start + n - 1} are past the learned position embeddings "
+                             f"(model config max_positions={self.config.max_positions})")
+        return torch.arange(start, start + n, device=device)
 
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy in nats; tokens and targets (B, N)."""
@@ -371,7 +401,8 @@ class LongNetLM(nn.Module):
         steps = self._cache_steps(p, cache)
         position = torch.tensor([p], device=token.device)
         scale = default_scale(self.config.head_dim)
-        logits = self._logits(token[:, None], lambda layer: _decode_attention(cache, layer, position, steps, scale))
+        logits = self._logits(token[:, None], lambda layer: _decode_attention(cache, layer, position, steps, scale),
+                              start=p)
         cache.length = p + 1
         return logits[:, 0]
 

@@ -163,9 +163,9 @@ def attention_flops(config: LongNetConfig, n: int, dense: bool = False) -> float
 
 
 def non_embedding_params(config: LongNetConfig) -> int:
-    """Parameters outside the token embedding and the output projection."""
+    """Parameters outside the token and position embeddings and the output projection."""
     embeddings = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
-    return config.num_parameters() - embeddings
+    return config.num_parameters() - embeddings - config.max_positions * config.d_model
 
 
 def flops_per_token(spec: ModelSpec) -> float:

@@ -1,0 +1,177 @@
+"""Running ``longnet experiment --suite recall``: train every run of the plan, evaluate, report.
+
+Each run trains a fresh model (:class:`longnet.model.LongNetLM` with the run's config) on batches
+drawn on the fly from its probe's task, with the loss (cross-entropy) only at the answer
+positions; AdamW (betas 0.9, 0.98; weight decay on the linear layers' weights only), linear
+warm-up then cosine decay to a tenth of the peak, gradient norm clipped at 1. It is evaluated
+``evals`` times on one fixed set of ``eval_sequences`` test sequences of its probe (the same
+set for every model), and stops early once it reaches ``stop_accuracy`` there. Accuracy is
+argmax over all 256 bytes at the answer positions.
+
+The best run of each (probe, model) over the sweep (highest final accuracy, ties to the
+fewer FLOPs) gives that model's row; its per-answer results give accuracy against gap.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...model import LongNetLM
+from ..recall import RecallBatch, chance_accuracy
+from .recall_plan import BUCKETS, Probe, RecallRun, RecallSettings, gap_buckets, reference_pattern
+
+__all__ = ["RunResult", "eval_set", "evaluate", "train_recall_run", "best_runs", "gap_rows", "EVAL_CHUNK"]
+
+EVAL_CHUNK = 32  # sequences per evaluation forward
+FORWARD_SHARE = 1.0 / 3.0  # an evaluation forward costs about a third of a training step's FLOPs
+
+
+@dataclass
+class RunResult:
+    """What one run gives: final accuracy and loss on the evaluation set, the steps and FLOPs it
+    took (fewer than planned when it stopped early), wall time, and the accuracy curve
+    ``curve`` = [(step, training FLOPs, accuracy), ...]. ``correct`` (answers,) bool, per answer
+    of the evaluation set, for the gap analysis."""
+
+    run: RecallRun
+    accuracy: float
+    loss: float
+    steps: int
+    train_flops: float
+    wall_s: float
+    curve: List[Tuple[int, float, float]] = field(default_factory=list)
+    correct: Optional[np.ndarray] = None
+
+    def row(self) -> Dict[str, Any]:
+        r = self.run
+        return {"probe": r.probe.name, "task": r.probe.task, "seq_len": r.probe.seq_len, "model": r.model.name,
+                "kind": r.model.kind, "pattern": str(r.model.config.pattern), "block": r.model.config.block,
+                "d_model": r.d_model, "lr": r.lr, "params": r.model.config.num_parameters(),
+                "planned_steps": r.steps, "steps": self.steps, "batch": r.batch_size,
+                "flops_per_token": r.flops_per_token, "train_flops": self.train_flops, "accuracy": self.accuracy,
+                "loss": self.loss, "chance": chance_accuracy(r.probe.make()), "wall_s": self.wall_s,
+                "s_per_step": self.wall_s / max(1, self.steps)}
+
+
+def eval_set(probe: Probe, sequences: int, seed: int) -> RecallBatch:
+    """The fixed evaluation sequences of a probe (a generator of its own, apart from training's)."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return probe.make().batch(sequences, g)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: RecallBatch) -> Tuple[np.ndarray, float]:
+    """(correct (answers,) bool in row-major order of ``data.mask``, mean answer loss in nats)."""
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct, losses = [], []
+    for i in range(0, data.x.shape[0], EVAL_CHUNK):
+        x, y, m = (t[i:i + EVAL_CHUNK].to(device) for t in (data.x, data.y, data.mask))
+        logits = model(x)[m].float()
+        correct.append((logits.argmax(-1) == y[m]).cpu().numpy())
+        losses.append(F.cross_entropy(logits, y[m], reduction="none").cpu().numpy())
+    model.train(was)
+    return np.concatenate(correct), float(np.concatenate(losses).mean())
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Weight decay on the weights of linear layers only (not embeddings, norms or biases)."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = list(dict.fromkeys(model.parameters()))  # tied weights once
+    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0.1 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def _eval_steps(steps: int, evals: int) -> List[int]:
+    """The steps after which a run evaluates: ``evals`` of them, evenly spaced, the last one last."""
+    return sorted({max(1, round(steps * (k + 1) / evals)) for k in range(evals)})
+
+
+def train_recall_run(run: RecallRun, s: RecallSettings, data: RecallBatch,
+                     advance: Callable[[float], None] = lambda flops: None,
+                     device: torch.device = torch.device("cpu")) -> RunResult:
+    """Train ``run`` (fresh weights from ``s.seed``) on ``device`` and evaluate it on ``data``;
+    ``advance(flops)`` is called after each step and evaluation (the plan's progress bar)."""
+    torch.manual_seed(s.seed)
+    model = LongNetLM(run.model.config).to(device)
+    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=run.lr, betas=(0.9, 0.98))
+    task, g = run.probe.make(), torch.Generator().manual_seed(s.seed)
+    warmup = max(1, round(s.warmup_fraction * run.steps))
+    eval_at, curve = set(_eval_steps(run.steps, s.evals)), []
+    eval_cost = FORWARD_SHARE * run.flops_per_token * data.x.numel()
+    t0, step, correct, loss = time.perf_counter(), 0, None, float("nan")
+    while step < run.steps:
+        for group in opt.param_groups:
+            group["lr"] = run.lr * lr_factor(step, run.steps, warmup)
+        b = task.batch(run.batch_size, g)
+        x, y, m = b.x.to(device), b.y.to(device), b.mask.to(device)
+        out = F.cross_entropy(model(x)[m].float(), y[m])
+        opt.zero_grad(set_to_none=True)
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        advance(run.flops_per_step)
+        if step in eval_at:
+            correct, loss = evaluate(model, data)
+            curve.append((step, step * run.flops_per_step, float(correct.mean())))
+            advance(eval_cost)
+            if correct.mean() >= s.stop_accuracy:
+                break
+    wall = time.perf_counter() - t0
+    # What an early stop leaves of the plan still moves the bar, so it ends at 100%.
+    advance((run.steps - step) * run.flops_per_step + eval_cost * (len(eval_at) - len(curve)))
+    return RunResult(run, float(correct.mean()), loss, step, step * run.flops_per_step, wall, curve, correct)
+
+
+def best_runs(results: List[RunResult]) -> Dict[Tuple[str, str], RunResult]:
+    """{(probe name, model name): its best run}: highest accuracy, then fewest training FLOPs."""
+    best: Dict[Tuple[str, str], RunResult] = {}
+    for r in results:
+        key = (r.run.probe.name, r.run.model.name)
+        if key not in best or (r.accuracy, -r.train_flops) > (best[key].accuracy, -best[key].train_flops):
+            best[key] = r
+    return best
+
+
+def _answer_positions(data: RecallBatch) -> Tuple[np.ndarray, np.ndarray]:
+    """(q, j) per answer, in the order of :func:`evaluate`: query position and the position it must read."""
+    rows, q = data.mask.nonzero(as_tuple=True)
+    gap = data.gap[rows, q]
+    return q.numpy(), (q - gap).numpy()
+
+
+def gap_rows(s: RecallSettings, result: RunResult, data: RecallBatch) -> List[Dict[str, Any]]:
+    """Accuracy of one run by gap bucket (:data:`BUCKETS`, LongNet's pattern of the probe) and by
+    gap in powers of two: rows of probe, model, kind (``bucket``/``log2``), bin, answers, accuracy."""
+    n = result.run.probe.seq_len
+    q, j = _answer_positions(data)
+    buckets = gap_buckets(reference_pattern(s, n), n, s.heads, q, j)
+    ok = result.correct
+    head = {"probe": result.run.probe.name, "model": result.run.model.name}
+    rows = [{**head, "by": "bucket", "bin": b, "answers": int((buckets == i).sum()),
+             "accuracy": float(ok[buckets == i].mean()) if (buckets == i).any() else float("nan")}
+            for i, b in enumerate(BUCKETS)]
+    bins = np.floor(np.log2(np.maximum(q - j, 1))).astype(np.int64)
+    for k in np.unique(bins):
+        sel = bins == k
+        rows.append({**head, "by": "log2", "bin": f"{2 ** k}-{2 ** (k + 1) - 1}", "answers": int(sel.sum()),
+                     "accuracy": float(ok[sel].mean())})
+    return rows

@@ -1,0 +1,253 @@
+"""The recall probes (longnet.training.recall), the recall suite's plan and gap buckets, the GPT block."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from longnet.config import LongNetConfig
+from longnet.model import LongNetLM
+from longnet.patterns import DilatedPattern
+from longnet.training.experiment.plan import flops_per_token, non_embedding_params
+from longnet.training.experiment.recall_plan import (BUCKETS, RECALL_DEFAULT, RECALL_QUICK, Probe, RecallSettings,
+                                                    gap_bucket, gap_buckets, plan_recall, reference_pattern)
+from longnet.training.experiment.recall_suite import _eval_steps, best_runs, lr_factor
+from longnet.training.recall import (ASSIGN, FILLER, KEYS, NEEDLE, QUERY, SEP, VALUES, MQAR, Copying, Passkey,
+                                     VariableTracking, chance_accuracy, make_task)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _in(t, rng):
+    return bool(((t >= rng[0]) & (t < rng[1])).all())
+
+
+def test_byte_ranges_disjoint():
+    ranges = [FILLER, KEYS, VALUES]
+    for a, b in zip(ranges, ranges[1:]):
+        assert a[1] <= b[0]
+    assert max(SEP, QUERY, NEEDLE, ASSIGN) < FILLER[0] and VALUES[1] == 256
+
+
+def test_mqar_layout():
+    task = MQAR(128, num_pairs=6)
+    b = task.batch(16, _gen(1))
+    assert b.x.shape == b.y.shape == b.mask.shape == b.gap.shape == (16, 128)
+    assert (b.mask.sum(1) == 6).all()
+    for i in range(16):
+        x, y, m = b.x[i], b.y[i], b.mask[i]
+        keys, values = x[0:12:2], x[1:12:2]
+        assert _in(keys, KEYS) and _in(values, VALUES) and len(set(keys.tolist())) == 6
+        rest = x[12:]
+        # The query region holds only filler and the queried keys, each key once.
+        assert sorted(rest[_in_mask(rest, KEYS)].tolist()) == sorted(keys.tolist())
+        assert _in(rest[~_in_mask(rest, KEYS)], FILLER)
+        q = m.nonzero().flatten()
+        assert (q >= 12).all() and (q % 2 == 0).all()
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        for p in q.tolist():
+            assert y[p].item() == pairs[x[p].item()]
+            j = p - b.gap[i, p].item()  # the value's position, right after its key
+            assert x[j].item() == y[p].item() and x[j - 1].item() == x[p].item()
+        assert (b.gap[i][~m] == 0).all()
+
+
+def _in_mask(t, rng):
+    return (t >= rng[0]) & (t < rng[1])
+
+
+def test_mqar_seed_fixes_batches_and_refuses_bad_knobs():
+    a, b = MQAR(64, 4).batch(4, _gen(3)), MQAR(64, 4).batch(4, _gen(3))
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    with pytest.raises(ValueError, match="num_pairs"):
+        MQAR(256, 65)
+    with pytest.raises(ValueError, match="too short"):
+        MQAR(32, 10)
+
+
+def test_copying_layout():
+    task = Copying(64, copy_len=10)
+    b = task.batch(8, _gen(2))
+    for i in range(8):
+        x, y, m = b.x[i], b.y[i], b.mask[i]
+        sep = (x == SEP).nonzero().flatten()
+        assert sep.tolist() == [54]  # the second copy ends at the last target: 64 + 1 - 11 + 10 - 1
+        s0 = 54
+        first = x[s0 - 10:s0]
+        assert _in(first, VALUES) and _in(x[:s0 - 10], FILLER)
+        assert torch.equal(y[m], first) and m.nonzero().flatten().tolist() == list(range(s0, s0 + 10))
+        assert torch.equal(x[s0 + 1:], first[:-1])  # the second copy, minus its last byte (only a target)
+        assert (b.gap[i][m] == 10).all()
+    lengths = Copying(64).batch(32, _gen(0)).mask.sum(1)
+    assert lengths.min() >= 4 and lengths.max() <= 31 and len(set(lengths.tolist())) > 3
+
+
+def test_variable_tracking_layout():
+    task = VariableTracking(96, hops=3, chains=2)
+    b = task.batch(8, _gen(4))
+    for i in range(8):
+        x, y, m = b.x[i].tolist(), b.y[i], b.mask[i]
+        assign = {}
+        for p in range(len(x) - 2):
+            if x[p] == ASSIGN:
+                assign[x[p + 1]] = (x[p + 2], p)
+        qs = m.nonzero().flatten().tolist()
+        assert len(qs) == 2 and all(x[q - 1] == QUERY for q in qs)
+        for q in qs:
+            name, hops = x[q], 0
+            while name in assign:  # follow the chain back to its value; every hop is earlier
+                src, p = assign[name]
+                assert p < q
+                name, hops = src, hops + 1
+            assert hops == 3 and VALUES[0] <= name < VALUES[1] and y[q].item() == name
+            assert x[q - b.gap[i, q].item()] == name  # the gap points at the value itself
+
+
+def test_passkey_layout():
+    task = Passkey(64, digits=4)
+    b = task.batch(8, _gen(5))
+    for i in range(8):
+        x, m = b.x[i], b.mask[i]
+        at = (x == NEEDLE).nonzero().flatten().item()
+        key = x[at + 1:at + 5]
+        assert _in(key, VALUES) and x[60].item() == QUERY
+        assert torch.equal(b.y[i][m], key) and m.nonzero().flatten().tolist() == [60, 61, 62, 63]
+        assert (b.gap[i][m] == 60 - (at + 1)).all()
+
+
+def test_make_task_and_chance():
+    assert isinstance(make_task("vt", 64, hops=1, chains=2), VariableTracking)
+    assert chance_accuracy(MQAR(64, 4)) == 0.25
+    with pytest.raises(ValueError, match="task must be one of"):
+        make_task("nope", 64)
+
+
+def test_gap_buckets_follow_the_pattern():
+    # w = 8, 16, 32 with r = 1, 2, 4 and 4 heads: every offset used.
+    p = DilatedPattern((8, 16, 32), (1, 2, 4))
+    assert gap_bucket(p, 32, 4, 7, 1) == "local"          # one segment of w0 = 8
+    assert gap_bucket(p, 32, 4, 9, 7) == "dilated"        # crosses 8, same residue mod 2 in w = 16
+    assert gap_bucket(p, 32, 4, 10, 7) == "off-residue"   # w = 16 holds both, residues 0 and 1; w = 32: 2, 3
+    assert gap_bucket(p, 32, 4, 20, 8) == "dilated"       # w = 32, both 0 mod 4
+    assert gap_bucket(p, 64, 4, 40, 20) == "beyond"       # no segment holds both
+    # Heads fewer than r: offsets >= H are kept by no head.
+    assert gap_bucket(p, 32, 2, 22, 10) == "off-residue"  # 2 mod 4 in w = 32, unused with 2 heads
+    # Against a brute force over every pair of a small pattern with phases.
+    q = DilatedPattern((4, 8, 6), (1, 2, 1), (0, 0, 3))
+    n, heads = 24, 2
+    qs, js = np.tril_indices(n)
+    got = gap_buckets(q, n, heads, qs, js)
+    for a, b, g in zip(qs, js, got):
+        assert BUCKETS[g] == _brute_bucket(q, n, heads, int(a), int(b))
+
+
+def _brute_bucket(p, n, heads, q, j):
+    local = dilated = shared = False
+    for w, r, phi in zip(p.segment_lengths, p.dilation_rates, p.segment_phases):
+        w = min(w, n)
+        def start(x):
+            return 0 if x < phi else phi + (x - phi) // w * w
+        if start(q) != start(j):
+            continue
+        shared = True
+        if r == 1:
+            local = True
+        elif (q - start(q)) % r == (j - start(j)) % r and (q - start(q)) % r < heads:
+            dilated = True
+    return "local" if local else "dilated" if dilated else "off-residue" if shared else "beyond"
+
+
+def test_plan_equal_flops_same_shape():
+    s = dataclasses.replace(RECALL_DEFAULT, probes=(Probe("mqar", 512, 1.2e13, (("num_pairs", 8),)),))
+    runs = plan_recall(s)
+    assert len(runs) == 4 * len(s.d_models) * len(s.lrs)
+    for d in s.d_models:
+        mine = [r for r in runs if r.d_model == d]
+        cfgs = {r.model.name: r.model.config for r in mine}
+        assert set(cfgs) == {"dense", "longnet", "longnet+lw16", next(m for m in cfgs if m.startswith("sliding"))}
+        # Only attention differs: same width, depth, heads, FFN, block and parameters.
+        shapes = {(c.n_layers, c.d_model, c.n_heads, c.d_ffn, c.block, c.num_parameters()) for c in cfgs.values()}
+        assert len(shapes) == 1
+        for r in mine:
+            # The steps spend the budget: one more step would pass it.
+            assert r.flops <= 1.2e13 < r.flops + r.flops_per_step
+            assert r.flops_per_token == flops_per_token(r.model)
+        dense = next(r for r in mine if r.model.name == "dense")
+        longnet = next(r for r in mine if r.model.name == "longnet")
+        assert longnet.steps > dense.steps  # cheaper attention, more steps at equal FLOPs
+    ln = next(r for r in runs if r.model.name == "longnet")
+    sl = next(r for r in runs if r.model.name.startswith("sliding") and r.d_model == ln.d_model)
+    assert abs(sl.flops_per_token / ln.flops_per_token - 1) < 0.01  # the window matches LongNet's FLOPs
+
+
+def test_position_embeddings_are_not_counted_as_compute():
+    c = LongNetConfig(n_layers=2, d_model=64, n_heads=4, d_ffn=256, block="gpt", max_positions=512,
+                      tie_embeddings=False, xpos=False)
+    plain = dataclasses.replace(c, max_positions=0)
+    assert c.num_parameters() == plain.num_parameters() + 512 * 64
+    assert non_embedding_params(c) == non_embedding_params(plain)
+
+
+def test_plan_refuses_bad_settings():
+    with pytest.raises(ValueError, match="raise it to at least"):
+        plan_recall(dataclasses.replace(RECALL_QUICK, probes=(Probe("mqar", 64, 1e6, (("num_pairs", 2),)),)))
+    with pytest.raises(ValueError, match="--block"):
+        plan_recall(dataclasses.replace(RECALL_QUICK, block="rnn"))
+    with pytest.raises(ValueError, match="--d-models"):
+        plan_recall(dataclasses.replace(RECALL_QUICK, d_models=(36,)))
+    with pytest.raises(ValueError, match="too short"):
+        plan_recall(dataclasses.replace(RECALL_QUICK, probes=(Probe("mqar", 16, 1e12, (("num_pairs", 8),)),)))
+
+
+def test_reference_pattern_and_quick_plan():
+    s = RecallSettings(probes=(Probe("mqar", 256, 1e12),))
+    assert reference_pattern(s, 256).segment_lengths == (32, 64, 128, 256)
+    runs = plan_recall(RECALL_QUICK)
+    assert {r.probe.task for r in runs} == {"mqar", "copy", "vt", "passkey"}
+
+
+def test_schedule_and_eval_steps():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1) and lr_factor(9, 100, 10) == 1.0
+    assert lr_factor(100, 100, 10) == pytest.approx(0.1)
+    assert _eval_steps(10, 4) == [2, 5, 8, 10] and _eval_steps(3, 5) == [1, 2, 3]
+
+
+def test_best_runs_prefers_accuracy_then_fewer_flops():
+    from longnet.training.experiment.recall_suite import RunResult
+    runs = plan_recall(RECALL_QUICK)[:2]
+    a = RunResult(runs[0], 0.5, 1.0, 5, 2e9, 1.0)
+    b = RunResult(runs[0], 0.5, 1.0, 5, 1e9, 1.0)
+    c = RunResult(runs[1], 0.4, 1.0, 5, 1e9, 1.0)
+    best = best_runs([a, b, c])
+    assert best[(runs[0].probe.name, runs[0].model.name)] is b
+
+
+@pytest.mark.parametrize("block", ["magneto", "gpt"])
+def test_block_options_decode_matches_forward(block):
+    torch.manual_seed(0)
+    c = LongNetConfig(n_layers=2, d_model=32, n_heads=4, d_ffn=64, segment_lengths=(8, 16), dilation_rates=(1, 2),
+                      block=block, max_positions=48, xpos=block == "magneto", tie_embeddings=block == "magneto",
+                      attention_backend="reference")
+    m = LongNetLM(c).eval()
+    assert m.num_parameters() == c.num_parameters()
+    x = torch.randint(0, 256, (2, 40))
+    full = m(x)
+    _, cache = m.prefill(x[:, :30])
+    for p in range(30, 40):
+        step = m.decode_step(x[:, p], cache)
+        torch.testing.assert_close(step, full[:, p], atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_positions"):
+        m(torch.randint(0, 256, (1, 49)))
+
+
+def test_gpt_block_has_no_sub_ln_and_small_init():
+    c = LongNetConfig(n_layers=2, d_model=64, n_heads=4, d_ffn=256, block="gpt")
+    blk = LongNetLM(c).blocks[0]
+    assert blk.attn.sub_ln is None and isinstance(blk.ffn.sub_ln, torch.nn.Identity)
+    assert blk.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert blk.ffn.fc2.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    with pytest.raises(ValueError, match="block"):
+        LongNetConfig(block="transformer")
