@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -30,7 +31,10 @@ from tqdm.auto import tqdm
 from ...argtypes import nonneg_int, output_dir, positive_int
 from ...device import machine_name, pick_device
 from ...fileio import atomic_write_json
+from ..checkpoint import checkpoint_steps
 from ..data import open_corpus
+from ..evaluate import boundary_spike
+from ..runlock import LOCK_NAME, FolderLock
 from .execute import (
     Stopped,
     eval_flops,
@@ -52,6 +56,9 @@ from .recall_command import add_recall_arguments, run_recall
 from .report import format_results, write_plots, write_results, write_table
 
 __all__ = ["add_arguments", "run", "settings_from_args"]
+
+PLAN = "plan.json"
+RESULT = "result.json"  # in each run folder: the run's fields of the table, once trained and evaluated
 
 # flag -> (Settings field, argparse type, help)
 _FLAGS = {
@@ -79,6 +86,9 @@ _FLAGS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=output_dir, default=None, metavar="DIR",
                         help="output folder, new or empty (default runs/experiment-YYYYmmdd-HHMMSS)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the stopped experiment in --out: its plan, its finished runs, the "
+                             "interrupted run from its checkpoint, then the rest")
     parser.add_argument("--quick", action="store_true", help="toy sizes: everything in under 3 minutes on 2 cores")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its FLOPs, then exit")
     parser.add_argument("--data", default="builtin", metavar="SPEC",
@@ -106,17 +116,61 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _out_dir(args: argparse.Namespace) -> str:
+    """The output folder, new or empty (with ``--resume``: an experiment's), checked while this
+    process holds its lock (:class:`FolderLock`, kept as ``args.out_lock`` until the command
+    ends), so two experiments can never share one folder."""
     out = args.out or os.path.join("runs", f"experiment-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.isdir(out) and os.listdir(out):
-        raise ValueError(f"--out {out} is not empty; pass a new or empty folder")
+    lock = FolderLock(out, "--out").acquire()
+    try:
+        entries = [n for n in os.listdir(out) if n != LOCK_NAME]
+        if getattr(args, "resume", False):
+            if PLAN not in entries:
+                raise ValueError(f"--out {out} holds no experiment to resume (no {PLAN}); drop --resume to start one")
+        elif entries:
+            raise ValueError(f"--out {out} is not empty; pass a new or empty folder"
+                             + (", or --resume to continue the experiment in it" if PLAN in entries else ""))
+    except BaseException:
+        lock.release(discard=True)
+        raise
+    if lock.stale:
+        print(f"[longnet] warning: took over the lock of {out} from process {lock.stale}, which is no longer "
+              "running", file=sys.stderr)
+    args.out_lock = lock
     return out
 
 
+def _resumed_settings(args: argparse.Namespace) -> Settings:
+    """The settings of the experiment in ``--out`` (its plan.json); a flag that differs is refused."""
+    if not args.out:
+        raise ValueError("--resume needs --out DIR, the folder of the experiment to continue")
+    path = os.path.join(args.out, PLAN)
+    try:
+        with open(path, encoding="utf-8") as f:
+            plan = json.load(f)
+        s = Settings(**plan["settings"])
+    except FileNotFoundError:
+        raise ValueError(f"--out {args.out} holds no experiment to resume (no {PLAN}); drop --resume to start "
+                         "one") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not an experiment's plan ({' '.join(str(e).split())[:200]})") from None
+    for flag, (field, _, _) in _FLAGS.items():
+        given = getattr(args, field)
+        if given is not None and given != getattr(s, field):
+            raise ValueError(f"{flag} {given:g} differs from the experiment's {getattr(s, field):g} ({path}); a "
+                             "resumed experiment keeps its plan (drop the flag, or start a new --out)")
+    data = plan.get("data", args.data)
+    if args.data not in ("builtin", data):
+        raise ValueError(f"--data {args.data!r} differs from the experiment's {data!r}; drop --data")
+    args.data = data
+    check_settings(s)
+    return s
+
+
 def _prepare(args: argparse.Namespace) -> Dict[str, Any]:
-    """Every check before anything is trained or written (raises ValueError)."""
-    s = settings_from_args(args)
-    job: Dict[str, Any] = {"settings": s, "runs": plan_runs(s), "device": pick_device(args.device),
-                           "out": _out_dir(args)}
+    """Every check before anything is trained or written (raises ValueError); the output folder
+    is taken last (see :func:`_out_dir`)."""
+    s = _resumed_settings(args) if getattr(args, "resume", False) else settings_from_args(args)
+    job: Dict[str, Any] = {"settings": s, "runs": plan_runs(s), "device": pick_device(args.device)}
     if args.data.strip().lower() == "passkey":
         raise ValueError("--data must be a corpus (builtin, enwik8:PATH, text:PATH); the passkey runs are part "
                          "of the plan already")
@@ -130,6 +184,7 @@ def _prepare(args: argparse.Namespace) -> Dict[str, Any]:
             raise ValueError(f"the {split} split of {args.data!r} has {have:,} bytes; the plan needs at least "
                              f"{need:,} (lower --context or --eval-tokens)")
     job["corpus"] = corpus
+    job["out"] = _out_dir(args)
     return job
 
 
@@ -160,21 +215,28 @@ def run(args: argparse.Namespace) -> int:
     print(_plan_text(job))
     if args.dry_run:
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.makedirs(job["out"], exist_ok=True)
-    atomic_write_json(os.path.join(job["out"], "plan.json"), {
-        "settings": dataclasses.asdict(job["settings"]), "device": machine_name(job["device"]),
-        "runs": [{"run": r.name, "pattern": str(r.model.config.pattern), "seq_len": r.model.seq_len,
-                  "batch": r.batch_size, "steps": r.steps, "tokens": r.tokens, "flops": r.flops} for r in job["runs"]]})
-    return _Experiment(job, args.threads, progress=not args.no_progress).run()
+    try:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if not args.resume:
+            atomic_write_json(os.path.join(job["out"], PLAN), {
+                "settings": dataclasses.asdict(job["settings"]), "data": args.data,
+                "device": machine_name(job["device"]),
+                "runs": [{"run": r.name, "pattern": str(r.model.config.pattern), "seq_len": r.model.seq_len,
+                          "batch": r.batch_size, "steps": r.steps, "tokens": r.tokens, "flops": r.flops}
+                         for r in job["runs"]]})
+        return _Experiment(job, args.threads, progress=not args.no_progress, resume=args.resume).run()
+    finally:
+        args.out_lock.release()
 
 
 class _Experiment:
     """The plan's runs in order, each trained, then evaluated; results written after each."""
 
-    def __init__(self, job: Dict[str, Any], threads: int, progress: bool):
+    def __init__(self, job: Dict[str, Any], threads: int, progress: bool, resume: bool = False):
         self.s: Settings = job["settings"]
+        self.resume = resume
+        self.resume_command = f"longnet experiment --resume --out {job['out']}"
         self.runs: List[Run] = job["runs"]
         self.device, self.out, self.corpus, self.threads = job["device"], job["out"], job["corpus"], threads
         self.rows: Dict[str, Dict[str, Any]] = {}
@@ -202,26 +264,44 @@ class _Experiment:
 
     def _one(self, r: Run) -> None:
         run_dir = os.path.join(self.out, "runs", f"{r.task}_{r.model.slug}")
-        self.bar.set_description(f"train {r.name}")
-        trained = train_run(r, self.s, self.corpus, run_dir, self.device, self.threads, self.bar.update)
-        self.bar.set_description(f"eval {r.name}")
+        result = _finished_result(r, run_dir) if self.resume else None
+        if result is None:
+            self.bar.set_description(f"train {r.name}")
+            trained = train_run(r, self.s, self.corpus, run_dir, self.device, self.threads, self.bar.update,
+                                resume_command=self.resume_command, resume=self.resume)
+            self.bar.set_description(f"eval {r.name}")
+            result = self._evaluate(r, run_dir, trained)
+            atomic_write_json(os.path.join(run_dir, RESULT), result)
+        else:
+            self.bar.update(r.flops)
         row = self.rows.setdefault(r.model.name, _model_fields(r))
+        row.update(result["row"])
         if r.task == LM:
-            results, losses, spike = evaluate_lm_run(r, self.s, self.corpus, run_dir, self.device)
-            row.update({f"lm_{k}": v for k, v in trained.items()}, lm_batch=r.batch_size,
-                       lm_tokens_per_s=trained["tokens"] / max(trained["wall_s"], 1e-9), **results)
-            self.curves[r.model.name] = (losses, spike)
+            losses = np.asarray(result["losses"])
+            self.curves[r.model.name] = (losses, boundary_spike(losses, r.model.period))
             self.lm_runs.append({"model": r.model.name, "dir": run_dir,
                                  "flops_per_step": r.flops_per_token * r.batch_size * r.model.seq_len})
         else:
-            found = evaluate_passkey_run(r, self.s, run_dir, self.device)
-            self.passkey += [{"model": r.model.name, **f} for f in found]
-            row.update({f"passkey_{k}": v for k, v in trained.items()},
-                       passkey_accuracy=float(np.mean([f["accuracy"] for f in found])),
-                       passkey_digit_accuracy=float(np.mean([f["digit_accuracy"] for f in found])),
-                       passkey_accuracy_longest=found[-1]["accuracy"])
+            self.passkey += [{"model": r.model.name, **f} for f in result["passkey"]]
         self.bar.update(eval_flops(r, self.s))
         write_results(self.out, list(self.rows.values()), self.s.lengths, self.curves, self.passkey)
+
+    def _evaluate(self, r: Run, run_dir: str, trained: Dict[str, float]) -> Dict[str, Any]:
+        """The run's fields of its model's row, and its curves, as stored in its result.json."""
+        result: Dict[str, Any] = {"run": r.name, "steps": r.steps}
+        if r.task == LM:
+            results, losses, _ = evaluate_lm_run(r, self.s, self.corpus, run_dir, self.device)
+            result["row"] = {**{f"lm_{k}": v for k, v in trained.items()}, "lm_batch": r.batch_size,
+                             "lm_tokens_per_s": trained["tokens"] / max(trained["wall_s"], 1e-9), **results}
+            result["losses"] = [float(x) for x in losses]
+        else:
+            found = evaluate_passkey_run(r, self.s, run_dir, self.device)
+            result["passkey"] = found
+            result["row"] = {**{f"passkey_{k}": v for k, v in trained.items()},
+                             "passkey_accuracy": float(np.mean([f["accuracy"] for f in found])),
+                             "passkey_digit_accuracy": float(np.mean([f["digit_accuracy"] for f in found])),
+                             "passkey_accuracy_longest": found[-1]["accuracy"]}
+        return _plain(result)
 
     def _finish(self, code: int, seconds: float) -> int:
         rows = list(self.rows.values())
@@ -235,7 +315,29 @@ class _Experiment:
                   + ", ".join(os.path.basename(p) for p in plots))
         status = "done" if code == 0 else f"stopped (exit status {code}); the results above are the finished runs'"
         print(f"[longnet] experiment {status}: {len(rows)} models, {seconds:.0f} s wall time")
+        if code != 0:
+            print(f"[longnet] continue the experiment with:\n  {self.resume_command}", file=sys.stderr)
         return code
+
+
+def _plain(x: Any) -> Any:
+    """``x`` with numpy scalars as Python numbers (for JSON)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _finished_result(r: Run, run_dir: str) -> Optional[Dict[str, Any]]:
+    """The stored result of a run that finished and was evaluated (None: train or evaluate it)."""
+    try:
+        with open(os.path.join(run_dir, RESULT), encoding="utf-8") as f:
+            result = json.load(f)
+    except (OSError, ValueError):
+        return None
+    done = result.get("run") == r.name and result.get("steps") == r.steps and r.steps in checkpoint_steps(run_dir)
+    return result if done else None
 
 
 def _model_fields(r: Run) -> Dict[str, Any]:

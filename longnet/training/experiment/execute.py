@@ -11,7 +11,7 @@ import contextlib
 import csv
 import dataclasses
 import os
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ import torch
 from ...config import TrainConfig, xpos_max_length
 from ...model import LongNetLM
 from ..checkpoint import load_model
-from ..data import Corpus, PasskeyTask, RandomWindowSampler
+from ..data import Corpus, RandomWindowSampler
 from ..evaluate import (
     BoundarySpike,
     boundary_spike,
@@ -27,7 +27,10 @@ from ..evaluate import (
     passkey_by_distance,
     position_loss,
 )
-from ..setup import TrainData
+from ..checkpoint import ResumeState, checkpoint_steps, load_resume_state
+from ..context import TrainContext
+from ..runlock import FolderLock
+from ..setup import TrainData, open_data
 from ..trainer import train
 from .plan import DENSE, PASSKEY, Run, Settings, passkey_distances
 
@@ -62,28 +65,60 @@ class _Metered:
 
 def _train_config(run: Run, s: Settings, threads: int) -> TrainConfig:
     """The run's TrainConfig: the tiny preset's optimiser, the planned steps, no intermediate
-    evaluation or checkpoint (the experiment evaluates the final checkpoint itself)."""
+    evaluation or checkpoint (the experiment evaluates the final checkpoint itself). It holds
+    everything the run's data needs (the passkey weight and curriculum too), so the checkpoint
+    alone resumes the run as planned."""
+    passkey = run.task == PASSKEY
     return TrainConfig(seq_len=run.model.seq_len, batch_size=run.batch_size, max_steps=run.steps, lr=s.lr,
                        warmup_steps=max(1, round(s.warmup_fraction * run.steps)), eval_interval=0,
                        eval_windows=2, eval_batch_size=2, save_interval=0, keep_checkpoints=1, sample_tokens=0,
-                       seed=s.seed, num_threads=threads, passkey_digits=s.passkey_digits)
+                       seed=s.seed, num_threads=threads, passkey_digits=s.passkey_digits,
+                       passkey_answer_weight=s.passkey_weight if passkey else TrainConfig.passkey_answer_weight,
+                       passkey_curriculum_steps=round(s.passkey_curriculum * run.steps) if passkey else 0)
 
 
 def _run_data(run: Run, s: Settings, tcfg: TrainConfig, corpus: Corpus) -> Tuple[str, TrainData]:
-    """(data spec, the ``data`` argument of ``train``) of a run."""
+    """(data spec, the ``data`` argument of ``train``) of a run: the passkey task exactly as
+    ``longnet train --data passkey`` builds it from the same TrainConfig."""
     if run.task == PASSKEY:
-        task = PasskeyTask(tcfg.seq_len, key_digits=s.passkey_digits, seed=s.seed, batch_size=tcfg.batch_size,
-                           answer_weight=s.passkey_weight, curriculum_steps=round(s.passkey_curriculum * run.steps))
-        return "passkey", TrainData(kind="passkey", sampler=task, task=task, loss_weights=task.loss_weights(),
-                                    description=f"passkey task, seq_len {tcfg.seq_len}, answer weight "
-                                                f"{s.passkey_weight:g}, curriculum over {task.curriculum_steps} steps")
+        return "passkey", open_data("passkey", tcfg, None, verbose=False)
     sampler = RandomWindowSampler(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
     return corpus.name, TrainData(kind="corpus", sampler=sampler, corpus=corpus, description=corpus.description)
 
 
+class _ExperimentContext(TrainContext):
+    """One process, whose stop message names the experiment's resume command, not the run's."""
+
+    def __init__(self, device: torch.device, resume_command: str):
+        super().__init__(device)
+        self._resume_command = resume_command
+
+    def resume_command(self, out_dir: str) -> str:
+        return self._resume_command
+
+
+def _resume_state(run: Run, tcfg: TrainConfig, run_dir: str) -> Optional[ResumeState]:
+    """The checkpoint an interrupted run continues from (None: train from the start), checked
+    against the plan: a resumed experiment trains exactly what it planned."""
+    if not checkpoint_steps(run_dir):
+        return None
+    state = load_resume_state(run_dir)
+    saved = {**state.train_config.to_dict(), "num_threads": tcfg.num_threads}
+    for what, a, b in (("model", state.model_config.to_dict(), run.model.config.to_dict()),
+                       ("train", saved, tcfg.to_dict())):
+        changed = [k for k in a if a[k] != b.get(k)]
+        if changed:
+            k = changed[0]
+            raise ValueError(f"{state.dir} does not belong to this plan's run {run.name}: {what}.{k} is {a[k]!r} "
+                             f"there and {b[k]!r} in the plan; move {run_dir} away to train it again")
+    return state
+
+
 def train_run(run: Run, s: Settings, corpus: Corpus, run_dir: str, device: torch.device, threads: int,
-              advance: Callable[[float], None]) -> Dict[str, float]:
+              advance: Callable[[float], None], resume_command: str = "", resume: bool = False) -> Dict[str, float]:
     """Train ``run`` into ``run_dir``; ``advance(flops)`` is called with each batch's FLOPs.
+    ``resume``: continue from the run's checkpoint there, if it has one (a finished run is not
+    trained again). ``resume_command`` is what a stopped run says to type to continue.
 
     Returns ``steps``, ``tokens``, ``train_flops`` (as counted for the budget) and ``wall_s``
     (training time from the run's log). Raises :class:`Stopped` when a signal stopped it.
@@ -91,13 +126,23 @@ def train_run(run: Run, s: Settings, corpus: Corpus, run_dir: str, device: torch
     tcfg = _train_config(run, s, threads)
     spec, data = _run_data(run, s, tcfg, corpus)
     per_batch = run.flops_per_token * tcfg.batch_size * tcfg.seq_len
-    data.sampler = _Metered(data.sampler, lambda: advance(per_batch))
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "train.log"), "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-        code = train(model_config=run.model.config, train_config=tcfg, data_spec=spec, data=data, out_dir=run_dir,
-                     device=device, progress=False, preset_name=run.name)
-    if code != 0:
-        raise Stopped(run.name, code)
+    with FolderLock(run_dir):
+        state = _resume_state(run, tcfg, run_dir) if resume else None
+        if state is None or state.step < run.steps:
+            if state is not None:
+                data.sampler.load_state_dict(state.data_state)
+                advance(per_batch * state.step)
+            data.sampler = _Metered(data.sampler, lambda: advance(per_batch))
+            ctx = _ExperimentContext(device, resume_command or f"longnet train --resume --out {run_dir}")
+            with open(os.path.join(run_dir, "train.log"), "a" if state else "w", encoding="utf-8") as log, \
+                    contextlib.redirect_stdout(log):
+                code = train(model_config=run.model.config, train_config=tcfg, data_spec=spec, data=data,
+                             out_dir=run_dir, device=device, progress=False, preset_name=run.name, resume=state,
+                             dist_ctx=ctx)
+            if code != 0:
+                raise Stopped(run.name, code)
+        else:
+            advance(per_batch * run.steps)
     steps, wall = _logged_progress(os.path.join(run_dir, "log.csv"))
     tokens = steps * tcfg.batch_size * tcfg.seq_len
     return {"steps": steps, "tokens": tokens, "train_flops": tokens * run.flops_per_token, "wall_s": wall}
