@@ -169,8 +169,8 @@ def _run_varlen(q, k, v, w, r, is_causal, scale, backend, extra, varlen):
 def _run(q, k, v, w, r, is_causal, scale, return_lse, backend, group, phases=None, varlen=None):
     """Dispatch checked arguments: to the sequence-parallel op with a group, else to a backend.
 
-    Backends get ``segment_phases`` only when some phase is not 0, so the
-    default path (and a backend that knows no phases) is exactly as before.
+    Backends get ``segment_phases`` only when some phase is not 0, so a third-party backend
+    that knows no phases still runs every unphased pattern.
     """
     extra = {"segment_phases": tuple(phases)} if phases is not None and any(phases) else {}
     if varlen is not None:

@@ -399,7 +399,7 @@ class DilatedPattern:
 
     def __str__(self) -> str:
         text = "w=" + ",".join(map(str, self.segment_lengths)) + " r=" + ",".join(map(str, self.dilation_rates))
-        if any(self.segment_phases):  # phase-0 patterns print as before, and parse back alike
+        if any(self.segment_phases):  # unphased patterns print w and r only, and parse back alike
             text += " phase=" + ",".join(map(str, self.segment_phases))
         return text
 
