@@ -213,6 +213,17 @@ def test_compiled_packed_op_no_recompile_per_length_mix():
             want.sum().backward()
             assert_close(got, want, torch.float32, "out")
             assert_close(g_c, x.grad, torch.float32, "grad")
+        # The padded form reads its mask inside the op too: new masks, same graph.
+        masked = torch.compile(lambda q, mask: longnet.dilated_attention(q, q, q, (8,), (2,), key_padding_mask=mask),
+                               fullgraph=True, dynamic=True)
+        torch.compiler.set_stance("default")
+        for n in (12, 20):
+            if n == 20:
+                torch.compiler.set_stance("fail_on_recompile")
+            x = torch.randn(3, n, 2, 8)
+            mask = torch.arange(n)[None, :] >= torch.tensor([0, n - 5, n])[:, None]  # full, left-padded, empty
+            assert_close(masked(x, mask), longnet.dilated_attention(x, x, x, (8,), (2,), key_padding_mask=mask),
+                         torch.float32)
     finally:
         torch.compiler.set_stance("default")
         torch._dynamo.reset()
@@ -307,3 +318,27 @@ def test_bench_varlen_quick_writes_its_table(tmp_path):
     lengths = bench.draw_lengths(16, 256, 16384, 0)
     assert len(lengths) == 16 and min(lengths) >= 256 and max(lengths) <= 16384
     assert lengths == bench.draw_lengths(16, 256, 16384, 0)  # seeded
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_packed_bf16_equals_each_sequence_alone(backend):
+    """On CUDA in bf16 (flash kernels; triton per distinct length) against the fp64 reference per sequence."""
+    lengths = [0, 1, 700, 33, 2500, 64]
+    cu = cu_seqlens_from_lengths(lengths, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(sum(lengths), 4, 64, generator=g).to("cuda", torch.bfloat16) for _ in range(4))
+    w, r = (256, 512, 1024), (1, 2, 4)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = longnet.dilated_attention(*leaves, w, r, cu_seqlens=cu, is_causal=True, backend=backend)
+    grads = torch.autograd.grad((out.float() * do.float()).sum(), leaves)
+    for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if a == e:
+            continue
+        ref_leaves = [x[None, a:e].double().cpu().requires_grad_() for x in (q, k, v)]
+        ref = longnet.dilated_attention(*ref_leaves, w, r, is_causal=True, backend="reference")
+        ref_grads = torch.autograd.grad((ref * do[None, a:e].double().cpu()).sum(), ref_leaves)
+        assert_close(out[a:e].cpu(), ref[0], torch.bfloat16)
+        for x, y in zip(grads, ref_grads):
+            assert_close(x[a:e].cpu(), y[0], torch.bfloat16, "grad")
