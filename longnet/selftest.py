@@ -181,9 +181,16 @@ def _reference(ctx: Context, case: Case, dtype: torch.dtype, causal: bool):
     return ctx.cache[key]
 
 
+def _need_backend(backend: str) -> None:
+    from .backends.registry import available_backends
+    if backend == "triton" and backend not in available_backends():
+        raise SkipCheck("the triton backend is not available here (pip install -e '.[triton]')")
+
+
 def correctness_check(case: Case, variant: str, backend: str, dtype_name: str, kernel: Optional[str],
                       causal: bool) -> Callable[[Context], dict]:
     def run(ctx: Context) -> dict:
+        _need_backend(backend)
         dtype = DTYPES[dtype_name]
         small = case
         if ctx.dry_run:  # CPU: the code path at a quarter of the length, not the GPU numerics
@@ -336,6 +343,7 @@ def bench_check(backend: str, n: int, mode: str, heads: int = 16, head_dim: int 
         from .bench import triton_kernel as tk
         from .patterns import dense_flops
         pattern = DilatedPattern.paper()
+        _need_backend(backend)
         if backend != "flash-attn":
             return tk.measure(backend, mode, n, heads, head_dim, True, torch.bfloat16, pattern, 25, 100)
         gen = torch.Generator(device="cuda").manual_seed(0)
