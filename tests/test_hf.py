@@ -383,7 +383,7 @@ def test_bad_arguments_are_refused():
         lh.use_dilated_attention(copy.deepcopy(model), [8, 16], [1])
     with pytest.raises(ValueError, match="backend must be"):
         lh.use_dilated_attention(copy.deepcopy(model), W, R, backend="bogus")
-    with pytest.raises(ValueError, match="sliding_window = None"):
+    with pytest.raises(ValueError, match="replace_sliding_window=True"):
         lh.use_dilated_attention(tiny("mistral", sliding_window=16), W, R)
     torch.manual_seed(0)
     no_pattern = LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation="longnet"))

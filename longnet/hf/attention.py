@@ -315,16 +315,38 @@ def dilated_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
 # ----------------------------------------------------------------------------- switching a model
 
 
-def _check_no_sliding_window(model) -> None:
+def _check_no_sliding_window(model, replace: bool) -> None:
     config = model.config
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     sliding = any("sliding" in str(t) for t in layer_types) if layer_types else window is not None
-    if sliding:
+    if sliding and replace:
+        _replace_sliding_window(model)
+    elif sliding:
         raise ValueError(f"{type(model).__name__} uses sliding-window attention (config.sliding_window={window}, "
                          f"layer_types={layer_types}); the dilated pattern replaces full causal attention. To let "
-                         "it replace the window too, set model.config.sliding_window = None (for Qwen2: "
-                         "use_sliding_window=False) before calling use_dilated_attention")
+                         "it replace the window too, pass replace_sliding_window=True to use_dilated_attention")
+
+
+def _replace_sliding_window(model) -> None:
+    """Turn every sliding-window layer of a built model into a full-attention one, for the dilated
+    pattern to replace. The window is fixed when the model is built, in three places besides the
+    config: each attention module's ``sliding_window`` (and layer type), each decoder layer's
+    ``attention_type``, and the base model's ``has_sliding_layers`` (which builds the window mask)."""
+    config = model.config
+    if getattr(config, "layer_types", None):
+        config.layer_types = ["full_attention" if "sliding" in str(t) else t for t in config.layer_types]
+    config.sliding_window = None
+    if hasattr(config, "use_sliding_window"):
+        config.use_sliding_window = False
+    for module in model.modules():
+        if getattr(module, "sliding_window", None) is not None:
+            module.sliding_window = None
+        for name in ("layer_type", "attention_type"):
+            if "sliding" in str(getattr(module, name, "")):
+                setattr(module, name, "full_attention")
+        if getattr(module, "has_sliding_layers", False):
+            module.has_sliding_layers = False
 
 
 def _check_backend(backend: Optional[str]) -> None:
@@ -333,7 +355,7 @@ def _check_backend(backend: Optional[str]) -> None:
 
 
 def use_dilated_attention(model, segment_lengths, dilation_rates, *, segment_phases=None, local_window: int = 0,
-                          backend: Optional[str] = None):
+                          backend: Optional[str] = None, replace_sliding_window: bool = False):
     """Switch a ``transformers`` ``PreTrainedModel`` to dilated attention, in place; returns the model.
 
     Every attention layer then computes :func:`longnet.dilated_attention` with this
@@ -345,6 +367,11 @@ def use_dilated_attention(model, segment_lengths, dilation_rates, *, segment_pha
     (0, or an even l >= 2: :meth:`longnet.DilatedPattern.with_local_window`, the
     variant without the causal blind spot that ``longnet``'s own LM presets use)
     are the op's opt-in extensions; the stored pattern is the expanded one.
+
+    A model with sliding-window layers (Mistral, Qwen2 with ``use_sliding_window``) is
+    refused unless ``replace_sliding_window=True``: then the dilated pattern replaces the
+    window too, in every layer (the config is rewritten to full attention, so a saved copy
+    loads that way).
 
     The pattern is stored on ``model.config`` (``longnet_segment_lengths``,
     ``longnet_dilation_rates``, ``longnet_segment_phases``, ``longnet_backend``) together with
@@ -362,7 +389,7 @@ def use_dilated_attention(model, segment_lengths, dilation_rates, *, segment_pha
         except ValueError as e:
             raise ValueError(f"local_window must be 0 (off) or an even length >= 2, got {local_window!r}") from e
     _check_backend(backend)
-    _check_no_sliding_window(model)
+    _check_no_sliding_window(model, replace_sliding_window)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTENTION_NAME)
     else:  # transformers < 4.54
