@@ -10,6 +10,7 @@
 
 from .attention import (ATTENTION_NAME, DilatedMask, dilated_attention_forward, dilated_mask,
                         use_dilated_attention)
+from .sampling import PerSequenceSampler
 
-__all__ = ["ATTENTION_NAME", "DilatedMask", "dilated_attention_forward", "dilated_mask",
+__all__ = ["ATTENTION_NAME", "DilatedMask", "PerSequenceSampler", "dilated_attention_forward", "dilated_mask",
            "use_dilated_attention"]

@@ -10,8 +10,14 @@ Contracts followed (transformers >= 4.53):
   and the queries are the last positions.
 - Mask function (``AttentionMaskInterface``): called once per forward with the
   sizes, the mask rule and the 2-D padding mask; it returns a :class:`DilatedMask`
-  (an offset and a flag) instead of an N x N mask, which the model hands to every
-  layer's attention function.
+  (an offset, a flag, the padding and the packed sequences) instead of an N x N
+  mask, which the model hands to every layer's attention function.
+
+Batching changes nothing: with padding (left, right or gaps, as a 2-D
+``attention_mask``) or packed sequences (``position_ids`` restarting at 0, or the
+``cu_seq_lens_q``/``cu_seq_lens_k`` keywords of transformers' flash-attention path),
+each sequence is attended exactly as if it ran alone (:mod:`longnet.varlen`), in
+prefill, in decoding (:mod:`longnet.decode`) and in training.
 
 The dilated pattern lives on the model config (``longnet_segment_lengths``,
 ``longnet_dilation_rates``, ``longnet_segment_phases``, ``longnet_backend``), so
@@ -40,12 +46,12 @@ if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 53):  # 
     raise ImportError(f"longnet.hf needs transformers >= 4.53 (its attention and mask interfaces), "
                       f"found {transformers.__version__}: pip install -U 'transformers>=4.53'")
 
-from ..backends import kernels
-from ..backends.numerics import acc_dtype, default_scale
+from ..backends.numerics import default_scale
 from ..backends.reference import count_matrix
-from ..backends.torch_backend import merge_partial
+from ..decode import decode_attention
 from ..functional import available_backends, dilated_attention
-from ..patterns import DilatedPattern, segment_start, used_offsets, visible_keys
+from ..patterns import DilatedPattern, segment_start
+from ..varlen import cu_seqlens_from_lengths, pad, unpad
 
 # Bidirectional masks go through the mask interface from transformers 4.56 on.
 _BIDIRECTIONAL = getattr(masking_utils, "bidirectional_mask_function", None)
@@ -60,23 +66,28 @@ _CONFIG_KEYS = ("longnet_segment_lengths", "longnet_dilation_rates", "longnet_se
 # Keyword arguments some model families pass that change the attention itself; the dilated
 # pattern does not combine with them, so a non-None value is refused rather than ignored.
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "sinks", "position_bias")
-_SUPPORTED = ("supported: causal self-attention with no mask or a right-padding 2-D attention_mask "
-              "(1s then 0s in every row), and bidirectional self-attention without padding")
+_SUPPORTED = ("supported: causal or bidirectional self-attention with no mask or a 2-D padding attention_mask "
+              "(0 = padding, anywhere in a row: left, right or gaps), and packed sequences (position_ids "
+              "restarting at 0, or flash-attention's cu_seq_lens_q/cu_seq_lens_k)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DilatedMask:
     """What the ``"longnet"`` mask function hands to every layer instead of an N x N mask.
 
     ``q_offset``: position of the first query (tokens already in the cache).
-    ``causal``: causal or bidirectional self-attention. Right padding needs no
-    mask at all under causal attention: valid positions come first, and a query
-    never sees a later key, so their outputs are exact; outputs at padded
-    positions are not meaningful.
+    ``causal``: causal or bidirectional self-attention.
+    ``key_padding_mask``: (B, L) bool, True = a real token, over the positions seen so far
+    (L >= q_offset + Nq; None: no padding). Each row's real tokens form its sequence, which is
+    segmented from its own first token; padded positions output 0.
+    ``sequence_ids``: (B, N) packed sequences (transformers' packed-sequence indices: equal
+    ids = one sequence) for a cache-free forward, or None.
     """
 
     q_offset: int
     causal: bool = True
+    key_padding_mask: Optional[Tensor] = None
+    sequence_ids: Optional[Tensor] = None
 
     # Generation with a compileable cache (StaticCache) prepares the mask up front, calls
     # .contiguous() on it and passes it back in as the model's attention_mask; these two
@@ -90,17 +101,38 @@ class DilatedMask:
 # ----------------------------------------------------------------------------- mask function
 
 
-def _check_padding(attention_mask: Optional[Tensor], causal: bool) -> None:
-    """attention_mask (B, L) bool: only right padding (each row 1s then 0s), and none when bidirectional."""
+def _padding(attention_mask) -> Optional[Tensor]:
+    """attention_mask (B, L) -> bool (B, L), or None when nothing is padding (or no mask)."""
     if attention_mask is None:
-        return
+        return None
+    if isinstance(attention_mask, DilatedMask):
+        return attention_mask.key_padding_mask
     m = attention_mask.bool()
-    if (m[:, 1:] & ~m[:, :-1]).any():
-        raise ValueError("longnet attention got an attention_mask with padding before a valid token "
-                         "(left padding, or a gap): dilated segments are aligned to the first position "
-                         f"of each row, so pad on the right (tokenizer.padding_side = 'right'); {_SUPPORTED}")
-    if not causal and not bool(m.all()):
-        raise ValueError(f"longnet attention got padding with bidirectional attention; {_SUPPORTED}")
+    return None if bool(m.all()) else m
+
+
+def _closure(fn) -> dict:
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in (fn.__closure__ or ()))))
+
+
+def _packed_ids(mask_function) -> Optional[Tensor]:
+    """transformers' packed-sequence indices (B, N) if the rule is causal within packed sequences, else None.
+
+    transformers builds that rule as and_masks(causal (remapped to positions), packed sequences); its
+    parts are read from the closures, so no N x N mask is ever evaluated.
+    """
+    if not getattr(mask_function, "__qualname__", "").startswith("and_masks"):
+        return None
+    ids, rest = None, []
+    for fn in _closure(mask_function).get("mask_functions", ()):
+        name = getattr(fn, "__qualname__", "")
+        if name.startswith("packed_sequence_mask_function"):
+            ids = _closure(fn).get("packed_sequence_mask")
+        elif name.startswith("remap_positions_for_packed_sequence"):
+            rest.append(_closure(fn).get("mask_function"))
+        else:
+            rest.append(fn)
+    return ids if ids is not None and all(fn is causal_mask_function for fn in rest) else None
 
 
 def _unpacked_causal(mask_function, batch_size: int, q_offset: int, q_length: int) -> bool:
@@ -123,28 +155,29 @@ def dilated_mask(batch_size: int = 1, kv_length: int = 0, kv_offset: int = 0, ma
     """The ``"longnet"`` entry of ``AttentionMaskInterface``; returns a :class:`DilatedMask`.
 
     Accepts the keyword arguments of transformers 5 (``q_length``, ``q_offset``)
-    and of 4.53 (``cache_position``). Refuses, with the reason, masks that are
-    not plain causal/bidirectional attention with right padding: packed
-    sequences, sliding windows, chunked or custom mask rules, left padding.
+    and of 4.53 (``cache_position``). Takes causal or bidirectional attention with
+    any 2-D padding mask, and causal attention within packed sequences; refuses,
+    with the reason, other rules: sliding windows, chunked or custom mask rules.
     """
     if q_offset is None:
         q_offset = int(cache_position[0]) if cache_position is not None and cache_position.numel() else 0
     if q_length is None:
         q_length = cache_position.numel() if cache_position is not None else kv_length
+    ids = None
     if mask_function is causal_mask_function or _unpacked_causal(mask_function, batch_size, int(q_offset), q_length):
         causal = True
     elif mask_function is _BIDIRECTIONAL and _BIDIRECTIONAL is not None:
         causal = False
     else:
-        name = getattr(mask_function, "__qualname__", repr(mask_function))
-        raise ValueError(f"longnet attention cannot apply the mask rule {name} (packed sequences, sliding "
-                         f"windows, chunked attention and custom mask functions are not supported); {_SUPPORTED}")
+        ids, causal = _packed_ids(mask_function), True
+        if ids is None:
+            name = getattr(mask_function, "__qualname__", repr(mask_function))
+            raise ValueError(f"longnet attention cannot apply the mask rule {name} (sliding windows, chunked "
+                             f"attention and custom mask functions are not supported); {_SUPPORTED}")
     if local_size is not None or kv_offset:
         raise ValueError(f"longnet attention does not support sliding-window caches (kv_offset={kv_offset}); "
                          f"{_SUPPORTED}")
-    if not isinstance(attention_mask, DilatedMask):  # a prepared one was checked when it was made
-        _check_padding(attention_mask, causal)
-    return DilatedMask(int(q_offset), causal)
+    return DilatedMask(int(q_offset), causal, _padding(attention_mask), ids)
 
 
 # ----------------------------------------------------------------------------- attention function
@@ -246,43 +279,120 @@ def _attend(query: Tensor, key: Tensor, value: Tensor, span: DilatedMask, patter
     return out[:, span.q_offset - start:].contiguous()
 
 
-def _decode_plan(p: int, segment_lengths, dilation_rates, num_heads: int,
-                 phases: Sequence[int]) -> Iterator[Tuple[slice, int, int]]:
-    """For query position p: (heads, first key, rate) of each pattern that keeps p in some head.
+def _decode(query: Tensor, key: Tensor, value: Tensor, pattern: DilatedPattern, scale: float,
+            padding: Optional[Tensor]) -> Tensor:
+    """One query (B, Hq, 1, D) in the last slot S - 1 against key/value (B, Hkv, S, D) -> (B, 1, Hq, D).
 
-    The heads with p's offset see keys first, first + r, ..., p (:func:`visible_keys`).
+    Each pattern reads only its kept keys, as strided slices of the cache (:mod:`longnet.decode`).
+    A row's sequence is its real tokens (``padding`` (B, S), None: all real): a row whose real
+    tokens end in one run at the query (no padding, left padding) reads the cache in place at its
+    own position; a row with gaps (right-padded prompts that went on generating) reads its real
+    keys gathered; a query that is padding outputs 0.
     """
-    for w, r, phi in zip(segment_lengths, dilation_rates, phases):
-        s, first, _ = visible_keys(p, w, r, phi)
-        if s in used_offsets(r, num_heads):
-            yield slice(s, num_heads, r), first, r
-
-
-def _kv_heads(x: Tensor, heads: slice, num_heads: int, rep: int) -> Tensor:
-    """x (B, Hkv, m, D) -> (B, len(heads), m, D) for query heads ``heads``: a view when rep = 1."""
-    if rep == 1:
-        return x[:, heads]
-    idx = torch.arange(num_heads, device=x.device)[heads] // rep
-    return x.index_select(1, idx)
-
-
-def _decode(query: Tensor, key: Tensor, value: Tensor, pattern: DilatedPattern, scale: float) -> Tensor:
-    """One query (B, Hq, 1, D) at position p = S - 1 against key/value (B, Hkv, S, D) -> (B, 1, Hq, D).
-
-    Each pattern reads only its kept keys, as strided slices of the cache, and the
-    partials merge by log-sum-exp (docs/design.md §2); heads no pattern keeps output 0.
-    """
-    b, hq, _, d = query.shape
-    p, rep = key.shape[2] - 1, hq // key.shape[1]
-    acc = acc_dtype(query.dtype)
-    out = torch.zeros(b, hq, d, dtype=acc, device=query.device)
-    lse = torch.full((b, hq), float("-inf"), dtype=acc, device=query.device)
-    for heads, first, rate in _decode_plan(p, pattern.segment_lengths, pattern.dilation_rates, hq,
-                                             pattern.segment_phases):
-        k_i, v_i = (_kv_heads(x[:, :, first:p + 1:rate], heads, hq, rep) for x in (key, value))
-        o_i, l_i = kernels.attn_fwd(query[:, heads], k_i, v_i, False, scale)
-        merge_partial(out[:, heads], lse[:, heads], o_i[:, :, 0], l_i[:, :, 0])
+    b, s = query.shape[0], key.shape[2]
+    q, k, v = query[:, :, 0], key.transpose(1, 2), value.transpose(1, 2)  # (B, S, Hkv, D) views
+    args = (pattern.segment_lengths, pattern.dilation_rates, scale)
+    if padding is None:
+        return decode_attention(q, k, v, [s - 1] * b, *args, segment_phases=pattern.segment_phases
+                                ).to(query.dtype).unsqueeze(1)
+    counts = padding.sum(1).tolist()
+    in_run = padding[:, -1] & (padding.flip(1).int().cumprod(1).sum(1) == padding.sum(1))  # real tokens: one run at the end
+    regular = in_run.tolist()
+    positions = [c - 1 if ok else 0 for c, ok in zip(counts, regular)]  # 0 reads slot S - 1 only: a harmless stand-in
+    out = decode_attention(q, k, v, positions, *args, segment_phases=pattern.segment_phases)
+    for i in (i for i, ok in enumerate(regular) if not ok):
+        idx = padding[i].nonzero().squeeze(1)
+        if not bool(padding[i, -1]):
+            out[i] = 0
+            continue
+        out[i] = decode_attention(q[i:i + 1], k[i:i + 1, idx], v[i:i + 1, idx], [idx.numel() - 1], *args,
+                                  segment_phases=pattern.segment_phases)[0]
     return out.to(query.dtype).unsqueeze(1)
+
+
+def _padded_key_mask(padding: Optional[Tensor], end: int) -> Optional[Tensor]:
+    """padding (B, L) as the mask of the first ``end`` positions (a shorter mask: the rest is real)."""
+    if padding is None:
+        return None
+    if padding.shape[1] < end:
+        padding = F.pad(padding, (0, end - padding.shape[1]), value=True)
+    padding = padding[:, :end]
+    return None if bool(padding.all()) else padding
+
+
+def _dense_per_sequence(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, pattern: DilatedPattern,
+                        causal: bool, scale: float, dropout: float) -> Tensor:
+    """The dropout path per sequence: packed q, k, v (T, H, D) with cu_seqlens (B + 1,) -> (T, H, D)."""
+    parts = []
+    bounds = cu_seqlens.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            parts.append(_dense_with_dropout(q[lo:hi][None], k[lo:hi][None], v[lo:hi][None], pattern.segment_lengths,
+                                             pattern.dilation_rates, causal, scale, dropout,
+                                             pattern.segment_phases)[0])
+    return torch.cat(parts) if parts else torch.zeros_like(q)
+
+
+def _attend_padded(query: Tensor, key: Tensor, value: Tensor, span: DilatedMask, padding: Tensor,
+                   pattern: DilatedPattern, backend: Optional[str], scale: float, dropout: float) -> Tensor:
+    """query (B, Hq, Nq, D) at positions q_offset.., key/value (B, Hkv, S, D), padding (B, S) -> (B, Nq, Hq, D).
+
+    The op runs on each row's real tokens, packed as one sequence from its first
+    (:mod:`longnet.varlen`), gaps included; the earlier queries of a chunked prefill are
+    zeros and their rows are dropped. Padded rows output 0.
+    """
+    if span.q_offset and not span.causal:
+        raise ValueError(f"longnet attention with a cache needs causal attention; {_SUPPORTED}")
+    rep = query.shape[1] // key.shape[1]
+    q = query.transpose(1, 2)
+    if span.q_offset:
+        q = torch.cat([q.new_zeros(q.shape[0], span.q_offset, *q.shape[2:]), q], 1)
+    b, s = padding.shape
+    # Packed, so that a row with gaps is one sequence of its real tokens too.
+    (q, indices, cu_seqlens, _), k, v = unpad(q, padding), unpad(_bnhd(key, rep), padding)[0], \
+        unpad(_bnhd(value, rep), padding)[0]
+    if dropout > 0:
+        out = _dense_per_sequence(q, k, v, cu_seqlens, pattern, span.causal, scale, dropout)
+    else:
+        out = dilated_attention(q, k, v, pattern.segment_lengths, pattern.dilation_rates, cu_seqlens=cu_seqlens,
+                                is_causal=span.causal, scale=scale, backend=backend,
+                                segment_phases=pattern.segment_phases)
+    return pad(out, indices, b, s)[:, span.q_offset:].contiguous()
+
+
+def _packed_cu_seqlens(span: DilatedMask, kwargs: dict, query: Tensor, key: Tensor) -> Optional[Tensor]:
+    """cu_seqlens (S + 1,) int32 over the B x N rows of a packed batch, or None when it is not packed."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None and span.sequence_ids is None:
+        return None
+    b, n = query.shape[0], query.shape[2]
+    if span.q_offset or key.shape[2] != n or span.key_padding_mask is not None:
+        raise ValueError(f"longnet attention takes packed sequences only without a cache or padding; {_SUPPORTED}")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k):
+            raise ValueError("longnet attention takes packed self-attention: cu_seq_lens_q and cu_seq_lens_k must "
+                             f"be given together and be equal; {_SUPPORTED}")
+        if b != 1 or int(cu_q[-1]) != n:
+            raise ValueError(f"cu_seq_lens_q must split the one row of the batch: batch size 1 and cu_seq_lens_q[-1] "
+                             f"= {n}, got batch size {b} and {int(cu_q[-1])}")
+        return cu_q.to(device=query.device, dtype=torch.int32)
+    ids = span.sequence_ids.expand(b, -1).to(query.device)
+    lengths = [c for row in ids for c in torch.unique_consecutive(row, return_counts=True)[1].tolist()]
+    return cu_seqlens_from_lengths(lengths, device=query.device)
+
+
+def _attend_packed(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, pattern: DilatedPattern,
+                   backend: Optional[str], scale: float, dropout: float) -> Tensor:
+    """query (B, Hq, N, D), key/value (B, Hkv, N, D) holding the causal sequences of ``cu_seqlens`` -> (B, N, Hq, D)."""
+    b, hq, n, d = query.shape
+    rep = hq // key.shape[1]
+    q, k, v = (x.reshape(b * n, hq, d) for x in (query.transpose(1, 2), _bnhd(key, rep), _bnhd(value, rep)))
+    if dropout > 0:
+        out = _dense_per_sequence(q, k, v, cu_seqlens, pattern, True, scale, dropout)
+    else:
+        out = dilated_attention(q, k, v, pattern.segment_lengths, pattern.dilation_rates, cu_seqlens=cu_seqlens,
+                                is_causal=True, scale=scale, backend=backend, segment_phases=pattern.segment_phases)
+    return out.view(b, n, hq, d)
 
 
 def dilated_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
@@ -294,8 +404,9 @@ def dilated_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     The pattern comes from ``module.config``. ``scaling`` (default D^-1/2) scales
     the scores. ``dropout`` > 0 (the model passes its attention dropout in
     training mode) runs the dense form of the same mixture with dropout on its
-    probabilities, O(N^2) memory. A single query with a cache and no gradient
-    takes the decode path, which reads only the kept keys.
+    probabilities, per sequence, O(N^2) memory. A single query with a cache and no
+    gradient takes the decode path, which reads only the kept keys. Padding and
+    packed sequences (see the module docstring) run each sequence as if alone.
     """
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
@@ -306,9 +417,15 @@ def dilated_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
     scale = default_scale(query.shape[-1]) if scaling is None else float(scaling)
     end = span.q_offset + query.shape[2]
     key, value = key[:, :, :end], value[:, :, :end]  # a static cache is longer than what it holds
+    cu_seqlens = _packed_cu_seqlens(span, kwargs, query, key)
+    if cu_seqlens is not None:
+        return _attend_packed(query, key, value, cu_seqlens, pattern, backend, scale, dropout), None
+    padding = _padded_key_mask(span.key_padding_mask, end)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if query.shape[2] == 1 and span.causal and dropout == 0 and not needs_grad:
-        return _decode(query, key, value, pattern, scale), None
+        return _decode(query, key, value, pattern, scale, padding), None
+    if padding is not None:
+        return _attend_padded(query, key, value, span, padding, pattern, backend, scale, dropout), None
     return _attend(query, key, value, span, pattern, backend, scale, dropout), None
 
 
