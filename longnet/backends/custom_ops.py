@@ -141,6 +141,16 @@ def _backward(ctx, dout: Optional[Tensor], dlse: Optional[Tensor]):
 dilated_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("longnet's torch and math backends are differentiable once: a backward through their "
+                       "gradients (create_graph=True, gradgradcheck, a gradient penalty) is not supported; "
+                       "backend='reference' is twice differentiable")
+
+
+# Without this, a second backward fails with torch's "no autograd formula was registered".
+dilated_attention_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def dilated_attention_torch(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
                             dilation_rates: Sequence[int], *, is_causal: bool = False, scale: float,
                             force_math: bool = False, segment_phases: Optional[Sequence[int]] = None

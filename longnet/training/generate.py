@@ -63,7 +63,8 @@ def _read_prompt(args: argparse.Namespace) -> bytes:
         except OSError as e:
             raise ValueError(f"--prompt-file {args.prompt_file!r}: {e.strerror}") from None
     else:
-        prompt_bytes = (args.prompt if args.prompt is not None else "\n").encode("utf-8")
+        prompt_bytes = (args.prompt if args.prompt is not None else "\n").encode(
+        "utf-8", "surrogateescape")  # argv bytes that are not UTF-8 come back as they were given
     if not prompt_bytes:
         raise ValueError("the prompt is empty; pass --prompt TEXT with at least one character")
     return prompt_bytes

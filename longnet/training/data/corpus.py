@@ -113,7 +113,7 @@ def _cache_dir(cache_dir: Optional[str]) -> str:
     try:
         os.makedirs(d, exist_ok=True)
     except OSError as e:
-        raise LongNetDataError(f"cannot create cache_dir {d!r} ({e}); pass cache_dir= or set $LONGNET_CACHE "
+        raise LongNetDataError(f"cannot create cache_dir {d!r} ({e}); pass --cache-dir DIR (cache_dir= in Python) or set $LONGNET_CACHE "
                                f"to a writable folder") from e
     return d
 
