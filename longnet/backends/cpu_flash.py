@@ -32,9 +32,11 @@ Which kernel runs is set by the environment variable ``LONGNET_CPU_KERNEL``:
 * ``aten``: PyTorch's kernel everywhere;
 * ``longnet``: like ``auto``, but a failed build is an error.
 
-The build (``torch.utils.cpp_extension.load``: g++ and ninja, about 30 s, once per machine and
-source version) goes to PyTorch's extension cache; ``-march=native`` makes it for the machine
-it runs on. Same contract as aten's kernel: (Z, H, L, D) inputs with any strides whose last
+The build (``torch.utils.cpp_extension.load``: g++ and ninja, about a minute on a busy 2-core
+machine, once per machine and source version) goes to PyTorch's extension cache, one folder per
+source version, verified before every load and rebuilt when damaged
+(:mod:`longnet.backends.kernel_cache`); ``-march=native`` makes it for the machine it runs on.
+Same contract as aten's kernel: (Z, H, L, D) inputs with any strides whose last
 dimension is contiguous, lse in float32 (float64 for float64 inputs), out / grads in the input
 dtype laid out (Z, L, H, D) in memory.
 """
@@ -44,7 +46,6 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import sys
 import threading
 import warnings
 from typing import Optional, Tuple
@@ -52,6 +53,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .kernel_cache import explain_failure, load_extension
 from .numerics import acc_dtype, last_dim_contiguous
 
 ENV = "LONGNET_CPU_KERNEL"
@@ -82,14 +84,10 @@ def mode() -> str:
 
 
 def _build():
-    from torch.utils import cpp_extension
-    build_dir = cpp_extension._get_build_directory(_NAME, verbose=False)
-    if not any(f.startswith(_NAME) and f.endswith(".so") for f in os.listdir(build_dir)):
-        print(f"longnet: building the CPU attention kernel into {build_dir} (once, about 30 s; "
-              f"{ENV}=aten skips it)", file=sys.stderr, flush=True)
     # -ffast-math lets the exp loops vectorise; the kernel keeps every value finite for it.
-    return cpp_extension.load(_NAME, [_SOURCE], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                              extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=False)
+    # The cache verifies the library before loading it and rebuilds a damaged one (kernel_cache).
+    return load_extension(_NAME, _SOURCE, ["-O3", "-march=native", "-ffast-math", "-fopenmp"], ["-fopenmp"],
+                          what="the CPU attention kernel", skip_hint=f"{ENV}=aten skips it")
 
 
 def module():
@@ -104,11 +102,11 @@ def module():
                 try:
                     _module = _build()
                 except Exception as e:  # a missing compiler shows up as several exception types
-                    _failed = f"{type(e).__name__}: {e}"
+                    _failed = explain_failure(e)
                     if m == "auto":
-                        warnings.warn(f"longnet: the CPU attention kernel did not build ({_failed.splitlines()[0]}); "
-                                      "using PyTorch's kernel. Install g++ and ninja, or set "
-                                      f"{ENV}=aten to silence this.", RuntimeWarning, stacklevel=3)
+                        warnings.warn(f"longnet: the CPU attention kernel did not build ({_failed}); using "
+                                      f"PyTorch's kernel. Set {ENV}=aten to silence this.", RuntimeWarning,
+                                      stacklevel=3)
     if _failed is not None and m == "longnet":
         raise RuntimeError(f"{ENV}=longnet but the CPU attention kernel did not build: {_failed}")
     return _module
