@@ -59,6 +59,16 @@ def _in_mask(t, rng):
     return (t >= rng[0]) & (t < rng[1])
 
 
+def test_mqar_query_parity():
+    even = MQAR(64, 4).batch(64, _gen(0))
+    assert (even.gap[even.mask] % 2 == 1).all()  # Zoology's layout: every gap odd
+    anyq = MQAR(64, 4, even_queries=False).batch(64, _gen(0))
+    odd = (anyq.gap[anyq.mask] % 2 == 1).float().mean().item()
+    assert 0.3 < odd < 0.7 and (anyq.mask.sum(1) == 4).all()
+    q = anyq.mask.nonzero()[:, 1]
+    assert q.min() >= 8 and q.max() <= 63
+
+
 def test_mqar_seed_fixes_batches_and_refuses_bad_knobs():
     a, b = MQAR(64, 4).batch(4, _gen(3)), MQAR(64, 4).batch(4, _gen(3))
     assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
@@ -160,6 +170,23 @@ def _brute_bucket(p, n, heads, q, j):
     return "local" if local else "dilated" if dilated else "off-residue" if shared else "beyond"
 
 
+def test_reach_rows_explain_mqar_parity():
+    from longnet.training.experiment.recall_suite import eval_set, reach_rows
+    s = RecallSettings(probes=())
+    for even, dilated_expected in ((True, False), (False, True)):
+        probe = Probe("mqar", 256, 1e12, (("num_pairs", 4), ("even_queries", even)))
+        rows = {r["bucket"]: r for r in reach_rows(s, probe, eval_set(probe, 64, 0))}
+        # One layer links exactly the local and dilated answers; the rest need two.
+        assert rows["local"]["max_depth"] == 1
+        assert ("dilated" in rows) == dilated_expected
+        if dilated_expected:
+            assert rows["dilated"]["max_depth"] == 1
+        assert rows["off-residue"]["min_depth"] == 2
+        one_hop = rows["local"]["answers"] + (rows["dilated"]["answers"] if dilated_expected else 0)
+        assert rows["one_hop"]["answers"] == one_hop
+        assert sum(rows[b]["answers"] for b in BUCKETS if b in rows) == 64 * 4
+
+
 def test_plan_equal_flops_same_shape():
     s = dataclasses.replace(RECALL_DEFAULT, probes=(Probe("mqar", 512, 1.2e13, (("num_pairs", 8),)),))
     runs = plan_recall(s)
@@ -251,3 +278,35 @@ def test_gpt_block_has_no_sub_ln_and_small_init():
     assert blk.ffn.fc2.weight.std().item() == pytest.approx(0.01, rel=0.1)
     with pytest.raises(ValueError, match="block"):
         LongNetConfig(block="transformer")
+
+
+def test_cli_refuses_lm_flags_and_prints_the_plan(capsys):
+    from longnet.cli import main
+    assert main(["experiment", "--suite", "recall", "--quick", "--dry-run", "--tasks", "mqar"]) == 0
+    out = capsys.readouterr().out
+    assert "recall plan: 4 runs" in out and "sliding10" in out
+    assert main(["experiment", "--suite", "recall", "--quick", "--dry-run", "--context", "64"]) == 2
+    assert "--context only apply to --suite lm" in capsys.readouterr().err
+    assert main(["experiment", "--suite", "recall", "--quick", "--dry-run", "--tasks", "sort"]) == 2
+
+
+@pytest.mark.slow
+def test_quick_suite_end_to_end(tmp_path):
+    import csv
+    from longnet.cli import main
+    out = tmp_path / "rq"
+    assert main(["experiment", "--suite", "recall", "--quick", "--out", str(out), "--threads", "1",
+                 "--no-progress"]) == 0
+    for name in ("runs.csv", "best.csv", "curve.csv", "gaps.csv", "reach.csv", "frontier.png", "gaps.png",
+                 "table.txt", "plan.json"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "best.csv", newline="") as f:
+        best = list(csv.DictReader(f))
+    assert len(best) == 16  # 4 probes x 4 models, each at its best of the (1 x 1) sweep
+    assert {r["task"] for r in best} == {"mqar", "copy", "vt", "passkey"}
+    for r in best:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0 and int(r["steps"]) >= 1
+    # Equal FLOPs within a probe: every model's training FLOPs within one step of the budget.
+    for probe in {r["probe"] for r in best}:
+        flops = [float(r["train_flops"]) for r in best if r["probe"] == probe]
+        assert max(flops) / min(flops) < 1.1

@@ -23,6 +23,9 @@ Tasks:
   once at a random even offset; the answer at a query is its value. Zoology draws query
   offsets from a power law that favours the start of the query region; here they are uniform
   over it, so gaps span the whole sequence. The gap is measured to the value's position.
+  In this layout every gap is odd (queries at even, values at odd positions), so no dilated
+  segment with an even rate keeps both ends in one head; ``even_queries=False`` puts queries
+  at any position of the query region instead.
 * :class:`Copying` (``x SEP x``, Jelassi et al. 2024): filler, a string of ``copy_len`` bytes,
   ``SEP``, and the string again; the answers are the second copy (gap = copy_len).
 * :class:`VariableTracking` (RULER's multi-hop tracing, byte-level): ``chains`` chains of
@@ -115,12 +118,16 @@ class MQAR(RecallTask):
 
     name = "mqar"
 
-    def __init__(self, seq_len: int, num_pairs: int = 8):
+    def __init__(self, seq_len: int, num_pairs: int = 8, even_queries: bool = True):
         super().__init__(seq_len)
         self.num_pairs = _check_int("num_pairs", num_pairs, 1)
         if self.num_pairs > KEYS[1] - KEYS[0]:
             raise ValueError(f"num_pairs must be at most {KEYS[1] - KEYS[0]} (distinct key bytes), got {num_pairs}")
-        self.slots = (self.seq_len - 2 * self.num_pairs) // 2  # even offsets in the query region
+        if not isinstance(even_queries, bool):
+            raise ValueError(f"even_queries must be True or False, got {even_queries!r}")
+        self.stride = 2 if even_queries else 1
+        # Query offsets in the region after the pairs (the last position has no target after it).
+        self.slots = (self.seq_len - 2 * self.num_pairs) // self.stride
         if self.slots < self.num_pairs:
             raise ValueError(f"seq_len={seq_len} is too short for {num_pairs} pairs: needs seq_len >= "
                              f"{4 * self.num_pairs}")
@@ -130,7 +137,7 @@ class MQAR(RecallTask):
         keys = _choose(KEYS[1] - KEYS[0], p, b, g) + KEYS[0]
         values = _randint(*VALUES, (b, p), g)
         seq[:, 0:2 * p:2], seq[:, 1:2 * p:2] = keys, values
-        q = 2 * p + 2 * _choose(self.slots, p, b, g)  # query positions (b, p), pair i asked at q[:, i]
+        q = 2 * p + self.stride * _choose(self.slots, p, b, g)  # query positions (b, p), pair i asked at q[:, i]
         seq.scatter_(1, q, keys)
         y.scatter_(1, q, values)
         mask.scatter_(1, q, torch.ones_like(q, dtype=torch.bool))
@@ -140,7 +147,7 @@ class MQAR(RecallTask):
         return self.num_pairs
 
     def describe(self) -> str:
-        return f"mqar@{self.seq_len}/{self.num_pairs}p"
+        return f"mqar@{self.seq_len}/{self.num_pairs}p" + ("" if self.stride == 2 else "/any")
 
 
 class Copying(RecallTask):

@@ -28,9 +28,9 @@ from ...device import machine_name, pick_device
 from ...fileio import atomic_write_json
 from .recall_plan import BLOCKS, RECALL_DEFAULT, RECALL_QUICK, RecallRun, RecallSettings, plan_recall, \
     total_flops
-from .recall_report import best_rows, format_recall_table, write_recall_plots, write_recall_results, \
+from .recall_report import best_rows, format_recall_table, write_reach, write_recall_plots, write_recall_results, \
     write_recall_table
-from .recall_suite import FORWARD_SHARE, RunResult, best_runs, eval_set, gap_rows, train_recall_run
+from .recall_suite import FORWARD_SHARE, RunResult, best_runs, eval_set, gap_rows, reach_rows, train_recall_run
 
 __all__ = ["add_recall_arguments", "recall_settings_from_args", "run_recall", "LM_ONLY"]
 
@@ -63,6 +63,8 @@ def add_recall_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tasks", type=_names, default=None, help="tasks to keep: mqar,copy,vt,passkey (default all)")
     g.add_argument("--lengths", type=positive_int_list, default=None, help="sequence lengths to keep (default all)")
     g.add_argument("--pairs", type=int, default=None, help="MQAR: key-value pairs of every MQAR probe")
+    g.add_argument("--mqar-queries", choices=("even", "any"), default=None,
+                   help="MQAR query offsets: even (Zoology's layout, every gap odd; default) or any")
     g.add_argument("--d-models", type=positive_int_list, default=None, help="widths of the sweep (default 64,128)")
     g.add_argument("--lrs", type=_floats, default=None, help="learning rates of the sweep (default 3e-4,1e-3,3e-3)")
     g.add_argument("--block", choices=BLOCKS, default=None, help="block of every model (default gpt)")
@@ -82,8 +84,13 @@ def _probes(base: RecallSettings, args: argparse.Namespace) -> tuple:
         probes = [p for p in probes if p.task in args.tasks]
     if args.lengths:
         probes = [p for p in probes if p.seq_len in args.lengths]
+    mqar = {}
     if args.pairs is not None:
-        probes = [dataclasses.replace(p, knobs=(("num_pairs", args.pairs),)) if p.task == "mqar" else p
+        mqar["num_pairs"] = args.pairs
+    if args.mqar_queries is not None:
+        mqar["even_queries"] = args.mqar_queries == "even"
+    if mqar:
+        probes = [dataclasses.replace(p, knobs=tuple({**dict(p.knobs), **mqar}.items())) if p.task == "mqar" else p
                   for p in probes]
     if args.budget_scale <= 0:
         raise ValueError(f"--budget-scale must be > 0, got {args.budget_scale}")
@@ -193,5 +200,7 @@ class _Suite:
         if final:
             title = f"{self.s.layers}L, block {self.s.block}; {self.machine}"
             write_recall_plots(self.out, best, self.results, gaps, title)
+            reach = [row for p in self.s.probes for row in reach_rows(self.s, p, self.data[p.name])]
+            write_reach(self.out, reach)
         return text
 

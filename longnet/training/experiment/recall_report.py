@@ -4,6 +4,8 @@
 * ``best.csv``: each (probe, model)'s best run, with its accuracy in each gap bucket;
 * ``curve.csv``: accuracy on the evaluation set against training FLOPs, every run;
 * ``gaps.csv``: the best runs' accuracy by gap bucket and by gap in powers of two;
+* ``reach.csv``: per probe and gap bucket, the layers LongNet's pattern needs to link each answer
+  to what it must read (:func:`~.recall_suite.reach_rows`);
 * ``frontier.png``: per probe, each model's best accuracy against training FLOPs;
 * ``gaps.png``: per probe, each model's best accuracy by gap bucket;
 * ``table.txt``: the printed table.
@@ -20,7 +22,8 @@ from ...fileio import atomic_write_text
 from .recall_plan import BUCKETS
 from .recall_suite import RunResult
 
-__all__ = ["RUN_FIELDS", "best_rows", "write_recall_results", "format_recall_table", "write_recall_plots"]
+__all__ = ["RUN_FIELDS", "best_rows", "write_recall_results", "format_recall_table", "write_recall_plots",
+           "write_reach", "write_recall_table"]
 
 RUN_FIELDS = ("probe", "task", "seq_len", "model", "kind", "pattern", "block", "d_model", "lr", "params",
               "planned_steps", "steps", "batch", "flops_per_token", "train_flops", "accuracy", "loss", "chance",
@@ -65,6 +68,13 @@ def format_recall_table(best: List[Dict[str, Any]]) -> str:
             Column("TFLOP", lambda r: r["train_flops"] / 1e12, ".3f", 7), Column("accuracy", "accuracy", ".3f", 8),
             Column("chance", "chance", ".3f", 6)]
     return format_table(best, cols + [_bucket(b) for b in BUCKETS])
+
+
+REACH_FIELDS = ("probe", "pattern", "bucket", "answers", "share", "min_depth", "max_depth", "mean_depth", "never")
+
+
+def write_reach(out: str, rows: List[Dict[str, Any]]) -> None:
+    write_csv(rows, os.path.join(out, "reach.csv"), REACH_FIELDS)
 
 
 def write_recall_table(out: str, text: str) -> str:

@@ -24,13 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...analysis.reach import depth_matrix
 from ...model import LongNetLM
 from ..recall import RecallBatch, chance_accuracy
 from .recall_plan import BUCKETS, Probe, RecallRun, RecallSettings, gap_buckets, reference_pattern
 
-__all__ = ["RunResult", "eval_set", "evaluate", "train_recall_run", "best_runs", "gap_rows", "EVAL_CHUNK"]
+__all__ = ["RunResult", "eval_set", "evaluate", "train_recall_run", "best_runs", "gap_rows", "reach_rows",
+           "EVAL_CHUNK", "REACH_MAX_LEN"]
 
 EVAL_CHUNK = 32  # sequences per evaluation forward
+REACH_MAX_LEN = 4096  # depth_matrix is (N, N) int32: 64 MiB here
 FORWARD_SHARE = 1.0 / 3.0  # an evaluation forward costs about a third of a training step's FLOPs
 
 
@@ -174,4 +177,36 @@ def gap_rows(s: RecallSettings, result: RunResult, data: RecallBatch) -> List[Di
         sel = bins == k
         rows.append({**head, "by": "log2", "bin": f"{2 ** k}-{2 ** (k + 1) - 1}", "answers": int(sel.sum()),
                      "accuracy": float(ok[sel].mean())})
+    return rows
+
+
+def reach_rows(s: RecallSettings, probe: Probe, data: RecallBatch) -> List[Dict[str, Any]]:
+    """How many layers each answer of the evaluation set needs under LongNet's pattern
+    (:func:`longnet.analysis.reach.depth_matrix`, causal, ``s.heads`` heads): per gap bucket, the
+    share of answers and their depths (layers after which position j can influence query q).
+
+    An MQAR answer needs a two-layer circuit: layer 1 attaches the key at j - 1 to the value at j
+    (always one local hop), then layer 2 at q must read j directly. So a 2-layer LongNet can only
+    answer where the depth is 1 (the ``local`` and ``dilated`` buckets); ``one_hop`` is that share.
+    Returns [] for probes longer than :data:`REACH_MAX_LEN`.
+    """
+    n = probe.seq_len
+    if n > REACH_MAX_LEN:
+        return []
+    pattern = reference_pattern(s, n)
+    depth = depth_matrix(pattern, n, s.heads, causal=True)
+    q, j = _answer_positions(data)
+    d = depth[q, j]  # D[i, j]: layers after which j influences i; -1 never
+    buckets = gap_buckets(pattern, n, s.heads, q, j)
+    rows = []
+    for i, b in enumerate(BUCKETS):
+        sel = buckets == i
+        if not sel.any():
+            continue
+        ds = d[sel]
+        rows.append({"probe": probe.name, "pattern": str(pattern), "bucket": b, "answers": int(sel.sum()),
+                     "share": float(sel.mean()), "min_depth": int(ds.min()), "max_depth": int(ds.max()),
+                     "mean_depth": float(ds.mean()), "never": int((ds < 0).sum())})
+    rows.append({"probe": probe.name, "pattern": str(pattern), "bucket": "one_hop", "answers": int((d == 1).sum()),
+                 "share": float((d == 1).mean()), "min_depth": 1, "max_depth": 1, "mean_depth": 1.0, "never": 0})
     return rows
