@@ -172,6 +172,24 @@ def test_peak_memory_growth_sees_an_allocation():
     assert mib * 2**20 * 0.9 <= growth < 4 * mib * 2**20
 
 
+def test_peak_rss_is_exact_on_linux_and_sees_a_peak_already_freed():
+    """The high-water mark, reset on entry: a temporary freed before the end counts, and an older,
+    larger peak of the process does not."""
+    old = torch.ones(256 * 2**18)  # 256 MiB, freed before the measurement
+    del old
+    common.release_free_heap()
+    mib = 64
+
+    def spike():
+        t = torch.ones(mib * 2**18)
+        del t
+
+    with common.PeakRSS() as m:
+        spike()
+    assert m.exact == os.path.exists("/proc/self/clear_refs")
+    assert mib * 2**20 * 0.9 <= m.growth < 3 * mib * 2**20, m.growth
+
+
 def test_format_table_blanks_nan_and_aligns():
     cols = (report.Column("name", "a", width=6, align="<"), report.Column("x", "b", ".2f", 6))
     text = report.format_table([{"a": "p", "b": 1.234}, {"a": "q", "b": float("nan")}], cols)

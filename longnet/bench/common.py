@@ -149,11 +149,39 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark (VmHWM) to the current resident size (Linux:
+    write 5 to /proc/self/clear_refs); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_bytes("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
 class PeakRSS:
-    """Peak resident memory above a baseline, sampled in a thread (CPU has no allocator stats)."""
+    """Peak resident memory above a baseline (CPU has no allocator statistics).
+
+    On Linux it is exact: the kernel's high-water mark (VmHWM), reset to the resident size on
+    entry (:func:`reset_peak_rss`), so no peak between two samples is missed. Elsewhere it is
+    sampled by a thread every ``interval`` seconds (``exact`` is then False).
+    """
 
     def __init__(self, interval: float = 0.002):
         self.interval, self.base, self.peak, self._stop = interval, 0, 0, threading.Event()
+        self.exact = False
+        self._thread: Optional[threading.Thread] = None
 
     @staticmethod
     def rss() -> int:
@@ -163,9 +191,11 @@ class PeakRSS:
     def __enter__(self) -> "PeakRSS":
         gc.collect()
         release_free_heap()
+        self.exact = reset_peak_rss()
         self.base = self.peak = self.rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        if not self.exact:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
         return self
 
     def _run(self) -> None:
@@ -174,6 +204,9 @@ class PeakRSS:
             time.sleep(self.interval)
 
     def __exit__(self, *exc) -> None:
+        if self.exact:
+            self.peak = max(self.peak, _status_bytes("VmHWM"), self.rss())
+            return
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.rss())
@@ -185,8 +218,8 @@ class PeakRSS:
 
 def peak_memory_growth(fn: Callable[[], Any], device: torch.device) -> int:
     """Bytes by which one call of ``fn`` raises peak memory: the CUDA allocator's peak on GPU,
-    sampled resident memory on CPU (which the allocator's reuse of freed pages blurs for
-    small tensors)."""
+    peak resident memory on CPU (:class:`PeakRSS`; the allocator's reuse of freed pages blurs
+    it for small tensors)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
