@@ -157,3 +157,32 @@ def bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, c
     """(dq, dk, dv) like ``aten._scaled_dot_product_flash_attention_for_cpu_backward``."""
     do, q, k, v, out = (last_dim_contiguous(x) for x in (do, q, k, v, out))
     return tuple(module().bwd(do, q, k, v, out, lse.to(acc_dtype(q.dtype)), causal, float(scale), *BWD_BLOCKS))
+
+
+# Band mode (:mod:`.band`): query rows per block. A block takes its rows' keys plus up to a segment
+# on either side, so smaller blocks waste fewer scores and larger ones make larger products.
+BAND_BLOCK = 16
+
+
+def band_wanted(q: Tensor, k: Tensor) -> bool:
+    """Whether the band of :mod:`.band` runs here for q, k (Z, H, L, D) (or (B, N, H, D)): CPU, a
+    kernel dtype, plain tensors, and the kernel available. Any length: a band's products are small."""
+    return q.device.type == "cpu" and q.dtype in _DTYPES and _plain(q, k) and module() is not None
+
+
+def band_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, windows, phases,
+             out: Optional[Tensor] = None, lse: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """(out (Z, H, L, D), lse (Z, H, L)) of the band (:mod:`.band`) in the accumulation dtype, merged
+    into the given ``out`` and ``lse`` in place (the mixture's other patterns) or fresh;
+    ``windows``, ``phases``: its patterns, clipped to L."""
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    return tuple(module().band_fwd(q, k, v, causal, float(scale), list(windows), list(phases), BAND_BLOCK, out, lse))
+
+
+def band_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float,
+             windows, phases, grads=None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the band at the given (merged) out and lse, in the accumulation dtype, added
+    into the given ``grads`` (Z, H, L, D) in place or fresh."""
+    do, q, k, v, out = (last_dim_contiguous(x.to(q.dtype)) for x in (do, q, k, v, out))
+    return tuple(module().band_bwd(do, q, k, v, out, lse.to(acc_dtype(q.dtype)), causal, float(scale),
+                                   list(windows), list(phases), BAND_BLOCK, grads))

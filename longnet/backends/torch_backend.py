@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..patterns import heads_with_offset, kept_count, segment_groups, used_offsets
-from . import kernels
+from . import band as _band, kernels
 from .numerics import acc_dtype
 
 __all__ = ["iter_units", "unit_view", "group_units", "merge_patterns", "accumulate_grads", "merge_partial",
@@ -264,8 +264,12 @@ def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
     Given buffers are merged into in place; without them, fresh ones are made
     (out in the accumulation dtype) and returned (see :func:`_first_plan`).
     ``segment_phases``: one per pattern, None for all 0 (see :func:`iter_units`).
+    Short r = 1 patterns (the local window) go last, together, as one band (:mod:`.band`).
     """
     b, n, h, d = q.shape
+    band = _band.split(n, segment_lengths, dilation_rates, segment_phases, q, k, force_math)
+    if band is not None:
+        segment_lengths, dilation_rates, segment_phases = band.rest_lengths, band.rest_rates, band.rest_phases
     acc = lse_dt = acc_dtype(q.dtype)
     units = iter_units(b, n, h, segment_lengths, dilation_rates, (q, k, v), segment_phases)
     calls = _calls(list(units), b, h, d * 4)
@@ -288,6 +292,8 @@ def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
                 lv.copy_(l_p)
             else:
                 merge_partial(ov, lv, o_p, l_p)
+    if band is not None:
+        out, lse = _band.merge_into(q, k, v, causal, scale, band, force_math, out, lse)
     if out is None:  # no pattern at all (sequence parallelism with only cross-rank patterns)
         out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
         lse = torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
@@ -301,9 +307,12 @@ def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     """Exact (dq, dk, dv) of the mixture: each partial's flash backward at the merged out and lse.
 
     Adds into given ``grads`` (B, N, H, D) in place, or makes and returns fresh
-    ones in the accumulation dtype (see :func:`_first_plan`).
+    ones in the accumulation dtype (see :func:`_first_plan`); the band last, as in :func:`merge_patterns`.
     """
     b, n, h, d = q.shape
+    band = _band.split(n, segment_lengths, dilation_rates, segment_phases, q, k, force_math)
+    if band is not None:
+        segment_lengths, dilation_rates, segment_phases = band.rest_lengths, band.rest_rates, band.rest_phases
     acc = acc_dtype(q.dtype)
     units = iter_units(b, n, h, segment_lengths, dilation_rates, (do, q, k, v, out, lse, *(grads or ())),
                        segment_phases)
@@ -326,6 +335,8 @@ def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                     gv.copy_(pv)
                 else:
                     gv.add_(pv)
+    if band is not None:
+        grads = _band.add_grads(do, q, k, v, out, lse, causal, scale, band, force_math, grads)
     if grads is None:
         grads = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
     return list(grads)
