@@ -71,13 +71,20 @@ def _cpu_flash(q, k, v, dropout=0.0, bias=None, softmax_scale=None, is_causal=Fa
     return out.transpose(1, 2), lse
 
 
-def _original_model(checkout: str):
-    """GigaPath's own 12-layer 768-d LongNetViT from ``checkout``, runnable on the CPU."""
-    sys.path[:0] = [checkout, os.path.join(checkout, "gigapath")]  # its copy imports itself as `torchscale`
+def _original_model_imports(checkout: str):
+    """GigaPath's slide_encoder module from ``checkout``, with flash-attn replaced and stand-ins installed."""
+    if checkout not in sys.path:
+        sys.path[:0] = [checkout, os.path.join(checkout, "gigapath")]  # its copy imports itself as `torchscale`
     stub_training_imports()
     import torchscale.component.multihead_attention as mha
     from gigapath import slide_encoder
     mha.flash_attn_func = _cpu_flash
+    return slide_encoder
+
+
+def _original_model(checkout: str):
+    """GigaPath's own 12-layer 768-d LongNetViT from ``checkout``, runnable on the CPU."""
+    slide_encoder = _original_model_imports(checkout)
     optimal = slide_encoder.LongNetViT.get_optimal_segment_length
     # Under numpy >= 2 its segment string reads "[np.int64(1024), ...]", which its config cannot eval.
     slide_encoder.LongNetViT.get_optimal_segment_length = lambda self, *a: str(
@@ -121,6 +128,43 @@ def run_point(impl: str, tiles: int, dtype_name: str, original: Optional[str]) -
             "start_mib": round(base), "finite": bool(torch.isfinite(out).all()), "threads": torch.get_num_threads()}
 
 
+def _original_encoder(checkout: str):
+    """GigaPath's own 12-layer LongNet encoder (no ViT wrapper, so no position table), runnable on the CPU."""
+    _original_model_imports(checkout)
+    from gigapath.torchscale.model.LongNet import make_longnet_from_name
+    from ..compat.gigapath import optimal_segment_length
+    return make_longnet_from_name("LongNet_12_layers_768_dim", segment_length=optimal_segment_length())
+
+
+def interleaved(checkout: str, tiles: int, dtype_name: str, repeats: int) -> Dict[str, object]:
+    """Encoder forward of the original and of compat with the same weights, alternated in one process.
+
+    Both see the same load, so the time ratio is fair; the outputs are compared too.
+    """
+    from ..compat.torchscale import make_longnet_from_name
+    from ..compat.gigapath import optimal_segment_length
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    original = _original_encoder(checkout).to(dtype).eval()
+    ours = make_longnet_from_name("LongNet_12_layers_768_dim", segment_length=optimal_segment_length())
+    ours.load_state_dict(original.state_dict(), strict=True)
+    ours = ours.to(dtype).eval()
+    x = torch.randn(1, tiles + 1, 768).to(dtype)
+    times: Dict[str, List[float]] = {"original": [], "longnet": []}
+    outs = {}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, model in (("original", original), ("longnet", ours)):
+                start = time.perf_counter()
+                outs[name] = model(src_tokens=None, token_embeddings=x)["encoder_out"]
+                times[name].append(time.perf_counter() - start)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    diff = float((outs["original"].double() - outs["longnet"].double()).abs().max())
+    return {"tiles": tiles, "dtype": dtype_name, "original_s": round(med["original"], 2),
+            "longnet_s": round(med["longnet"], 2), "ratio": round(med["longnet"] / med["original"], 3),
+            "max_abs_diff": diff, "repeats": repeats}
+
+
 COLUMNS = [Column("impl", "impl", width=9, align="<"), Column("tiles", "tiles", width=7),
            Column("dtype", "dtype", width=6), Column("build s", "build_s", ".1f", 8),
            Column("forward s", "forward_s", ".1f", 10), Column("peak MiB (built)", "peak_built_mib", "", 17),
@@ -152,8 +196,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     ap.add_argument("--original-max-tiles", type=int, default=50000, help="largest tile count for the original")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per point")
     ap.add_argument("--csv", default=None, help="write the rows here")
+    ap.add_argument("--plan", default=None,
+                    help="explicit points in this order, e.g. longnet:50000:fp32,original:1000:bf16 "
+                         "(instead of --tiles x --dtypes)")
+    ap.add_argument("--interleave", default=None,
+                    help="tiles:dtype[,...]: the original's and compat's encoders (same weights, no position "
+                         "table) alternated in one process, for a fair time ratio and an output comparison")
+    ap.add_argument("--repeats", type=int, default=3, help="calls of each encoder per --interleave point")
     ap.add_argument("--point", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.interleave:
+        if not args.original:
+            ap.error("--interleave needs --original")
+        for item in args.interleave.split(","):
+            tiles, dtype = item.split(":")
+            print(json.dumps(interleaved(args.original, int(tiles), dtype, args.repeats)), flush=True)
+        return
     if args.point:
         impl, tiles, dtype = args.point.split(",")
         print(json.dumps(run_point(impl, int(tiles), dtype, args.original)), flush=True)
@@ -164,14 +222,26 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows = []
     fields = ["impl", "tiles", "dtype", "build_s", "forward_s", "peak_built_mib", "peak_mib", "start_mib",
               "threads", "note"]
-    for tiles in (int(t) for t in args.tiles.split(",")):
-        for dtype in args.dtypes.split(","):
-            impls = ["longnet"] + (["original"] if args.original and tiles <= args.original_max_tiles else [])
-            for impl in impls:
-                rows.append(_spawn(impl, tiles, dtype, args.original, args.timeout))
-                print(format_table(rows[-1:], COLUMNS, header=len(rows) == 1), flush=True)
-                if args.csv:  # after every point, so a long run that is stopped keeps what it measured
-                    write_csv(rows, args.csv, fieldnames=fields)
+    for impl, tiles, dtype in _plan(args, ap):
+        rows.append(_spawn(impl, tiles, dtype, args.original, args.timeout))
+        print(format_table(rows[-1:], COLUMNS, header=len(rows) == 1), flush=True)
+        if args.csv:  # after every point, so a long run that is stopped keeps what it measured
+            write_csv(rows, args.csv, fieldnames=fields)
+
+
+def _plan(args, ap) -> List[tuple]:
+    """(impl, tiles, dtype) points: --plan as given, else every tile count x dtype (original where asked)."""
+    if args.plan:
+        points = []
+        for item in args.plan.split(","):
+            impl, tiles, dtype = item.split(":")
+            if impl not in ("longnet", "original") or dtype not in DTYPES or (impl == "original" and not args.original):
+                ap.error(f"--plan items must be longnet|original:TILES:DTYPE (original needs --original), got {item!r}")
+            points.append((impl, int(tiles), dtype))
+        return points
+    return [(impl, tiles, dtype) for tiles in (int(t) for t in args.tiles.split(","))
+            for dtype in args.dtypes.split(",")
+            for impl in ["longnet"] + (["original"] if args.original and tiles <= args.original_max_tiles else [])]
 
 
 if __name__ == "__main__":
