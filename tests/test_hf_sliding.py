@@ -1,5 +1,6 @@
 """A built sliding-window model switches to dilated attention when asked (issue 24): the window
-is fixed in the modules when the model is built, so the config alone cannot undo it."""
+is fixed in the modules when the model is built, so the config alone cannot undo it. Also
+output_attentions=True, which would otherwise return an empty tuple without a word."""
 
 import copy
 
@@ -47,3 +48,12 @@ def test_a_sliding_window_model_switches_when_asked(family, tmp_path):
     loaded = type(win).from_pretrained(tmp_path / "m", attn_implementation="longnet").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, got, atol=1e-6, rtol=1e-5)
+
+
+def test_output_attentions_is_refused_not_an_empty_tuple():
+    model = _built(Qwen2ForCausalLM, Qwen2Config)
+    lh.use_dilated_attention(model, W, R)
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="output_attentions=True: longnet attention never forms"):
+        model(x, output_attentions=True)
+    assert model(x).logits.shape == (1, 20, 256)

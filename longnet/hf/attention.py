@@ -412,6 +412,10 @@ def dilated_attention_forward(module, query: Tensor, key: Tensor, value: Tensor,
         if kwargs.get(name) is not None:
             raise ValueError(f"longnet attention cannot combine the dilated pattern with {name}="
                              f"{kwargs[name]!r} from {type(module).__name__}; {_SUPPORTED}")
+    if kwargs.get("output_attentions"):  # else transformers returns an empty tuple without a word
+        raise ValueError("output_attentions=True: longnet attention never forms the N x N attention weights; "
+                         "drop output_attentions, or load a copy with attn_implementation='eager' to inspect "
+                         "dense weights")
     pattern, backend = _layer_pattern(module)
     span = _span(attention_mask, query, key, module, is_causal)
     scale = default_scale(query.shape[-1]) if scaling is None else float(scaling)
