@@ -14,6 +14,7 @@ COMMANDS = {
     "eval": ("longnet.training.evaluate", "bits-per-byte of a checkpoint on valid/test data"),
     "generate": ("longnet.training.generate", "sample text from a checkpoint"),
     "bench": ("longnet.bench.op", "time and memory of dilated vs dense attention"),
+    "plan": ("longnet.commands.plan", "per-rank memory, communication and projected step time of a run at scale"),
     "viz": ("longnet.analysis.viz", "draw dilation patterns, count matrices and reach"),
     "selftest": ("longnet.selftest", "validate longnet on this machine's GPUs (--gpu; --dry-run on CPU)"),
     "experiment": ("longnet.training.experiment.command",
