@@ -205,3 +205,32 @@ def test_padding_mask_equals_each_sequence_alone():
             if keep.any():
                 alone = model(None, token_embeddings=x[i:i + 1, keep])["encoder_out"]
                 assert_close(out[i, keep], alone[0], torch.float64)
+
+
+# The CUDA path on this CPU-only machine: fake CUDA tensors (tests/test_cuda_fake.py's harness).
+from tests.test_cuda_fake import (EFFICIENT_FWD, FLASH_BWD, FLASH_FWD, NOT_ON_CUDA_HALF, AtenLog, Ctx,  # noqa: E402
+                                  fake_cuda, gpu_arch)  # noqa: F401  (pytest fixtures)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_attention_on_cuda_uses_the_gpu_kernels(fake_cuda, dtype):
+    q, k, v = [torch.randn(1, 37, 3, 16, dtype=dtype, device="cuda") for _ in range(3)]
+    with torch.no_grad(), AtenLog() as log:
+        out = ts_attn.torchscale_dilated_attention(q, k, v, (16, 40), (1, 2))
+    assert out.device.type == "cuda" and out.dtype == dtype and out.shape == q.shape
+    assert log.of(EFFICIENT_FWD if dtype == torch.float32 else FLASH_FWD)
+    assert not (log.ops() & NOT_ON_CUDA_HALF), "math or CPU kernels ran on CUDA"
+
+
+def test_attention_backward_on_cuda_uses_the_flash_backward(fake_cuda, monkeypatch):
+    from longnet.backends import lse_grad
+    monkeypatch.setattr(lse_grad, "_any_left", lambda rest: True)  # data-dependent: take the second pass too
+    q, k, v = [torch.randn(2, 3, 20, 16, dtype=torch.bfloat16, device="cuda") for _ in range(3)]
+    ctx = Ctx()
+    out, lse = ts_attn._KernelAttention.forward(ctx, q, k, v, False, 0.25)
+    ctx.saved_tensors = (q, k, v, out, lse)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    with AtenLog() as log:
+        grads = ts_attn._KernelAttention.backward(ctx, dout, dlse)
+    assert log.of(FLASH_BWD) and not (log.ops() & NOT_ON_CUDA_HALF)
+    assert [g.shape for g in grads[:3]] == [q.shape] * 3 and all(g.dtype == torch.bfloat16 for g in grads[:3])
