@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "run needs a new or empty folder")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its newest intact checkpoint")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="--resume when --out already holds a checkpoint, else start the run there (for "
+                             "torchrun --max-restarts: a restarted job continues from its last complete checkpoint)")
     parser.add_argument("--allow-data-change", action="store_true",
                         help="with --resume: continue even though the training data changed since the checkpoint")
     parser.add_argument("--max-steps", type=int, default=None, metavar="N",
@@ -116,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
     prefix = "" if is_rank0() else f"[rank {os.environ.get('RANK')}] "
     ctx = setup = None
     try:
+        if args.auto_resume:
+            from ..training.checkpoint import checkpoint_steps
+            args.resume = bool(args.out) and bool(checkpoint_steps(args.out))
         parallel = _parallel_sizes(args)
         setup = prepare(args)
         _check_mesh(setup, parallel, args)

@@ -561,6 +561,7 @@ def load_dcp_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optim
     sharded now: DCP reshards from the world size that saved it. Collective when a process
     group is initialised (every rank calls it), plain reads in one process."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
     path = os.path.join(ckpt, "dcp")
     try:
@@ -571,8 +572,8 @@ def load_dcp_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optim
             state = {"model": msd, "optim": osd}
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e)}") from None
+    except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
+        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e, 300)}") from None
     if optimizer is None:
         return
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -580,13 +581,14 @@ def load_dcp_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optim
 
 def _load_dcp_weights(model: torch.nn.Module, ckpt: str) -> None:
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     path = os.path.join(ckpt, "dcp")
     state = {"model": model.state_dict()}  # views of the parameters: DCP loads into them in place
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=True)
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e)}") from None
+    except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
+        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e, 300)}") from None
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise CheckpointError(f"{path} is damaged: {name} holds non-finite values")
