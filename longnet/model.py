@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +44,9 @@ from torch.utils.checkpoint import checkpoint
 from .backends.numerics import default_scale
 from .config import LongNetConfig, xpos_max_length
 from .modules import MultiheadDilatedAttention
-from .patterns import broadcast_pattern, used_offsets, visible_keys
+from .decode import decode_attention
+from .patterns import broadcast_pattern
+from .varlen import check_cu_seqlens, check_varlen_args, cu_seqlens_from_lengths, pad, unpad
 
 __all__ = ["LongNetConfig", "LongNetLM", "LongNetTransformer", "FeedForward", "LongNetBlock", "KVCache"]
 
@@ -136,21 +139,22 @@ class LongNetBlock(nn.Module):
 class KVCache:
     """Per-layer keys (XPOS-rotated, not decayed) and values, each (B, capacity, H, D).
 
-    Slot i holds position ``start + i``; positions ``start .. length-1`` are filled. A query at
-    position p reads only keys of its own segments, none before p - window + 1 (window =
-    max(w)), so :meth:`make_room` drops older positions. Until then the buffers double when
-    full; afterwards they stay at 2 * window slots and each drop frees about half of them,
-    so storing a token costs amortised O(1) and memory is O(min(length, window)).
+    Each sequence b has its own length: slot i of row b holds position ``starts[b] + i`` of
+    sequence b, and positions ``starts[b] .. lengths[b] - 1`` are filled. A query at position p
+    reads only keys of its own segments, none before p - window + 1 (window = max(w)), so
+    :meth:`make_room` drops older positions, per sequence. Until then the buffers double when
+    full; afterwards they stay at 2 * window slots and each drop frees about half of them, so
+    storing a token costs amortised O(1) and each sequence keeps O(min(length, window)).
     ``decay`` is (window, D): row d holds XPOS's key factor zeta^(d / scale_base) for a key
     d positions before the query (<= 1), or None without XPOS.
     """
 
     keys: List[Tensor]
     values: List[Tensor]
-    length: int
+    lengths: List[int]
     decay: Optional[Tensor]
     window: int
-    start: int = 0
+    starts: List[int]
 
     @property
     def capacity(self) -> int:
@@ -160,59 +164,114 @@ class KVCache:
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
-    def fill(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Store the prompt's keys and values (B, N, H, D) of one layer, positions start..N-1."""
-        n = k.shape[1] - self.start
-        self.keys[layer][:, :n] = k[:, self.start:]
-        self.values[layer][:, :n] = v[:, self.start:]
+    @property
+    def length(self) -> int:
+        """The common length of every sequence (a batch of one length)."""
+        return _common("lengths", self.lengths)
+
+    @property
+    def start(self) -> int:
+        """The common first kept position of every sequence (a batch of one length)."""
+        return _common("starts", self.starts)
+
+    def slots(self) -> List[int]:
+        """The slot of each sequence's next position ``lengths[b]``."""
+        return [n - s for n, s in zip(self.lengths, self.starts)]
+
+    def fill(self, layer: int, b: int, k: Tensor, v: Tensor) -> None:
+        """Store sequence b's prompt keys and values (L, H, D) of one layer, positions starts[b]..L-1."""
+        start = self.starts[b]
+        n = k.shape[0] - start
+        self.keys[layer][b, :n] = k[start:]
+        self.values[layer][b, :n] = v[start:]
 
     def put(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Store k, v (B, 1, H, D) of position ``length`` (after :meth:`make_room`)."""
-        i = self.length - self.start
-        self.keys[layer][:, i] = k[:, 0]
-        self.values[layer][:, i] = v[:, 0]
+        """Store k, v (B, 1, H, D) of each sequence's position ``lengths[b]`` (after :meth:`make_room`)."""
+        slots = self.slots()
+        if len(set(slots)) == 1:
+            self.keys[layer][:, slots[0]] = k[:, 0]
+            self.values[layer][:, slots[0]] = v[:, 0]
+            return
+        rows = torch.arange(self.batch, device=k.device)
+        idx = torch.tensor(slots, device=k.device)
+        self.keys[layer][rows, idx] = k[:, 0]
+        self.values[layer][rows, idx] = v[:, 0]
 
     def make_room(self) -> None:
-        """Make sure position ``length`` has a slot: drop positions no later query reads, and grow."""
-        if self.length - self.start < self.capacity:
+        """Make sure each position ``lengths[b]`` has a slot: drop positions no later query reads, and grow."""
+        if max(self.slots()) < self.capacity:
             return
-        keep_from = max(self.start, self.length - self.window + 1)
-        kept = self.length - keep_from
-        capacity = max(min(2 * self.capacity, 2 * self.window), kept + 1)
-        src = keep_from - self.start
+        keep_from = [max(s, n - self.window + 1) for n, s in zip(self.lengths, self.starts)]
+        kept = [n - f for n, f in zip(self.lengths, keep_from)]
+        capacity = max(min(2 * self.capacity, 2 * self.window), max(kept) + 1)
+        src = [f - s for f, s in zip(keep_from, self.starts)]
         self.keys = [_compact(t, src, kept, capacity) for t in self.keys]
         self.values = [_compact(t, src, kept, capacity) for t in self.values]
-        self.start = keep_from
+        self.starts = keep_from
 
 
-def _compact(buf: Tensor, src: int, kept: int, capacity: int) -> Tensor:
-    """buf (B, C, H, D) with slots src..src+kept-1 moved to the front of a buffer of ``capacity`` slots."""
-    if capacity == buf.shape[1]:
-        buf[:, :kept] = buf[:, src:src + kept].clone()  # the ranges may overlap
-        return buf
-    out = buf.new_zeros((buf.shape[0], capacity) + tuple(buf.shape[2:]))
-    out[:, :kept] = buf[:, src:src + kept]
+def _common(name: str, values: List[int]) -> int:
+    if len(set(values)) != 1:
+        raise ValueError(f"the cached sequences have different {name} {values}; read cache.{name}")
+    return values[0]
+
+
+def _compact(buf: Tensor, src: List[int], kept: List[int], capacity: int) -> Tensor:
+    """buf (B, C, H, D) with row b's slots src[b]..src[b]+kept[b]-1 moved to the front of ``capacity`` slots."""
+    out = buf if capacity == buf.shape[1] else buf.new_zeros((buf.shape[0], capacity) + tuple(buf.shape[2:]))
+    same = len(set(src)) == 1 and len(set(kept)) == 1
+    for b in [slice(None)] if same else range(buf.shape[0]):
+        s, n = (src[0], kept[0]) if same else (src[b], kept[b])
+        out[b, :n] = buf[b, s:s + n].clone()  # the ranges may overlap
     return out
 
 
-# A decode step's work for one pattern: (heads, first slot, end slot, rate, XPOS key decay
-# (1, m, 1, D) or None); it reads slots first, first + rate, ... < end.
-_CacheStep = Tuple[slice, int, int, int, Optional[Tensor]]
-
-
 def _rotated_qkv(attn: MultiheadDilatedAttention, h: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """h (B, N, E) -> q, k, v (B, N, H, D), qk-normed and XPOS-rotated but not decayed."""
+    """h (B, N, E) -> q, k, v (B, N, H, D), qk-normed and XPOS-rotated by positions (N,), not decayed."""
     q, k, v = attn.project_raw(h)
     if attn.xpos is not None:
         q, k = attn.xpos.rotate(q, positions), attn.xpos.rotate(k, positions)
     return q, k, v
 
 
+def _packed_attention(cu_seqlens: Tensor, lengths: List[int], cache: Optional[KVCache] = None,
+                      layer: int = 0):
+    """Block attention for packed sequences: h (1, T, E), sequence b at rows cu_seqlens[b]..[b+1].
+
+    Each sequence gets positions from 0 and XPOS's centre of a forward over it alone, and the op
+    segments it from its own start (varlen), so every row equals that sequence run alone. With a
+    cache, each sequence's keys and values fill its row (prefill).
+    """
+    def attention(attn: MultiheadDilatedAttention, h: Tensor) -> Tensor:
+        positions, centers = _packed_positions(lengths, h.device)
+        q, k, v = _rotated_qkv(attn, h, positions)
+        if cache is not None:
+            for b, (lo, hi) in enumerate(zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:])):
+                cache.fill(layer, b, k[0, lo:hi], v[0, lo:hi])
+        if attn.xpos is not None:
+            q, k = attn.xpos.scale(q, k, attn.xpos.decay(positions - centers, 0.0).to(h.device)[None, :, None, :])
+        out = attn.attention_fn(q[0], k[0], v[0], attn.segment_lengths, attn.dilation_rates,
+                                is_causal=attn.causal, backend=attn.backend, cu_seqlens=cu_seqlens,
+                                **attn._pattern_kwargs)
+        return out[None]
+    return attention
+
+
+def _packed_positions(lengths: List[int], device) -> Tuple[Tensor, Tensor]:
+    """(positions (T,) restarting at 0 per sequence, XPOS centre (T,) of each row's sequence)."""
+    n = torch.tensor(lengths, dtype=torch.int64)
+    first = torch.repeat_interleave(n.cumsum(0) - n, n)
+    positions = torch.arange(int(n.sum())) - first
+    centers = torch.repeat_interleave((n - 1).clamp(min=0).double() / 2, n)
+    return positions.to(device), centers.to(device)
+
+
 def _prefill_attention(cache: KVCache, layer: int, positions: Tensor):
-    """Block attention for a prompt at positions (N,): the full op, filling layer ``layer`` of the cache."""
+    """Block attention for a prompt (B, N) at positions (N,): the full op, filling layer ``layer`` of the cache."""
     def attention(attn: MultiheadDilatedAttention, h: Tensor) -> Tensor:
         q, k, v = _rotated_qkv(attn, h, positions)
-        cache.fill(layer, k, v)
+        for b in range(k.shape[0]):
+            cache.fill(layer, b, k[b], v[b])
         if attn.xpos is not None:
             # Decayed around the centre MultiheadDilatedAttention.project uses, so the logits
             # equal the training forward's.
@@ -222,34 +281,17 @@ def _prefill_attention(cache: KVCache, layer: int, positions: Tensor):
     return attention
 
 
-def _decode_attention(cache: KVCache, layer: int, position: Tensor, steps: List[_CacheStep], scale: float):
-    """Block attention for one new token at ``position`` (1,): stores its k, v and attends to the cache."""
+def _decode_attention(cache: KVCache, layer: int, positions: Tensor, scale: float):
+    """Block attention for one new token per sequence at ``positions`` (B,): stores its k, v, attends to the cache."""
     def attention(attn: MultiheadDilatedAttention, h: Tensor) -> Tensor:
-        q, k, v = _rotated_qkv(attn, h, position)
+        # Rows as positions of one sequence, so each row is rotated by its own position.
+        q, k, v = (x.transpose(0, 1) for x in _rotated_qkv(attn, h.transpose(0, 1), positions))
         cache.put(layer, k, v)
-        out = _attend_to_cache(q[:, 0].float(), cache.keys[layer], cache.values[layer], steps, scale)
+        out = decode_attention(q[:, 0], cache.keys[layer], cache.values[layer], cache.lengths,
+                               attn.segment_lengths, attn.dilation_rates, scale,
+                               segment_phases=attn.segment_phases, slots=cache.slots(), decay=cache.decay)
         return out.to(h.dtype)[:, None]
     return attention
-
-
-def _attend_to_cache(q: Tensor, kc: Tensor, vc: Tensor, steps: List[_CacheStep], scale: float) -> Tensor:
-    """q (B, H, D) float32, kc, vc (B, C, H, D) -> (B, H, D) float32; heads no pattern keeps give 0."""
-    b, n_heads, d = q.shape
-    out = torch.zeros(b, n_heads, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, n_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    for heads, first, end, r, decay in steps:
-        keys = kc[:, first:end:r, heads].float()  # (B, m, Hs, D), a strided view
-        if decay is not None:
-            keys = keys * decay
-        scores = torch.einsum("bhd,bmhd->bhm", q[:, heads], keys) * scale
-        l_i = torch.logsumexp(scores, dim=-1)  # (B, Hs)
-        o_i = torch.einsum("bhm,bmhd->bhd", torch.exp(scores - l_i[..., None]), vc[:, first:end:r, heads].float())
-        # Mixture merge (docs/design.md §2); l_i is finite (the query sees itself), so new is finite.
-        old = lse[:, heads]
-        new = torch.logaddexp(old, l_i)
-        out[:, heads] = out[:, heads] * torch.exp(old - new)[..., None] + o_i * torch.exp(l_i - new)[..., None]
-        lse[:, heads] = new
-    return out
 
 
 class LongNetLM(nn.Module):
@@ -295,41 +337,68 @@ class LongNetLM(nn.Module):
         if tokens.numel() == 0:
             raise ValueError(f"tokens is empty (shape {tuple(tokens.shape)}); need B >= 1 and N >= 1")
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """tokens (B, N) -> logits (B, N, V), float32 unless under autocast."""
+    def forward(self, tokens: Tensor, *, cu_seqlens: Optional[Tensor] = None,
+                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+        """tokens (B, N) -> logits (B, N, V), float32 unless under autocast.
+
+        Variable-length batches (each sequence's logits equal those of the sequence alone):
+        ``cu_seqlens`` (S + 1,) int32 splits the B x N tokens, read row after row as one
+        stream, into S sequences (flash-attn's packed convention, :mod:`longnet.varlen`), e.g.
+        documents packed into training rows; ``key_padding_mask`` (B, N) bool (True = a real
+        token) marks padding anywhere in a row, whose logits are 0.
+        """
         self._check_tokens(tokens)
-        return self._logits(tokens)
+        if cu_seqlens is not None and key_padding_mask is not None:
+            raise ValueError("pass cu_seqlens or key_padding_mask, not both")
+        if cu_seqlens is None and key_padding_mask is None:
+            return self._logits(tokens)
+        b, n = tokens.shape
+        if key_padding_mask is not None:
+            packed, indices, cu_seqlens, _ = unpad(tokens, key_padding_mask)
+            return pad(self._packed_logits(packed[None], cu_seqlens)[0], indices, b, n)
+        check_varlen_args(tokens.reshape(-1, 1, 1), cu_seqlens, None, None)
+        check_cu_seqlens(cu_seqlens.tolist(), b * n)
+        return self._packed_logits(tokens.reshape(1, b * n), cu_seqlens).view(b, n, -1)
+
+    def _packed_logits(self, tokens: Tensor, cu_seqlens: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        """tokens (1, T) holding the sequences of ``cu_seqlens`` -> logits (1, T, V), optionally filling a cache."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        positions, _ = _packed_positions(lengths, tokens.device)
+        return self._logits(tokens, lambda layer: _packed_attention(cu_seqlens, lengths, cache, layer),
+                            positions=positions)
 
     def _logits(self, tokens: Tensor, attention: Optional[Callable[[int], Callable]] = None,
-                start: int = 0) -> Tensor:
-        """tokens (B, N) at positions start.. -> logits (B, N, V): the model's one forward.
+                positions: Optional[Tensor] = None) -> Tensor:
+        """tokens (B, N) at ``positions`` ((N,) or (B, N), default 0..N-1) -> logits (B, N, V): the one forward.
 
         ``attention(layer)`` gives the attention that :meth:`LongNetBlock.forward` runs in that
-        layer (cached decoding); None runs the full op, with activation checkpointing if set.
+        layer (packed sequences, cached decoding); None runs the full op. Activation
+        checkpointing, if set, applies whenever gradients are taken.
         """
         x = self.embed(tokens.long())
         if self.pos_embed is not None:
-            x = x + self.pos_embed(self._positions(start, tokens.shape[1], tokens.device))
+            x = x + self.pos_embed(self._positions(tokens.shape[1], tokens.device, positions))
         x = F.dropout(x, self.config.dropout, self.training)
-        use_ckpt = (attention is None and self.config.activation_checkpointing and self.training
-                    and torch.is_grad_enabled())
+        use_ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, blk in enumerate(self.blocks):
+            fn = None if attention is None else attention(layer)
             if use_ckpt:
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, fn, use_reentrant=False)
             else:
-                x = blk(x) if attention is None else blk(x, attention(layer))
+                x = blk(x, fn)
         return self.lm_head(self.norm(x))
 
-    def _positions(self, start: int, n: int, device) -> Tensor:
-        """Positions start..start+n-1 for the learned position embeddings, range-checked."""
-        if start + n > self.config.max_positions:
-            raise ValueError(f"positions up to {start + n - 1} are past the learned position embeddings "
+    def _positions(self, n: int, device, positions: Optional[Tensor] = None) -> Tensor:
+        """Positions for the learned position embeddings (default 0..n-1), range-checked."""
+        last = n - 1 if positions is None else (int(positions.max()) if positions.numel() else 0)
+        if last >= self.config.max_positions:
+            raise ValueError(f"positions up to {last} are past the learned position embeddings "
                              f"(model config max_positions={self.config.max_positions})")
-        return torch.arange(start, start + n, device=device)
+        return torch.arange(n, device=device) if positions is None else positions
 
-    def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy in nats; tokens and targets (B, N)."""
-        logits = self(tokens)
+    def loss(self, tokens: Tensor, targets: Tensor, *, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """Mean next-token cross-entropy in nats; tokens and targets (B, N), ``cu_seqlens`` as in :meth:`forward`."""
+        logits = self(tokens, cu_seqlens=cu_seqlens)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
     def num_parameters(self) -> int:
@@ -337,18 +406,19 @@ class LongNetLM(nn.Module):
 
     # ------------------------------------------------------------------ cached decoding
 
-    def _new_cache(self, batch: int, n: int, capacity: Optional[int]) -> KVCache:
-        """An empty cache for a prompt of n positions; it keeps only those a later query reads."""
+    def _new_cache(self, lengths: List[int], capacity: Optional[int]) -> KVCache:
+        """An empty cache for prompts of these lengths; it keeps only the positions a later query reads."""
         c = self.config
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be a positive integer or None, got {capacity!r}")
-        start = max(0, n - c.max_segment + 1)
-        capacity = max(n - start + 1 if capacity is None else capacity, n - start)
+        starts = [max(0, n - c.max_segment + 1) for n in lengths]
+        kept = max(n - s for n, s in zip(lengths, starts))
+        capacity = max(kept + 1 if capacity is None else capacity, kept)
         like = self.embed.weight
-        shape = (batch, capacity, c.n_heads, c.head_dim)
+        shape = (len(lengths), capacity, c.n_heads, c.head_dim)
         keys = [like.new_zeros(shape) for _ in range(c.n_layers)]
         values = [like.new_zeros(shape) for _ in range(c.n_layers)]
-        return KVCache(keys, values, 0, self._decay_table(like.device), c.max_segment, start)
+        return KVCache(keys, values, [0] * len(lengths), self._decay_table(like.device), c.max_segment, starts)
 
     def _decay_table(self, device) -> Optional[Tensor]:
         """(max(w), D) XPOS key factor by distance to the query (see :class:`KVCache`), or None."""
@@ -363,119 +433,134 @@ class LongNetLM(nn.Module):
         return f.repeat_interleave(2, dim=-1).to(device=device, dtype=torch.float32)
 
     @torch.no_grad()
-    def prefill(self, tokens: Tensor, capacity: Optional[int] = None) -> Tuple[Tensor, KVCache]:
-        """Full forward of tokens (B, N) that also fills a cache; returns (logits (B, N, V), cache).
+    def prefill(self, tokens: Union[Tensor, Sequence[Tensor]], capacity: Optional[int] = None
+                ) -> Tuple[Union[Tensor, List[Tensor]], KVCache]:
+        """Full forward of the prompts that also fills a cache; returns (logits, cache).
 
-        ``capacity`` is the cache's initial number of slots (default: what it keeps of the
-        prompt, plus one); it grows as :meth:`decode_step` needs, so it is only a hint.
+        ``tokens`` is (B, N) (logits (B, N, V)) or a list of B 1-D prompts of any lengths
+        >= 1 (a list of (L_b, V) logits; each sequence is run as if alone). ``capacity`` is
+        the cache's initial number of slots (default: what it keeps of the longest prompt,
+        plus one); it grows as :meth:`decode_step` needs, so it is only a hint.
         """
-        self._check_tokens(tokens)
-        b, n = tokens.shape
-        cache = self._new_cache(b, n, capacity)
-        positions = torch.arange(n, device=tokens.device)
-        logits = self._logits(tokens, lambda layer: _prefill_attention(cache, layer, positions))
-        cache.length = n
-        return logits, cache
-
-    def _decode_plan(self, p: int) -> List[Tuple[slice, int, int, int]]:
-        """For position p: per pattern that keeps p in some head, (heads, first key, rate, #keys)."""
-        plan = []
-        H = self.config.n_heads
-        attn = self.blocks[0].attn  # every layer runs the same validated pattern, phases included
-        phases = getattr(attn, "segment_phases", None) or (0,) * len(attn.segment_lengths)
-        for w, r, phi in zip(attn.segment_lengths, attn.dilation_rates, phases):
-            s, first, count = visible_keys(p, w, r, phi)
-            if s not in used_offsets(r, H):  # only heads h = s mod r would keep p, and there are none
-                continue
-            plan.append((slice(s, H, r), first, r, count))
-        return plan
+        if isinstance(tokens, Tensor):
+            self._check_tokens(tokens)
+            b, n = tokens.shape
+            cache = self._new_cache([n] * b, capacity)
+            positions = torch.arange(n, device=tokens.device)
+            logits = self._logits(tokens, lambda layer: _prefill_attention(cache, layer, positions))
+            cache.lengths = [n] * b
+            return logits, cache
+        lengths = [int(t.numel()) for t in tokens]
+        if not lengths or min(lengths) < 1 or any(t.ndim != 1 for t in tokens):
+            raise ValueError(f"tokens must be (B, N) or a list of B >= 1 one-dimensional prompts of >= 1 token, "
+                             f"got lengths {lengths}")
+        flat = torch.cat(list(tokens))[None]
+        self._check_tokens(flat)
+        cache = self._new_cache(lengths, capacity)
+        logits = self._packed_logits(flat, cu_seqlens_from_lengths(lengths, flat.device), cache)
+        cache.lengths = list(lengths)
+        return list(logits[0].split(lengths)), cache
 
     @torch.no_grad()
     def decode_step(self, token: Tensor, cache: KVCache) -> Tensor:
-        """Append token (B,) at position ``cache.length``; returns its logits (B, V)."""
+        """Append token (B,) at each sequence's position ``cache.lengths[b]``; returns its logits (B, V)."""
         if not isinstance(token, Tensor) or token.ndim != 1 or token.shape[0] != cache.batch:
             got = tuple(token.shape) if isinstance(token, Tensor) else type(token).__name__
             raise ValueError(f"token must be a tensor of shape (B,) = ({cache.batch},), got {got}")
-        p = cache.length
         cache.make_room()
-        steps = self._cache_steps(p, cache)
-        position = torch.tensor([p], device=token.device)
+        positions = torch.tensor(cache.lengths, device=token.device)
         scale = default_scale(self.config.head_dim)
-        logits = self._logits(token[:, None], lambda layer: _decode_attention(cache, layer, position, steps, scale),
-                              start=p)
-        cache.length = p + 1
+        logits = self._logits(token[:, None], lambda layer: _decode_attention(cache, layer, positions, scale),
+                              positions=positions[:, None])
+        cache.lengths = [n + 1 for n in cache.lengths]
         return logits[:, 0]
-
-    def _cache_steps(self, p: int, cache: KVCache) -> List[_CacheStep]:
-        """The decode plan of position p in cache slots, with each pattern's XPOS key decays."""
-        steps = []
-        for heads, first, r, m in self._decode_plan(p):
-            if first < cache.start:  # a negative slot would silently wrap around
-                raise RuntimeError(f"position {p} reads key {first}, but the cache keeps positions from "
-                                   f"{cache.start} on (window {cache.window})")
-            decay = None
-            if cache.decay is not None:
-                # Distances p - j of the pattern's keys j = first, first + r, ..., p.
-                dist = (p - first) - r * torch.arange(m, device=cache.decay.device)
-                decay = cache.decay[dist][None, :, None, :]
-            steps.append((heads, first - cache.start, p - cache.start + 1, r, decay))
-        return steps
 
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, prompt: Union[Tensor, Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """Sample ``max_new_tokens`` tokens after ``prompt`` ((N,) or (B, N) int64).
+    def generate(self, prompt: Union[Tensor, Sequence[int], Sequence[Sequence[int]]], max_new_tokens: int, *,
+                 temperature: float = 1.0, top_k: Optional[int] = None, use_cache: bool = True,
+                 generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None
+                 ) -> Union[Tensor, List[Tensor]]:
+        """Sample ``max_new_tokens`` tokens after ``prompt``.
 
-        ``temperature`` 0 is greedy; ``top_k`` keeps the k most likely tokens.
-        ``use_cache=False`` recomputes a full forward over the whole sequence for each
-        token (same result, far slower). Returns prompt and continuation, (N + new,) or
-        (B, N + new) like the prompt. The model is put in eval mode for the call.
-        :meth:`stream` yields the same tokens one at a time.
+        ``prompt`` is (N,) or (B, N) int64, or a list of B prompts of different lengths (lists
+        or 1-D tensors). ``temperature`` 0 is greedy; ``top_k`` keeps the k most likely tokens.
+        ``generator``: one generator for the batch, or one per prompt, with which every
+        prompt's tokens equal those of that prompt generated alone with its generator (as do
+        greedy results always). ``use_cache=False`` recomputes a full forward over the whole
+        sequence for each token (same result, far slower). Returns prompt and continuation
+        like the prompt: (N + new,), (B, N + new), or a list of (L_b + new,). The model is put
+        in eval mode for the call. :meth:`stream` yields the same tokens one at a time.
         """
-        prompt, tokens, squeeze = self._prepare_prompt(prompt, max_new_tokens, temperature, top_k, use_cache)
-        if max_new_tokens == 0:
-            return prompt.clone()
-        new = self._stream(tokens, max_new_tokens, temperature, top_k, use_cache, generator)
+        prompt, tokens, kind = self._prepare_prompt(prompt, max_new_tokens, temperature, top_k, use_cache,
+                                                    generator)
+        new = list(self._stream(tokens, max_new_tokens, temperature, top_k, use_cache, generator))
+        if kind == "ragged":
+            return [torch.cat([t] + [x[b:b + 1] for x in new]) for b, t in enumerate(tokens)]
         res = torch.cat([tokens] + [t[:, None] for t in new], dim=1)
-        return res[0] if squeeze else res
+        return res[0] if kind == "1d" else res
 
-    def stream(self, prompt: Union[Tensor, Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
-               top_k: Optional[int] = None, use_cache: bool = True,
-               generator: Optional[torch.Generator] = None) -> Iterator[Tensor]:
+    def stream(self, prompt: Union[Tensor, Sequence[int], Sequence[Sequence[int]]], max_new_tokens: int, *,
+               temperature: float = 1.0, top_k: Optional[int] = None, use_cache: bool = True,
+               generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None) -> Iterator[Tensor]:
         """As :meth:`generate`, but an iterator over the new tokens as they are sampled.
 
-        Each item is a 0-d tensor for an (N,) prompt, or (B,) for a (B, N) prompt. The
-        arguments are checked here, before the first token is asked for. Until the iterator
-        is exhausted or closed the model stays in eval mode (and on CPU may run with fewer
-        threads); close it (``contextlib.closing``) if you stop early.
+        Each item is a 0-d tensor for an (N,) prompt, else (B,). The arguments are checked
+        here, before the first token is asked for. Until the iterator is exhausted or closed
+        the model stays in eval mode (and on CPU may run with fewer threads); close it
+        (``contextlib.closing``) if you stop early.
         """
-        _, tokens, squeeze = self._prepare_prompt(prompt, max_new_tokens, temperature, top_k, use_cache)
-        return self._stream(tokens, max_new_tokens, temperature, top_k, use_cache, generator, squeeze=squeeze)
+        _, tokens, kind = self._prepare_prompt(prompt, max_new_tokens, temperature, top_k, use_cache, generator)
+        return self._stream(tokens, max_new_tokens, temperature, top_k, use_cache, generator,
+                            squeeze=kind == "1d")
 
     def _prepare_prompt(self, prompt, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                        use_cache: bool) -> Tuple[Tensor, Tensor, bool]:
-        """Check the arguments; returns (prompt as a tensor, tokens (B, N) int64 on the model's device, was 1-d)."""
-        if not isinstance(prompt, Tensor):
-            prompt = torch.tensor(list(prompt), dtype=torch.long)
-        squeeze = prompt.ndim == 1
-        tokens = prompt[None] if squeeze else prompt
-        if tokens.ndim != 2 or tokens.shape[1] < 1:
-            raise ValueError(f"prompt must have shape (N,) or (B, N) with N >= 1, got {tuple(prompt.shape)}")
+                        use_cache: bool, generator=None) -> Tuple[Any, Union[Tensor, List[Tensor]], str]:
+        """Check the arguments; returns (prompt as given or as a tensor, tokens on the model's device, kind).
+
+        kind "1d" (tokens (1, N)), "2d" (tokens (B, N)) or "ragged" (a list of B 1-D prompts).
+        """
+        ragged = not isinstance(prompt, Tensor) and len(prompt) > 0 and not isinstance(prompt[0], numbers.Integral)
+        device = next(self.parameters()).device
+        if ragged:
+            rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) if not isinstance(p, Tensor) else p
+                    for p in prompt]
+            if any(r.ndim != 1 or r.numel() < 1 for r in rows):
+                raise ValueError("each prompt of a list must be one-dimensional with >= 1 token, got shapes "
+                                 f"{[tuple(r.shape) for r in rows]}")
+            tokens, kind, n_max = [r.to(device=device, dtype=torch.long) for r in rows], "ragged", max(map(len, rows))
+            values = torch.cat(tokens)
+        else:
+            if not isinstance(prompt, Tensor):
+                prompt = torch.tensor(list(prompt), dtype=torch.long)
+            kind = "1d" if prompt.ndim == 1 else "2d"
+            tokens = prompt[None] if kind == "1d" else prompt
+            if tokens.ndim != 2 or tokens.shape[1] < 1:
+                raise ValueError(f"prompt must have shape (N,) or (B, N) with N >= 1, or be a list of prompts, "
+                                 f"got {tuple(prompt.shape)}")
+            values, n_max = tokens, tokens.shape[1]
+            tokens = tokens.to(device=device, dtype=torch.long)
+        self._check_generation(max_new_tokens, temperature, top_k, generator, len(tokens))
+        if int(values.min()) < 0 or int(values.max()) >= self.config.vocab_size:
+            raise ValueError(f"prompt tokens must be in [0, {self.config.vocab_size}), got values in "
+                             f"[{int(values.min())}, {int(values.max())}]")
+        self._check_xpos_length(n_max, max_new_tokens, use_cache)
+        return prompt, tokens, kind
+
+    @staticmethod
+    def _check_generation(max_new_tokens, temperature, top_k, generator, batch: int) -> None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
-            raise ValueError(f"prompt tokens must be in [0, {self.config.vocab_size}), got values in "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
-        self._check_xpos_length(tokens.shape[1], max_new_tokens, use_cache)
-        device = next(self.parameters()).device
-        return prompt, tokens.to(device=device, dtype=torch.long), squeeze
+        if generator is not None and not isinstance(generator, torch.Generator):
+            gens = list(generator)
+            if len(gens) != batch or not all(isinstance(g, torch.Generator) for g in gens):
+                raise ValueError(f"generator must be None, a torch.Generator, or one torch.Generator per prompt "
+                                 f"({batch}), got {generator!r}")
 
     def _check_xpos_length(self, n_prompt: int, max_new_tokens: int, use_cache: bool) -> None:
         """Refuse up front a generation whose full forwards would pass XPOS's length limit."""
@@ -496,37 +581,52 @@ class LongNetLM(nn.Module):
                          f"train with --set model.xpos_scale_base=..., or model.xpos=false for none); {fix}")
 
     @torch.no_grad()
-    def _stream(self, tokens: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                use_cache: bool, generator: Optional[torch.Generator], squeeze: bool = False) -> Iterator[Tensor]:
-        """Yield max_new_tokens sampled tokens (B,) (or () with squeeze) after tokens (B, N)."""
+    def _stream(self, tokens: Union[Tensor, List[Tensor]], max_new_tokens: int, temperature: float,
+                top_k: Optional[int], use_cache: bool, generator, squeeze: bool = False) -> Iterator[Tensor]:
+        """Yield max_new_tokens sampled tokens (B,) (or () with squeeze) after tokens ((B, N) or B prompts)."""
+        if max_new_tokens == 0:
+            return
         with _eval_mode(self):
             logits, step = self._first_logits(tokens, use_cache)
-            with _num_threads(self._decode_threads(tokens, use_cache)):
+            with _num_threads(self._decode_threads(len(tokens), use_cache, logits.device)):
                 for i in range(max_new_tokens):
                     nxt = _sample(logits.float(), temperature, top_k, generator)
                     yield nxt[0] if squeeze else nxt
                     if i < max_new_tokens - 1:
                         logits = step(nxt)
 
-    def _first_logits(self, tokens: Tensor, use_cache: bool) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
-        """(logits (B, V) after the prompt tokens (B, N), step: next token (B,) -> logits (B, V) after it)."""
+    def _first_logits(self, tokens: Union[Tensor, List[Tensor]], use_cache: bool
+                      ) -> Tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """(logits (B, V) after the prompts, step: next token (B,) -> logits (B, V) after it)."""
         if use_cache:
             logits, cache = self.prefill(tokens)
-            return logits[:, -1], lambda nxt: self.decode_step(nxt, cache)
-        seq = [tokens]
+            last = logits[:, -1] if isinstance(logits, Tensor) else torch.stack([x[-1] for x in logits])
+            return last, lambda nxt: self.decode_step(nxt, cache)
+        seqs = [tokens] if isinstance(tokens, Tensor) else list(tokens)
+
+        def logits_now() -> Tensor:
+            if isinstance(tokens, Tensor):
+                return self(torch.cat(seqs, dim=1))[:, -1]
+            lengths = [len(s) for s in seqs]
+            flat = torch.cat(seqs)[None]
+            out = self._packed_logits(flat, cu_seqlens_from_lengths(lengths, flat.device))[0]
+            return out[torch.tensor(lengths, device=out.device).cumsum(0) - 1]
 
         def step(nxt: Tensor) -> Tensor:
-            seq.append(nxt[:, None])
-            return self(torch.cat(seq, dim=1))[:, -1]
-        return self(tokens)[:, -1], step
+            if isinstance(tokens, Tensor):
+                seqs.append(nxt[:, None])
+            else:
+                seqs[:] = [torch.cat([s, nxt[b:b + 1]]) for b, s in enumerate(seqs)]
+            return logits_now()
+        return logits_now(), step
 
-    def _decode_threads(self, tokens: Tensor, use_cache: bool) -> Optional[int]:
+    def _decode_threads(self, batch: int, use_cache: bool, device: torch.device) -> Optional[int]:
         """Threads for the decode loop: 1 for a small model on CPU, else None (leave as is)."""
         # A decode step of a small model is many tiny ops: on CPU, extra threads only add
         # synchronisation, and on a busy machine OpenMP spin-waits made 2 threads ~30x slower
         # than 1 (measured with the tiny preset: 4.4 ms vs 161 ms per token).
-        small = tokens.shape[0] * self.num_parameters() < 20_000_000
-        return 1 if use_cache and tokens.device.type == "cpu" and small else None
+        small = batch * self.num_parameters() < 20_000_000
+        return 1 if use_cache and device.type == "cpu" and small else None
 
 
 @contextlib.contextmanager
@@ -553,8 +653,8 @@ def _num_threads(n: Optional[int]):
 
 
 def _sample(logits: Tensor, temperature: float, top_k: Optional[int],
-            generator: Optional[torch.Generator]) -> Tensor:
-    """logits (B, V) -> token ids (B,)."""
+            generator: Union[None, torch.Generator, Sequence[torch.Generator]]) -> Tensor:
+    """logits (B, V) -> token ids (B,); with one generator per row, row b draws from generator[b] only."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -562,7 +662,10 @@ def _sample(logits: Tensor, temperature: float, top_k: Optional[int],
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    # One draw per row from its own generator, so a row's tokens do not depend on its batch.
+    return torch.cat([torch.multinomial(probs[b:b + 1], 1, generator=g)[:, 0] for b, g in enumerate(generator)])
 
 
 class LongNetTransformer(LongNetLM):

@@ -62,6 +62,74 @@ def test_cache_without_xpos_and_with_a_pattern_of_one_segment(seed):
     assert cache.capacity <= 12
 
 
+# ----------------------------------------------------------------------------- batches of lengths
+
+LENGTHS = [3, 40, 17, 1]  # shorter and longer than the largest segment (16), one of a single token
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(xpos=False, max_positions=128), dict(segment_phases=(0, 3, 5))])
+def test_prompts_of_different_lengths_decode_as_if_alone(kw, seed):
+    model = micro(dilation_rates=(2, 4, 1), **kw).eval()
+    seqs = [torch.randint(0, 256, (n + 30,)) for n in LENGTHS]
+    full = [model(s[None])[0] for s in seqs]
+    logits, cache = model.prefill([s[:n] for s, n in zip(seqs, LENGTHS)])
+    for f, lg, n in zip(full, logits, LENGTHS):
+        torch.testing.assert_close(lg, f[:n], atol=1e-5, rtol=1e-5)
+    capacities = []
+    for t in range(30):
+        step = model.decode_step(torch.stack([s[n + t] for s, n in zip(seqs, LENGTHS)]), cache)
+        for b, (f, n) in enumerate(zip(full, LENGTHS)):
+            torch.testing.assert_close(step[b], f[n + t], atol=1e-5, rtol=1e-5, msg=f"sequence {b}, step {t}")
+        capacities.append(cache.capacity)
+    assert cache.lengths == [n + 30 for n in LENGTHS]
+    # Every sequence keeps at most two windows of the largest segment, and the long one dropped keys.
+    assert max(capacities) <= 2 * 16 and cache.starts[1] > 0
+    with pytest.raises(ValueError, match="different lengths"):
+        cache.length
+
+
+def test_generate_a_batch_of_prompts_equals_each_alone(seed):
+    model = micro()
+    prompts = [torch.randint(0, 256, (n,)) for n in LENGTHS]
+    greedy = model.generate(prompts, 25, temperature=0)
+    assert [len(x) for x in greedy] == [n + 25 for n in LENGTHS]
+    for p, out in zip(prompts, greedy):
+        assert torch.equal(out, model.generate(p, 25, temperature=0))
+    assert all(torch.equal(a, b) for a, b in zip(greedy, model.generate(prompts, 25, temperature=0,
+                                                                          use_cache=False)))
+    # Sampling: one generator per prompt makes each row that prompt's own draw.
+    gens = [torch.Generator().manual_seed(10 + i) for i in range(len(prompts))]
+    sampled = model.generate([p.tolist() for p in prompts], 25, top_k=20, generator=gens)
+    for i, (p, out) in enumerate(zip(prompts, sampled)):
+        alone = model.generate(p, 25, top_k=20, generator=[torch.Generator().manual_seed(10 + i)])
+        assert torch.equal(out, alone)
+    with pytest.raises(ValueError, match="one torch.Generator per prompt"):
+        model.generate(prompts, 2, generator=gens[:2])
+
+
+def test_packed_forward_and_gradients_equal_each_sequence_alone(seed):
+    model = micro(max_positions=64, dropout=0.0)
+    tokens = torch.randint(0, 256, (2, 24))
+    cu = torch.tensor([0, 5, 24, 30, 30, 48], dtype=torch.int32)  # a document crosses the row boundary
+    flat = tokens.flatten()
+    logits = model(tokens, cu_seqlens=cu)
+    (logits.square().mean()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    alone = [model(flat[a:b][None])[0] for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
+    torch.testing.assert_close(logits.reshape(48, -1), torch.cat(alone), atol=1e-5, rtol=1e-5)
+    (torch.cat(alone).square().sum() / logits.numel()).backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    mask = torch.ones(2, 24, dtype=torch.bool)
+    mask[0, :9] = False  # left padding
+    padded = model(tokens, key_padding_mask=mask)
+    torch.testing.assert_close(padded[0, 9:], model(tokens[:1, 9:])[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(padded[0, :9], torch.zeros_like(padded[0, :9]))
+    with pytest.raises(ValueError, match="end at T = 48"):
+        model(tokens, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))
+
+
 def test_generate_allocates_as_it_goes(monkeypatch):
     torch.manual_seed(0)
     model = micro()
@@ -243,3 +311,22 @@ def test_generate_command_names_the_xpos_limit(checkpoint, capsys):
     err = capsys.readouterr().err
     assert "prompt has 200 tokens, past the XPOS length limit of 127 tokens" in err
     assert "model.xpos_scale_base" in err
+
+
+def test_prompt_file_generates_each_line_as_if_alone(checkpoint, tmp_path, capsys):
+    out, _ = checkpoint
+    lines = ["def f(", "a much longer prompt than the largest segment", "x"]
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n")  # the empty line is skipped
+    args = ["generate", "--checkpoint", str(out / "run"), "--max-new-tokens", "12", "--seed", "7"]
+    assert main(args + ["--prompt-file", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "36 bytes in" in captured.err and "3 prompts" in captured.err
+    blocks = captured.out.split("==> prompt ")[1:]
+    assert [b.split(" <==\n")[0] for b in blocks] == ["0", "1", "2"]
+    for line, block in zip(lines, blocks):
+        assert main(args + ["--prompt", line]) == 0
+        assert block.split(" <==\n", 1)[1] == capsys.readouterr().out
+    path.write_text("\n\n")
+    assert main(args + ["--prompt-file", str(path)]) == 2
+    assert "holds no prompt" in capsys.readouterr().err

@@ -7,6 +7,11 @@ The prompt is encoded as UTF-8 bytes; decoding uses the dilated key/value cache
 Prints the prompt, then the continuation byte by byte as it is sampled (flushed), then
 the speed on stderr. Ctrl-C stops generating and keeps what was printed: the command
 ends the line, says how many bytes it generated, and exits with 130.
+
+``--prompt-file PATH`` holds one prompt per line (empty lines skipped); several prompts of
+any lengths run as one batch, and each result, printed under a ``==> prompt i <==`` header,
+is the one that prompt gives alone with the same ``--seed`` (every prompt samples from its
+own generator seeded with it).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import codecs
 import contextlib
 import sys
 import time
-from typing import Iterator, TextIO, Tuple
+from typing import Callable, Iterator, List, TextIO, Tuple
 
 import torch
 from torch import Tensor
@@ -44,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a `longnet train --out` folder (its latest checkpoint) or a checkpoints/step_* folder")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="prompt text (UTF-8)")
-    src.add_argument("--prompt-file", default=None, metavar="PATH", help="read the prompt from a file")
+    src.add_argument("--prompt-file", default=None, metavar="PATH",
+                     help="prompts, one per line, generated as one batch (each as if alone)")
     parser.add_argument("--max-new-tokens", type=nonneg_int, default=256, metavar="N",
                         help="bytes to generate (default 256)")
     parser.add_argument("--temperature", type=_temperature, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
@@ -55,39 +61,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
 
 
-def _read_prompt(args: argparse.Namespace) -> bytes:
+def _read_prompts(args: argparse.Namespace) -> List[bytes]:
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, "rb") as f:
-                prompt_bytes = f.read()
+                prompts = [line.rstrip(b"\r\n") for line in f]
         except OSError as e:
             raise ValueError(f"--prompt-file {args.prompt_file!r}: {e.strerror}") from None
-    else:
-        prompt_bytes = (args.prompt if args.prompt is not None else "\n").encode(
+        prompts = [p for p in prompts if p]
+        if not prompts:
+            raise ValueError(f"--prompt-file {args.prompt_file!r} holds no prompt; write one prompt per line")
+        return prompts
+    prompt_bytes = (args.prompt if args.prompt is not None else "\n").encode(
         "utf-8", "surrogateescape")  # argv bytes that are not UTF-8 come back as they were given
     if not prompt_bytes:
         raise ValueError("the prompt is empty; pass --prompt TEXT with at least one character")
-    return prompt_bytes
+    return [prompt_bytes]
 
 
-def _start(args: argparse.Namespace) -> Tuple[bytes, Iterator[Tensor]]:
-    """Load the model and check everything; returns (prompt bytes, the stream of new tokens)."""
+def _start(args: argparse.Namespace) -> Tuple[List[bytes], Callable[[], Iterator[Tensor]]]:
+    """Load the model and check everything; returns (prompts, a function starting the stream of new tokens (B,))."""
     from ..device import pick_device
     from .checkpoint import load_model
     device = pick_device(args.device)
-    prompt_bytes = _read_prompt(args)
+    prompts = _read_prompts(args)
     model = load_model(args.checkpoint, map_location=device)
     vocab = model.config.vocab_size
-    if max(prompt_bytes) >= vocab:
-        raise ValueError(f"the prompt has byte values up to {max(prompt_bytes)}, outside this model's "
-                         f"vocabulary of {vocab}")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    prompt = torch.tensor(list(prompt_bytes), dtype=torch.long, device=device)
+    top = max(max(p) for p in prompts)
+    if top >= vocab:
+        raise ValueError(f"the prompt has byte values up to {top}, outside this model's vocabulary of {vocab}")
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    # One generator per prompt, all seeded alike: a prompt's tokens do not depend on the batch.
+    gens = [torch.Generator(device=device).manual_seed(seed) for _ in prompts]
+    batch = [torch.tensor(list(p), dtype=torch.long, device=device) for p in prompts]
+    kw = dict(temperature=args.temperature, top_k=args.top_k or None, use_cache=not args.no_cache, generator=gens)
     # stream() checks its arguments (the XPOS length limit included) before it returns.
-    stream = model.stream(prompt, args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k or None, use_cache=not args.no_cache)
-    return prompt_bytes, stream
+    stream = model.stream(batch, args.max_new_tokens, **kw)
+    return prompts, lambda: stream
 
 
 def write_stream(prompt: bytes, stream: Iterator[Tensor], out: TextIO) -> Tuple[int, bool]:
@@ -116,19 +126,49 @@ def write_stream(prompt: bytes, stream: Iterator[Tensor], out: TextIO) -> Tuple[
     return count, interrupted
 
 
+def write_batch(prompts: List[bytes], stream: Iterator[Tensor], out: TextIO) -> Tuple[int, bool]:
+    """Collect the batch's new tokens (B,) per step, then write each prompt and its continuation under a header."""
+    rows: List[List[int]] = [[] for _ in prompts]
+    interrupted = False
+    try:
+        with contextlib.closing(stream):
+            for tok in stream:
+                for row, t in zip(rows, tok.tolist()):
+                    row.append(t)
+    except KeyboardInterrupt:
+        interrupted = True
+    for i, (p, row) in enumerate(zip(prompts, rows)):
+        text = (p + bytes(t for t in row if t < 256)).decode("utf-8", errors="replace")
+        out.write(f"==> prompt {i} <==\n{text}\n")
+    out.flush()
+    return sum(map(len, rows)), interrupted
+
+
+def _rows_of_one(stream: Iterator[Tensor]) -> Iterator[Tensor]:
+    """The tokens (1,) of a batch of one prompt as 0-d tensors; closing this closes ``stream``."""
+    with contextlib.closing(stream):
+        for tok in stream:
+            yield tok[0]
+
+
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     try:
-        prompt_bytes, stream = _start(args)
+        prompts, start = _start(args)
     except (ValueError, TypeError, CheckpointError) as e:
         print(f"longnet generate: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    count, interrupted = write_stream(prompt_bytes, stream, sys.stdout)
+    if len(prompts) == 1:
+        count, interrupted = write_stream(prompts[0], _rows_of_one(start()), sys.stdout)
+    else:
+        count, interrupted = write_batch(prompts, start(), sys.stdout)
     dt = time.perf_counter() - t0
+    wanted = args.max_new_tokens * len(prompts)
     if interrupted:
-        print(f"[longnet] interrupted: kept the {count} of {args.max_new_tokens} bytes generated so far "
+        print(f"[longnet] interrupted: kept the {count} of {wanted} bytes generated so far "
               "(printed above)", file=sys.stderr)
     print(f"[longnet] {count} bytes in {dt:.2f} s ({count / max(dt, 1e-9):.1f} bytes/s, "
+          f"{len(prompts)} prompt{'s' if len(prompts) > 1 else ''}, "
           f"{'no cache' if args.no_cache else 'dilated KV cache'})", file=sys.stderr)
     return EXIT_INTERRUPTED if interrupted else 0
