@@ -21,7 +21,7 @@ from longnet.cli import main
 from longnet.training.experiment.command import settings_from_args
 from longnet.training.experiment.execute import train_run
 from longnet.training.experiment.plan import PASSKEY, plan_runs
-from longnet.training.runlock import FolderLock
+from tests.test_runfolder import hold_lock
 from tests.train_helpers import write_corpus
 
 PLAN = ["--quick", "--local-window", "0", "--budget", "4e9", "--passkey-budget", "2e9", "--eval-tokens", "512",
@@ -129,14 +129,12 @@ def test_a_stopped_experiment_resumes_its_plan(tmp_path, data, monkeypatch, caps
 def test_an_experiment_folder_in_use_is_refused(tmp_path, data, capsys):
     spec, cache = data
     exp = tmp_path / "exp"
-    with FolderLock(str(exp)):
-        # This process holds it (re-entrant here), so look from another process's point of view.
-        import subprocess
-        import sys
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        proc = subprocess.run([sys.executable, "-m", "longnet", "experiment", *PLAN, "--data", spec,
-                               "--cache-dir", cache, "--out", str(exp)], cwd=root, capture_output=True, text=True,
-                              timeout=300)
-    assert proc.returncode == 2
-    assert f"--out {exp} is in use by another longnet process (pid {os.getpid()} on" in proc.stderr
-    assert not exp.exists()  # the lock made the folder; nobody wrote into it, so it went with the lock
+    holder = hold_lock(exp)
+    try:
+        assert main(["experiment", *PLAN, "--data", spec, "--cache-dir", cache, "--out", str(exp)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {exp} is in use by another longnet process (pid {holder.pid} on" in err
+        assert os.listdir(exp) == [".longnet.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()

@@ -22,7 +22,7 @@ def _built(cls, config_cls, **kw):
     return cls(config_cls(**TINY, **kw)).eval()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+@pytest.mark.parametrize("family", ["qwen2", pytest.param("mistral", marks=pytest.mark.slow)])
 def test_a_sliding_window_model_switches_when_asked(family, tmp_path):
     if family == "qwen2":
         win = _built(Qwen2ForCausalLM, Qwen2Config, use_sliding_window=True, max_window_layers=0, sliding_window=8)

@@ -57,6 +57,17 @@ def _wait_for(proc, ready, timeout=120.0):
     raise AssertionError(f"not ready within {timeout} s: {proc.communicate()}")
 
 
+def hold_lock(folder):
+    """Another process holding ``folder``'s lock (it loads runlock.py alone: no torch to import)."""
+    code = ("import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('runlock', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "m.FolderLock(sys.argv[2]).acquire(); print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, os.path.join(ROOT, "longnet", "training", "runlock.py"),
+                               str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def _one_error_line(err: str, command: str = "train") -> str:
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"longnet {command}: error: "), err
@@ -84,6 +95,7 @@ def test_a_second_trainer_on_a_running_folder_is_refused_naming_the_holder(tmp_p
     assert steps == list(range(1, steps[-1] + 1))  # one run's rows, none overwritten
 
 
+@pytest.mark.slow
 def test_two_trainers_started_together_never_both_succeed(tmp_path, corpus):
     out = tmp_path / "run"
     procs = [_launch(_argv(out, corpus, "--max-steps", "30", "--set", "eval_interval=0", "--set", f"seed={s}"))
@@ -100,11 +112,7 @@ def test_two_trainers_started_together_never_both_succeed(tmp_path, corpus):
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c",
-                               "import sys, time; from longnet.training.runlock import FolderLock; "
-                               f"FolderLock({str(out)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = hold_lock(out)
     assert main(_argv(out, corpus, "--max-steps", "2")) == 2
     assert f"pid {holder.pid} on" in capsys.readouterr().err
     holder.send_signal(signal.SIGKILL)
@@ -139,6 +147,7 @@ def test_a_header_only_log_that_longnet_did_not_write_is_not_a_run(tmp_path, cor
     assert os.listdir(out) == ["log.csv"] and (out / "log.csv").read_text() == header
 
 
+@pytest.mark.slow
 def test_a_run_that_died_before_its_first_checkpoint_is_started_over(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     env_bad = dict(os.environ, LONGNET_CPU_KERNEL="bogus")  # fails at the first step, after log.csv is written
