@@ -222,6 +222,10 @@ class TrainConfig:
             plain mean, under which the answer's 5 bytes of 1,024 give almost no signal).
         passkey_curriculum_steps: with random distances, the longest training distance grows
             from the shortest to the longest over this many batches (0: no curriculum).
+        pack_documents: train on whole documents (the built-in corpus's files, enwik8's
+            articles) laid end to end, with no attention across a document boundary
+            (:class:`longnet.training.data.DocumentSampler`, varlen attention); false: random
+            windows, which cross file boundaries.
     """
 
     seq_len: int = 512
@@ -251,6 +255,7 @@ class TrainConfig:
     passkey_digits: int = 5
     passkey_answer_weight: float = 100.0
     passkey_curriculum_steps: int = 0
+    pack_documents: bool = False
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_windows", "eval_batch_size",
@@ -271,6 +276,7 @@ class TrainConfig:
         self.passkey_answer_weight = _check_float("passkey_answer_weight", self.passkey_answer_weight, 0.0,
                                                   lo_open=True)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_bool("pack_documents", self.pack_documents)
 
     @property
     def tokens_per_step(self) -> int:

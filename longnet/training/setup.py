@@ -22,7 +22,8 @@ from ..backends.registry import get_backend
 from ..config import LongNetConfig, TrainConfig, apply_overrides, check_compatible, preset
 from ..device import check_precision, compute_dtype, pick_device
 from .checkpoint import ResumeState, load_resume_state
-from .data import VOCAB_SIZE, Corpus, PasskeyTask, RandomWindowSampler, open_corpus
+from .data import (VOCAB_SIZE, Corpus, DocumentSampler, PasskeyTask, RandomWindowSampler, document_starts,
+                   open_corpus)
 from .runfolder import check_out_dir
 from .runlock import FolderLock
 
@@ -212,6 +213,9 @@ def _restore_sampler(sampler, resume: ResumeState, data_spec: str, allow_data_ch
 
 def open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str], verbose: bool = True) -> TrainData:
     """The training data of ``spec``: a corpus with its window sampler, or the passkey task."""
+    if spec == "passkey" and tcfg.pack_documents:
+        raise ValueError("train.pack_documents=true packs the documents of a corpus; the passkey task has none "
+                         "(set train.pack_documents=false)")
     if spec == "passkey":
         task = PasskeyTask(tcfg.seq_len, tcfg.passkey_distance or None, key_digits=tcfg.passkey_digits,
                            seed=tcfg.seed, batch_size=tcfg.batch_size, answer_weight=tcfg.passkey_answer_weight,
@@ -227,5 +231,11 @@ def open_data(spec: str, tcfg: TrainConfig, cache_dir: Optional[str], verbose: b
     if corpus.valid.size < tcfg.seq_len + 1:
         raise ValueError(f"the valid split of {spec!r} has {corpus.valid.size:,} bytes, fewer than train.seq_len + 1 "
                          f"= {tcfg.seq_len + 1}; use a smaller train.seq_len or more data")
+    if tcfg.pack_documents:
+        starts = document_starts(corpus.train, corpus.name)
+        sampler = DocumentSampler(corpus.train, starts, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
+        return TrainData(kind="corpus", sampler=sampler, corpus=corpus,
+                         description=f"{corpus.description}; packed as {sampler.num_documents:,} whole documents "
+                                     "(no attention across a document boundary)")
     sampler = RandomWindowSampler(corpus.train, tcfg.batch_size, tcfg.seq_len, seed=tcfg.seed)
     return TrainData(kind="corpus", sampler=sampler, corpus=corpus, description=corpus.description)

@@ -32,6 +32,7 @@ other. Stop requests are agreed by all ranks at each step boundary.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -140,6 +141,9 @@ class _Trainer:
                       f"{data_spec}")
         if tcfg.num_threads:
             torch.set_num_threads(tcfg.num_threads)
+        if tcfg.pack_documents and ctx.world_size > 1:
+            raise ValueError("train.pack_documents=true runs in one process: its batches carry cu_seqlens over "
+                             "the whole batch, which data and sequence sharding do not split")
         self._build(resume)
         self.weights = self._shard_weights(data.loss_weights)
         self.fwd = torch.compile(self.train_module) if compile_model else self.train_module
@@ -269,10 +273,12 @@ class _Trainer:
         ctx.seed_step(tcfg.seed, self.snap.step)
         loss_sum = 0.0
         for micro in range(tcfg.grad_accum):
-            x, y = ctx.shard_batch(*self.sampler.next_batch())
+            # A document sampler adds cu_seqlens (train.pack_documents): attention within each document.
+            x, y, *cu = self.sampler.next_batch()
+            x, y = ctx.shard_batch(x, y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with ctx.accumulate(self.train_module, sync=micro == tcfg.grad_accum - 1):
-                loss, plain = self._loss(x, y)
+                loss, plain = self._loss(x, y, cu[0].to(self.device) if cu else None)
                 self.scaler.scale(loss / tcfg.grad_accum).backward()
             loss_sum += plain
         # Taken before the update, which changes neither the RNG nor the sampler.
@@ -293,11 +299,14 @@ class _Trainer:
         full = weights.expand(self.tcfg.batch_size, -1)
         return self.ctx.shard_batch(full, full)[0].to(self.device)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """(loss to minimise, plain mean loss for the log) of a micro-batch x, y (B, N). With loss
-        weights (the passkey task's, mean 1 over a sequence) it minimises their weighted mean."""
+    def _loss(self, x: torch.Tensor, y: torch.Tensor,
+              cu_seqlens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, float]:
+        """(loss to minimise, plain mean loss for the log) of a micro-batch x, y (B, N), packed into
+        the sequences of ``cu_seqlens`` if given. With loss weights (the passkey task's, mean 1
+        over a sequence) it minimises their weighted mean."""
         reduction = "mean" if self.weights is None else "none"
-        loss, _ = next_token_loss(self.fwd, x, y, precision=self.tcfg.precision, reduction=reduction)
+        fwd = self.fwd if cu_seqlens is None else functools.partial(self.fwd, cu_seqlens=cu_seqlens)
+        loss, _ = next_token_loss(fwd, x, y, precision=self.tcfg.precision, reduction=reduction)
         if self.weights is None:
             return loss, float(loss.detach())
         per_token = loss.view_as(y)

@@ -101,8 +101,9 @@ def check_sampler_state(state) -> None:
     """
     if not isinstance(state, dict):
         raise ValueError(f"expected a JSON object, got {type(state).__name__}")
-    if state.get("kind") not in ("RandomWindowSampler", "PasskeyTask"):
-        raise ValueError(f"'kind' must be RandomWindowSampler or PasskeyTask, got {state.get('kind')!r}")
+    if state.get("kind") not in ("RandomWindowSampler", "PasskeyTask", "DocumentSampler"):
+        raise ValueError(f"'kind' must be RandomWindowSampler, DocumentSampler or PasskeyTask, got "
+                         f"{state.get('kind')!r}")
     step = state.get("step")
     check_int("'step'", step, minimum=0)
     try:
