@@ -207,7 +207,8 @@ def _load_locked(name: str, source: str, folder: str, cflags, ldflags, what: str
         cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(name, None)  # else torch skips the build step
         problem = "does not load"
         module = _torch_load(name, copy, folder, cflags, ldflags)
-    if problem is not None:
+    # After any build (ninja may also rebuild on its own), record what was just loaded.
+    if problem is not None or _problem(folder, name) is not None:
         lib = os.path.abspath(module.__file__)
         atomic_write_json(os.path.join(folder, RECORD), {"file": os.path.basename(lib), "size": os.path.getsize(lib),
                                                          "sha256": _sha256(lib), "source": os.path.abspath(source)})
