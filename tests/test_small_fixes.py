@@ -47,3 +47,17 @@ def test_double_backward_names_the_backend_that_supports_it(backend):
     ref = torch.randn(1, 8, 1, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x: dilated_attention(x, x, x, [4], [1], is_causal=True,
                                                                     backend="reference"), (ref,))
+
+
+def test_output_keeps_the_raw_bytes(checkpoint, tmp_path, capsys):
+    prompts = tmp_path / "prompts.bin"
+    prompts.write_bytes(b"\xff\xfe\x80\n")
+    out = tmp_path / "gen.bin"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt-file", str(prompts), "--max-new-tokens", "6",
+                 "--temperature", "0", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    data = out.read_bytes()
+    assert data.startswith(b"\xff\xfe\x80") and len(data) == 3 + 6
+    assert text == data.decode("utf-8", errors="replace") + "\n"  # stdout: the same bytes, decoded
+    assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "a", "--output", str(tmp_path)]) == 2
+    assert "--output" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import os
 import sys
 import time
 from typing import Callable, Iterator, List, TextIO, Tuple
@@ -59,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--no-cache", action="store_true", help="full forward per token (for comparison)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    parser.add_argument("--output", default=None, metavar="FILE",
+                        help="also write the prompt and its continuation to FILE as raw bytes (stdout shows "
+                             "bytes that are not UTF-8 as U+FFFD); several prompts go to FILE.0, FILE.1, ...")
 
 
 def _read_prompts(args: argparse.Namespace) -> List[bytes]:
@@ -151,19 +155,50 @@ def _rows_of_one(stream: Iterator[Tensor]) -> Iterator[Tensor]:
             yield tok[0]
 
 
+def _recorded(stream: Iterator[Tensor], rows: List[List[int]]) -> Iterator[Tensor]:
+    """``stream`` (tokens (B,) per step), appending each prompt's tokens to its row of ``rows``."""
+    with contextlib.closing(stream):
+        for tok in stream:
+            for row, t in zip(rows, tok.tolist()):
+                row.append(int(t))
+            yield tok
+
+
+def _write_raw(path: str, prompts: List[bytes], rows: List[List[int]]) -> List[str]:
+    """The --output files: each prompt and its continuation as raw bytes, written atomically."""
+    from ..fileio import atomic_path
+    paths = [path] if len(prompts) == 1 else [f"{path}.{i}" for i in range(len(prompts))]
+    for p, row, dst in zip(prompts, rows, paths):
+        with atomic_path(dst) as tmp, open(tmp, "wb") as f:
+            f.write(p + bytes(t for t in row if t < 256))
+    return paths
+
+
+def _check_output(path) -> None:
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--output {path!r}: expected a file in a folder you can write to")
+
+
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     try:
+        _check_output(args.output)
         prompts, start = _start(args)
     except (ValueError, TypeError, CheckpointError) as e:
         print(f"longnet generate: error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    rows: List[List[int]] = [[] for _ in prompts]
     if len(prompts) == 1:
-        count, interrupted = write_stream(prompts[0], _rows_of_one(start()), sys.stdout)
+        count, interrupted = write_stream(prompts[0], _rows_of_one(_recorded(start(), rows)), sys.stdout)
     else:
-        count, interrupted = write_batch(prompts, start(), sys.stdout)
+        count, interrupted = write_batch(prompts, _recorded(start(), rows), sys.stdout)
     dt = time.perf_counter() - t0
+    if args.output is not None:
+        print(f"[longnet] raw bytes in {', '.join(_write_raw(args.output, prompts, rows))}", file=sys.stderr)
     wanted = args.max_new_tokens * len(prompts)
     if interrupted:
         print(f"[longnet] interrupted: kept the {count} of {wanted} bytes generated so far "
