@@ -247,17 +247,20 @@ def test_hugging_face_layout_from_the_issue():
 
 
 def test_strided_inputs_reach_the_kernel_without_a_copy(monkeypatch):
-    # r = 1 units are strided views of the caller's tensors: the kernel must read q, k, v's own memory.
-    from longnet.backends import kernels
+    # r = 1 units are strided views of the caller's tensors: the kernel must read q, k, v's own memory
+    # (w = 16 runs as a band on longnet's CPU kernel, as a segment call where that is not built).
+    from longnet.backends import cpu_flash, kernels
     q, k, v = (_hf_layout(2, 48, 3, 8, torch.float32) for _ in range(3))
     seen = []
-    real = kernels._attn_fwd
 
-    def spy(a, b, c, *rest):
-        seen.append([x.untyped_storage().data_ptr() for x in (a, b, c)])
-        return real(a, b, c, *rest)
+    def spy(real):
+        def call(a, b, c, *rest, **kw):
+            seen.append([x.untyped_storage().data_ptr() for x in (a, b, c)])
+            return real(a, b, c, *rest, **kw)
+        return call
 
-    monkeypatch.setattr(kernels, "_attn_fwd", spy)
+    monkeypatch.setattr(kernels, "_attn_fwd", spy(kernels._attn_fwd))
+    monkeypatch.setattr(cpu_flash, "band_fwd", spy(cpu_flash.band_fwd))
     longnet.dilated_attention(q, k, v, (16,), (1,), backend="torch")
     own = [x.untyped_storage().data_ptr() for x in (q, k, v)]
     assert seen and all(ptrs == own for ptrs in seen), "a strided input was copied before the kernel"
@@ -469,7 +472,8 @@ def test_reference_keeps_non_finite_keys_out_of_rows_that_cannot_see_them(seed, 
 def test_kernel_calls_are_chunked_under_limits(monkeypatch, max_elements, max_bh):
     # Kernels that index with 32 bits or launch per (batch, head) are called in chunks; lowering
     # the limits makes the chunked path run here and it must not change any result.
-    from longnet.backends import kernels
+    from longnet.backends import band, kernels
+    monkeypatch.setattr(band, "MAX_SEGMENT", 0)  # every pattern as segment calls (a band is one call, not chunked)
     q, k, v = _inputs(2, 45, 5, 4, torch.float64)
     w, r = (8, 16, 45), (1, 2, 3)
     ref = longnet.dilated_attention(q, k, v, w, r, is_causal=True, return_lse=True)
