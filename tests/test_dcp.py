@@ -163,5 +163,5 @@ def test_elastic_restart_resumes_from_the_last_complete_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert (tmp_path / "killed").exists()  # the first attempt really lost a rank
     # The restart resumed at step 8 (the last complete checkpoint before the kill after step 10).
-    assert "resuming at step 8" in proc.stdout
+    assert "resuming at step 8" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
     _assert_same_curve(_train_rows(out), _train_rows(ref), "elastic restart")

@@ -377,8 +377,8 @@ class _Trainer:
                 data_spec=self.data_spec, step=snap.step, scheduler=self.scheduler, scaler=self.scaler,
                 rng=snap.rng, data_state=snap.data, keep=self.tcfg.keep_checkpoints,
                 async_group=None if wait else getattr(self.ctx, "async_group", None))
-            if wait:
-                self._finish_pending()
+            if wait or getattr(self.ctx, "async_group", None) is None:
+                self._finish_pending()  # a blocking save is complete now: make it latest
         elif self.ctx.is_main:
             save_checkpoint(self.out_dir, model=self.model, train_config=self.tcfg, data_spec=self.data_spec,
                             step=snap.step, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
