@@ -27,8 +27,8 @@ def _prompts():
     return [tokens(1, n, seed=10 + i)[0] for i, n in enumerate(LENGTHS)]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("family,cache", [(f, "dynamic") for f in sorted(FAMILIES)] + [("llama", "static")] + [
+    pytest.param(f, "static", marks=pytest.mark.slow) for f in ("mistral", "qwen2")])
 def test_batched_greedy_generate_equals_each_prompt_alone(family, cache):
     model = dilated(tiny(family))
     prompts = _prompts()
