@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import helpers
 import longnet
 from longnet.backends import cpu_flash, kernels
 
@@ -102,6 +103,80 @@ def test_large_scores_stay_finite():
     assert out.isfinite().all() and lse.isfinite().all()
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lse, ref_lse, atol=1e-2, rtol=1e-5)
+
+
+def _op_and_reference(q, k, v, do, pattern, causal, scale):
+    """[out, lse, dq, dk, dv] of the op on longnet's kernel (backend torch) and of the float64 reference
+    on the same (rounded) inputs."""
+    results = []
+    for backend, cast in (("torch", lambda x: x), ("reference", torch.Tensor.double)):
+        leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
+        out, lse = longnet.dilated_attention(*leaves, pattern.segment_lengths, pattern.dilation_rates,
+                                             is_causal=causal, scale=scale, return_lse=True, backend=backend,
+                                             segment_phases=pattern.segment_phases)
+        out.backward(cast(do))
+        results.append([out.detach(), lse.detach()] + [x.grad for x in leaves])
+    return results
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_a_large_non_power_of_two_scale_gives_the_exact_output(causal):
+    """The scaled scores are computed once and their own max subtracted: under -ffast-math
+    ``score * scale - max`` became one fma, whose value at the max element was the product's rounding
+    error, and exp of it overflowed (368 non-finite outputs here at scale 3e8)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 64, 2, 16, generator=g) for _ in range(4))
+    ours, ref = _op_and_reference(q, k, v, do, longnet.DilatedPattern((64,), (1,)), causal, 3e8)
+    assert all(x.isfinite().all() for x in ours)
+    torch.testing.assert_close(ours[0].double(), ref[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours[1].double(), ref[1], atol=0, rtol=1e-6)
+    torch.testing.assert_close(ours[4].double(), ref[4], atol=1e-5, rtol=1e-5)  # p is one-hot: dv exact
+
+
+FUZZ_PATTERNS = {"one": longnet.DilatedPattern((64,), (1,)),
+                 "band": longnet.DilatedPattern((32,), (2,)).with_local_window(16)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", sorted(FUZZ_PATTERNS))
+def test_scales_and_magnitudes_fuzz_against_the_reference(dtype, pattern):
+    """Scales 1e-8 .. 1e30 and tiny to huge q, k (while scaled scores fit the compute type): out and
+    lse match the reference, every gradient is finite, and the gradients' error is within the
+    dtype's rounding plus that of a softmax taken of scores this large (p = e^{s - lse} carries
+    lse's rounding, about |s| eps of the compute type, which at huge |s| no lse-based backward, aten's
+    included, can avoid; the same rounding weighs patterns merged by lse, see the "band" case)."""
+    eps_out = torch.finfo(dtype).eps
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    eps_acc, big = torch.finfo(acc).eps, torch.finfo(acc).max / 1e3
+    g = torch.Generator().manual_seed(1)
+    base = [torch.randn(1, 64, 2, 16, generator=g, dtype=torch.float64) for _ in range(4)]
+    for i, scale in enumerate((1e-8, 1e-3, 0.3, 7.3, 3e8, 1e10, 1e20, 1e30)):
+        for j, amp in enumerate((1e-6, 1.0, 1e3)):
+            q, k, v, do = (x.to(dtype) for x in (base[0] * amp, base[1] * amp, base[2], base[3]))
+            top = (q.double().abs().amax() * k.double().abs().amax() * 16 * scale).item()  # >= max |s|
+            if top > big:
+                continue
+            for causal in ((i + j) % 2 == 0,):  # each (scale, magnitude) once, causal or not in turn
+                ours, ref = _op_and_reference(q, k, v, do, FUZZ_PATTERNS[pattern], causal, scale)
+                where = f"scale {scale}, |q|, |k| ~ {amp}, causal {causal}"
+                # finite wherever the exact value fits the dtype (a gradient of 1e20 does not fit float16)
+                fits = [r.abs().amax() < torch.finfo(dtype).max / 16 for r in ref]
+                assert all(x.isfinite().all() for x, f in zip(ours, fits) if f), where
+                # The scores' own rounding (|s| eps) moves the output that much; patterns merged by lse are
+                # weighed with lse's rounding, the same size. Out stays a convex combination of values.
+                atol, rtol = helpers.tol(dtype)
+                torch.testing.assert_close(ours[0].double(), ref[0], atol=atol + 16 * eps_acc * top, rtol=rtol, msg=where)
+                assert ours[0].abs().amax() <= v.abs().amax() * (1 + eps_out), where
+                torch.testing.assert_close(ours[1].double(), ref[1], atol=1e-5, rtol=8 * eps_acc, msg=where)
+                slack = 16 * (eps_out + eps_acc * top)
+                nat = (do.double().abs().amax() * v.double().abs().amax() * 16 * scale).item()
+                for x, r, other, f in zip(ours[2:], ref[2:], (k, q, None), fits[2:]):
+                    if not f:
+                        continue
+                    size = r.abs().amax().item() + (nat * other.double().abs().amax().item() if other is not None
+                                                    else do.double().abs().amax().item())
+                    err = (x.double() - r).abs().amax().item()
+                    assert err <= slack * size + 2 * torch.finfo(dtype).tiny, f"{where}: {err} > {slack} * {size}"
 
 
 def _which(monkeypatch):
