@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -246,7 +245,8 @@ def _packed_attention(cu_seqlens: Tensor, lengths: List[int], cache: Optional[KV
         positions, centers = _packed_positions(lengths, h.device)
         q, k, v = _rotated_qkv(attn, h, positions)
         if cache is not None:
-            for b, (lo, hi) in enumerate(zip(cu_seqlens.tolist()[:-1], cu_seqlens.tolist()[1:])):
+            bounds = cu_seqlens.tolist()
+            for b, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
                 cache.fill(layer, b, k[0, lo:hi], v[0, lo:hi])
         if attn.xpos is not None:
             q, k = attn.xpos.scale(q, k, attn.xpos.decay(positions - centers, 0.0).to(h.device)[None, :, None, :])
@@ -376,6 +376,8 @@ class LongNetLM(nn.Module):
         checkpointing, if set, applies whenever gradients are taken.
         """
         x = self.embed(tokens.long())
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         if self.pos_embed is not None:
             x = x + self.pos_embed(self._positions(tokens.shape[1], tokens.device, positions))
         x = F.dropout(x, self.config.dropout, self.training)
@@ -521,7 +523,9 @@ class LongNetLM(nn.Module):
 
         kind "1d" (tokens (1, N)), "2d" (tokens (B, N)) or "ragged" (a list of B 1-D prompts).
         """
-        ragged = not isinstance(prompt, Tensor) and len(prompt) > 0 and not isinstance(prompt[0], numbers.Integral)
+        # A list of prompts holds sequences (lists, tuples, 1-D tensors); a list of ints (or 0-d tensors) is one prompt.
+        ragged = (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+                  and (isinstance(prompt[0], (list, tuple)) or (isinstance(prompt[0], Tensor) and prompt[0].ndim > 0)))
         device = next(self.parameters()).device
         if ragged:
             rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) if not isinstance(p, Tensor) else p
