@@ -629,3 +629,17 @@ def test_breakdown_prints_both_tables_and_writes_them(tmp_path, capsys):
     assert float(t["ideal"]) == pytest.approx(65 / 128)
     assert float(t["op_kernel_over_causal"]) == pytest.approx(float(t["op_kernel_ms"]) / float(t["causal_ms"]))
     assert _table_rows(text, "N") and _table_rows(text, "kept")
+
+
+def test_pattern_lw16_benchmarks_the_lm_presets_local_window():
+    """--pattern lw16 times the flags' pattern plus with_local_window(16), phases included in the call
+    and in the FLOP count."""
+    _, args = op.parse_cli(["--pattern", "lw16", "--segment-lengths", "64,128", "--dilation-rates", "1,2",
+                            "--device", "cpu"])
+    pattern, _, _ = op._checked(args)
+    assert pattern == DilatedPattern((64, 128), (1, 2)).with_local_window(16)
+    row = op.measure(96, heads=2, head_dim=8, batch=2, pattern=pattern, dtype=torch.float32,
+                     device=torch.device("cpu"), causal=True, backend=None, repeats=1, warmup=0, dense=False,
+                     memory=False)[0]
+    assert row.dense_over_dilated_flops == pytest.approx(pattern.flop_ratio(96, 2, 8, causal=True))
+    assert op.run(op.parse_cli(["--pattern", "lw16", "--breakdown", "--device", "cpu"])[1]) == 2

@@ -115,7 +115,7 @@ def attention_call(impl: Optional[str], mode: str, q, k, v, do, pattern, causal:
         if impl == DENSE_OP:
             return dilated_attention(a, b, c, [a.shape[1]], [1], is_causal=causal)
         return dilated_attention(a, b, c, pattern.segment_lengths, pattern.dilation_rates,
-                                 is_causal=causal, backend=impl)
+                                 is_causal=causal, backend=impl, segment_phases=pattern.segment_phases)
 
     if mode == "fwd":
         def forward():

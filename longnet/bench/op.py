@@ -46,6 +46,8 @@ NAN = float("nan")
 EXTRAPOLATED = "dense-extrapolated"  # impl of --figure5's rows that come from the fit, not a measurement
 FIGURE5_N = [4096 * 2**i for i in range(9)]  # 4K .. 1M
 FIGURE5_DENSE_MAX_N = 32768
+# --pattern: the benchmarked pattern from the one the flags give.
+PATTERN_VARIANTS = {"paper": lambda p: p, "lw16": lambda p: p.with_local_window(16)}
 
 
 @dataclass
@@ -95,7 +97,7 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
     io_bytes = 8 * q.numel() * q.element_size()  # q, k, v, out and their gradients
     kw = dict(causal=causal, batch=batch)
     dil_flops = [dilated_flops(n, heads, head_dim, pattern.segment_lengths, pattern.dilation_rates,
-                               backward=bwd, **kw) for bwd in (False, True)]
+                               backward=bwd, segment_phases=pattern.segment_phases, **kw) for bwd in (False, True)]
     dense_fl = [dense_flops(n, heads, head_dim, backward=bwd, **kw) for bwd in (False, True)]
     impls = [(f"dilated[{backend or 'auto'}]", backend, dil_flops)]
     if dense:
@@ -165,6 +167,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--segment-lengths", default=None, help="comma-separated w_i (default: the paper's)")
     p.add_argument("--dilation-rates", default=None, help="comma-separated r_i (default: the paper's)")
+    p.add_argument("--pattern", choices=sorted(PATTERN_VARIANTS), default="paper",
+                   help="paper: the pattern of --segment-lengths/--dilation-rates as it is; lw16: the same plus "
+                        "the LM presets' local window (DilatedPattern.with_local_window(16): two phased r = 1 "
+                        "patterns of 16 rows)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--non-causal", action="store_true", help="benchmark non-causal attention")
@@ -213,7 +219,8 @@ def _dense_max_n(args) -> Optional[int]:
 def _check_breakdown(args) -> None:
     if not args.breakdown:
         return
-    for flag, given in (("--figure5", args.figure5), ("--plot", args.plot), ("--no-dense", args.no_dense)):
+    for flag, given in (("--figure5", args.figure5), ("--plot", args.plot), ("--no-dense", args.no_dense),
+                        (f"--pattern {args.pattern}", args.pattern != "paper")):  # its clock sees segment calls only
         if given:
             raise ValueError(f"--breakdown prints two tables against dense attention: drop {flag}")
 
@@ -252,7 +259,8 @@ def _checked(args) -> Tuple[DilatedPattern, torch.device, List[int]]:
         get_backend(args.backend, torch.empty(1, 1, args.heads, args.head_dim, dtype=dtype, device=device))
     except ValueError as e:
         raise ValueError(f"--backend {args.backend}: {e}") from None
-    return DilatedPattern.paper() if pattern is None else pattern, device, ns
+    pattern = DilatedPattern.paper() if pattern is None else pattern
+    return PATTERN_VARIANTS[args.pattern](pattern), device, ns
 
 
 def extrapolate_dense(rows: List[Row], ns: List[int], *, heads: int, head_dim: int, batch: int,
