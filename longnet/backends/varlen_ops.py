@@ -12,10 +12,10 @@ Both become a list of sequences (start, length) over the rows of a flat (rows, H
 Each sequence is segmented from its own first row, so its output is what it would be if
 run alone. The cost is the sum over sequences, not B x the longest: for each pattern, the
 segments of one length of *all* sequences share one kernel call (a sequence's full segments
-and every equally long tail), fed by one gather of their kept rows (index_select on the
-(rows x H, D) view, heads of one kept count stacked as in :mod:`.torch_backend`); partial
-outputs merge into the (rows x H, D) output with the update of docs/design.md §7, and the
-backward index-adds each call's gradients. Rows of no sequence (padding, gaps) get out 0,
+and every equally long tail), fed by one copy of their kept rows from the strided views of
+:mod:`.torch_backend` (heads of one kept count stacked as there; a lone r = 1 run is a view,
+no copy); partial outputs merge into the output through the same views with the update of
+docs/design.md §7, and the backward adds each call's gradients the same way. Rows of no sequence (padding, gaps) get out 0,
 lse -inf and gradient 0, and never reach a kernel, so they cost nothing and cannot be NaN.
 
 A single sequence covering every row, or equally long sequences without gaps, take the dense
@@ -35,7 +35,7 @@ from ..patterns import heads_with_offset, kept_count, segment_groups, used_offse
 from . import kernels
 from .lse_grad import backward_grads, backward_inputs
 from .numerics import acc_dtype, last_dim_contiguous
-from .torch_backend import merge_partial
+from .torch_backend import Unit, _gather as _dense_gather, _pairs, merge_partial
 
 __all__ = ["sequences", "check_cu_seqlens", "dilated_attention_varlen_torch", "varlen_forward",
            "varlen_backward", "VarlenCall", "plan_calls"]
@@ -88,19 +88,30 @@ def sequences(q: Tensor, cu_seqlens: Optional[Tensor], key_padding_mask: Optiona
 
 
 class VarlenCall(NamedTuple):
-    """One kernel call of pattern ``pattern``: ``index`` (Z, kept, G) into x viewed as (rows x H / width, width, D).
+    """One kernel call: the head offsets of one kept count of pattern ``pattern``, over ``runs``.
 
-    ``width`` is H for an r = 1 pattern (whole rows, every head: G = 1) and 1 otherwise (one
-    head's row per index, G = the stacked heads); the call's input is (Z, G x width, kept, D).
+    ``runs`` [(start row, count), ...]: runs of ``count`` consecutive segments of ``seg_len``
+    rows (each within one sequence), over all sequences; Z = the sum of the counts.
     """
 
     pattern: int
-    index: Tensor
-    width: int
+    seg_len: int
+    rate: int
+    offsets: Tuple[int, ...]
+    kept: int
+    runs: Tuple[Tuple[int, int], ...]
+
+    def group(self, start: int, count: int) -> List[Unit]:
+        """The dense path's units (:class:`.torch_backend.Unit`) of one run, on a (1, rows, H, D) view."""
+        return [Unit(self.pattern, start, count, self.seg_len, s, self.rate, self.kept, None) for s in self.offsets]
+
+    @property
+    def z(self) -> int:
+        return sum(c for _, c in self.runs)
 
 
-def _segment_starts(starts: Sequence[int], lengths: Sequence[int], w: int, phase: int) -> Dict[int, List]:
-    """{segment length: [(first start, count), ...]}: every sequence's segments of one pattern, by length."""
+def _segment_runs(starts: Sequence[int], lengths: Sequence[int], w: int, phase: int) -> Dict[int, List]:
+    """{segment length: [(first row, count), ...]}: every sequence's segments of one pattern, by length."""
     runs: Dict[int, List] = {}
     for s, n in zip(starts, lengths):
         if n == 0:
@@ -110,68 +121,67 @@ def _segment_starts(starts: Sequence[int], lengths: Sequence[int], w: int, phase
     return runs
 
 
-def _run_starts(runs: List, seg_len: int, device) -> Tensor:
-    """(Z,) int64 segment starts of runs [(first, count), ...] of equally long segments."""
-    firsts = torch.tensor([f for f, _ in runs], dtype=torch.int64)
-    counts = torch.tensor([c for _, c in runs], dtype=torch.int64)
-    within = torch.arange(int(counts.sum())) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    return (torch.repeat_interleave(firsts, counts) + within * seg_len).to(device)
+def _split_runs(runs: List[Tuple[int, int]], seg_len: int, step: int) -> List[List[Tuple[int, int]]]:
+    """The runs cut into consecutive pieces of at most ``step`` segments in all (one per kernel call)."""
+    calls, cur, used = [], [], 0
+    for start, count in runs:
+        while count:
+            take = min(count, step - used)
+            cur.append((start, take))
+            start, count, used = start + take * seg_len, count - take, used + take
+            if used == step:
+                calls.append(cur)
+                cur, used = [], 0
+    return calls + ([cur] if cur else [])
 
 
 def plan_calls(starts: Sequence[int], lengths: Sequence[int], num_heads: int, segment_lengths: Sequence[int],
-               dilation_rates: Sequence[int], segment_phases: Optional[Sequence[int]], row_bytes: int,
-               device) -> List[VarlenCall]:
+               dilation_rates: Sequence[int], segment_phases: Optional[Sequence[int]],
+               row_bytes: int) -> List[VarlenCall]:
     """Every kernel call of the varlen mixture, the r = 1 patterns first.
 
     For pattern (w, r, φ), the segments of one length over all sequences and the head
-    offsets of one kept count form a call: index[z, j, c] = (a_z + s_c + j r) H + h_c for
-    segment start a_z and the c-th stacked head h_c with offset s_c (for r = 1, whole rows:
-    index[z, j, 0] = a_z + j). Calls larger than ``_CALL_BYTES`` (``row_bytes`` per row and
-    head) are split over Z.
+    offsets of one kept count form a call (as :func:`.torch_backend.group_units` stacks
+    them for one sequence). Calls larger than ``_CALL_BYTES`` (``row_bytes`` per row and
+    head) are split over their segments.
     """
     phases = segment_phases or (0,) * len(segment_lengths)
     order = sorted(range(len(segment_lengths)), key=lambda i: dilation_rates[i] != 1)
     calls: List[VarlenCall] = []
     for i in order:
         r = dilation_rates[i]
-        for seg_len, runs in _segment_starts(starts, lengths, segment_lengths[i], phases[i]).items():
-            seg_starts = _run_starts(runs, seg_len, device)
+        for seg_len, runs in _segment_runs(starts, lengths, segment_lengths[i], phases[i]).items():
             by_kept: Dict[int, List[int]] = {}
             for s in used_offsets(r, num_heads):
                 kept = kept_count(seg_len, s, r)
                 if kept:
                     by_kept.setdefault(kept, []).append(s)
             for kept, offsets in by_kept.items():
-                heads = [h for s in offsets for h in heads_with_offset(s, r, num_heads)]
-                step = max(1, _CALL_BYTES // max(1, kept * len(heads) * row_bytes))
-                if r == 1:
-                    rows = torch.arange(kept, device=device)[None, :, None]
-                    calls += [VarlenCall(i, seg_starts[z:z + step, None, None] + rows, num_heads)
-                              for z in range(0, seg_starts.numel(), step)]
-                    continue
-                head_t = torch.tensor(heads, dtype=torch.int64, device=device)
-                rows = (head_t % r)[None, None, :] + r * torch.arange(kept, device=device)[None, :, None]
-                calls += [VarlenCall(i, (seg_starts[z:z + step, None, None] + rows) * num_heads + head_t, 1)
-                          for z in range(0, seg_starts.numel(), step)]
+                heads = sum(len(heads_with_offset(s, r, num_heads)) for s in offsets)
+                step = max(1, _CALL_BYTES // max(1, kept * heads * row_bytes))
+                calls += [VarlenCall(i, seg_len, r, tuple(offsets), kept, tuple(piece))
+                          for piece in _split_runs(runs, seg_len, step)]
     return calls
 
 
-def _units(flat: Tensor, width: int) -> Tensor:
-    """flat (rows x H, *rest) viewed as (rows x H / width, width, *rest): the units a call's index counts."""
-    return flat.view(-1, width, *flat.shape[1:])
+def _pieces(x: Tensor, part: Tensor, c: VarlenCall, num_heads: int) -> List[Tuple[Tensor, Tensor]]:
+    """(view of x (1, rows, H, *rest), view of part (Z, heads, kept, *rest)) pairs covering the call; no copies."""
+    pairs, z0 = [], 0
+    for start, count in c.runs:
+        pairs += _pairs(x, part[z0:z0 + count], c.group(start, count), num_heads)
+        z0 += count
+    return pairs
 
 
-def _gather(flat: Tensor, c: VarlenCall) -> Tensor:
-    """(Z, G x width, kept, *rest) kernel input from flat (rows x H, *rest); one copy."""
-    z, kept, g = c.index.shape
-    picked = _units(flat, c.width).index_select(0, c.index.reshape(-1))
-    return picked.view(z, kept, g * c.width, *flat.shape[1:]).transpose(1, 2)
-
-
-def _rows(t: Tensor, width: int) -> Tensor:
-    """A kernel output (Z, G x width, kept, *rest) as (Z x kept x G, width, *rest): units in the index's order."""
-    t = t.transpose(1, 2)
-    return t.reshape(-1, width, *t.shape[3:])
+def _gather(x: Tensor, c: VarlenCall, num_heads: int) -> Tensor:
+    """(Z, heads, kept, *rest): the call's kept rows of x (1, rows, H, *rest); a view for one r = 1 run."""
+    if len(c.runs) == 1:
+        return _dense_gather(x, c.group(*c.runs[0]), num_heads)
+    heads = sum(len(heads_with_offset(s, c.rate, num_heads)) for s in c.offsets)
+    part = torch.empty((c.z, c.kept, heads, *x.shape[3:]), dtype=x.dtype, device=x.device).transpose(1, 2)
+    for xv, pv in _pieces(x, part, c, num_heads):
+        pv.copy_(xv)
+    return part
 
 
 def _dense_shape(q: Tensor, starts: Sequence[int], lengths: Sequence[int]) -> Optional[Tuple[int, int]]:
@@ -185,36 +195,33 @@ def _dense_shape(q: Tensor, starts: Sequence[int], lengths: Sequence[int]) -> Op
     return b, lengths[0]
 
 
-def _flat(x: Tensor) -> Tensor:
-    """x ((T, H, D) or (B, N, H, D)) as (rows x H, D); copies only when the strides do not allow a view."""
-    return x.reshape(-1, x.shape[-1])
+def _flat(x: Tensor, trailing: int = 2) -> Tensor:
+    """x ((T, *tail) or (B, N, *tail), ``trailing`` dims in tail) as (1, rows, *tail); copies only when the
+    strides need it. Tail (H, D) for q, k, v, out; (H,) for lse."""
+    return x.reshape(1, -1, *x.shape[x.ndim - trailing:])
 
 
 def _mixture(q: Tensor, k: Tensor, v: Tensor, calls: List[VarlenCall], causal: bool, scale: float,
              force_math: bool) -> Tuple[Tensor, Tensor]:
-    """(out (rows x H, D) acc dtype, lse (rows x H,)) of the planned calls; rows of no call stay 0 / -inf.
+    """(out (1, rows, H, D) acc dtype, lse (1, rows, H)) of the planned calls; rows of no call stay 0 / -inf.
 
     An r = 1 pattern covers every row of every sequence once, so the first one (``plan_calls``
     puts them first) is copied in rather than merged.
     """
     acc = acc_dtype(q.dtype)
+    h = q.shape[-2]
     fq, fk, fv = (_flat(x) for x in (q, k, v))
     out = torch.zeros(fq.shape, dtype=acc, device=q.device)
-    lse = torch.full(fq.shape[:1], float("-inf"), dtype=acc, device=q.device)
-    first = calls[0].pattern if calls and calls[0].width == q.shape[-2] else None
+    lse = torch.full(fq.shape[:3], float("-inf"), dtype=acc, device=q.device)
+    first = calls[0].pattern if calls and calls[0].rate == 1 else None
     for c in calls:
-        o_g, l_g = kernels.attn_fwd(*(_gather(x, c) for x in (fq, fk, fv)), causal, scale, force_math)
-        idx = c.index.reshape(-1)
-        o_p, l_p = _rows(o_g, c.width), _rows(l_g, c.width)
-        uo, ul = _units(out, c.width), _units(lse, c.width)
-        if c.pattern == first:
-            uo.index_copy_(0, idx, o_p.to(acc))
-            ul.index_copy_(0, idx, l_p.to(acc))
-            continue
-        cur_o, cur_l = uo.index_select(0, idx), ul.index_select(0, idx)
-        merge_partial(cur_o, cur_l, o_p, l_p)
-        uo.index_copy_(0, idx, cur_o)
-        ul.index_copy_(0, idx, cur_l)
+        o_g, l_g = kernels.attn_fwd(*(_gather(x, c, h) for x in (fq, fk, fv)), causal, scale, force_math)
+        for (ov, o_p), (lv, l_p) in zip(_pieces(out, o_g, c, h), _pieces(lse, l_g, c, h)):
+            if c.pattern == first:
+                ov.copy_(o_p)
+                lv.copy_(l_p)
+            else:
+                merge_partial(ov, lv, o_p, l_p)
     return out, lse
 
 
@@ -232,22 +239,23 @@ def varlen_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]
                                dilation_rates, is_causal, scale, force_math, segment_phases)
         return o.reshape(q.shape), l.reshape(q.shape[:-1])
     h, d = q.shape[-2:]
-    calls = plan_calls(starts, lengths, h, segment_lengths, dilation_rates, segment_phases, d * 4, q.device)
+    calls = plan_calls(starts, lengths, h, segment_lengths, dilation_rates, segment_phases, d * 4)
     out, lse = _mixture(q, k, v, calls, is_causal, scale, force_math)
     return out.to(q.dtype).view(q.shape), lse.view(q.shape[:-1])
 
 
 def _grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, calls: List[VarlenCall],
            causal: bool, scale: float, force_math: bool) -> List[Tensor]:
-    """(dq, dk, dv) as (rows x H, D) in the acc dtype: each call's flash backward, index-added."""
+    """(dq, dk, dv) as (1, rows, H, D) in the acc dtype: each call's flash backward, added in."""
     acc = acc_dtype(q.dtype)
-    flats = [_flat(x) for x in (do, q, k, v, out)] + [lse.reshape(-1)]
+    h = q.shape[-2]
+    flats = [_flat(x) for x in (do, q, k, v, out)] + [_flat(lse, 1)]
     grads = [torch.zeros(flats[1].shape, dtype=acc, device=q.device) for _ in range(3)]
     for c in calls:
-        parts = kernels.attn_bwd(*(_gather(x, c) for x in flats), causal, scale, force_math)
-        idx = c.index.reshape(-1)
+        parts = kernels.attn_bwd(*(_gather(x, c, h) for x in flats), causal, scale, force_math)
         for dst, p in zip(grads, parts):
-            _units(dst, c.width).index_add_(0, idx, _rows(p, c.width).to(acc))
+            for gv, pv in _pieces(dst, p, c, h):
+                gv.add_(pv)
     return grads
 
 
@@ -269,7 +277,7 @@ def varlen_backward(dout: Optional[Tensor], dlse: Optional[Tensor], q: Tensor, k
                                  segment_lengths, dilation_rates, is_causal, scale, force_math, segment_phases)
         return tuple(g.reshape(q.shape) for g in grads)
     h, d = q.shape[-2:]
-    calls = plan_calls(starts, lengths, h, segment_lengths, dilation_rates, segment_phases, d * 4, q.device)
+    calls = plan_calls(starts, lengths, h, segment_lengths, dilation_rates, segment_phases, d * 4)
 
     def run(do: Tensor, o: Tensor, zero_values: bool):
         values = torch.zeros_like(v) if zero_values else v
