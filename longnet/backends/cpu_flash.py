@@ -5,25 +5,21 @@ block and computed in it). Why it exists, twice over:
 
 * Its float32 products go to oneDNN's AVX-512 brgemm micro-kernel (through PyTorch's
   ``at::native::cpublas::brgemm``), where PyTorch's CPU flash kernel calls MKL's sgemm, which
-  takes its AVX2 path on AMD CPUs: on the README's AMD EPYC that is 245-263 against 96-107
-  GFLOP/s per core at the kernel's shapes.
+  takes its AVX2 path on AMD CPUs, at about half the rate.
 * PyTorch's kernel skips masked scores only in whole tiles of 512 keys, so a causal problem of
   S rows computes about S x 256 masked scores: 25-30% extra work at the 2,048-2,731 kept rows of
   the paper's pattern. This kernel's forward takes the keys a whole query block sees in
   full-size products and its diagonal in 32-row sub-blocks, each stopping at its own last key;
   its backward stops every query block at its own last key.
 
-Measured on that machine against PyTorch's kernel on the same inputs (one-off timings, about
-+-3%), float32, time of ours over PyTorch's, forward / backward: causal 512 rows 0.41 / 0.41,
-2,048 rows 0.47 / 0.46, unmasked 2,048 rows 0.55 / 0.56, causal 16,384 rows 0.54 / 0.64.
-float64 (MKL's dgemm on both sides): causal 2,048 rows 0.83 / 0.79, but unmasked 2,048 rows
-1.06 / 1.08 and causal 8,192 rows 1.08 / 1.02 (measured before the keys were transposed per
-thread rather than per call).
-bfloat16, causal 2,048 rows: 0.43 / 0.63 of PyTorch's bf16 kernel; float16 0.31 / 0.04.
-So :func:`wanted` takes every float32, bfloat16 and float16 call where oneDNN's micro-kernel is
+It also has a band mode (:func:`band_fwd`, :func:`band_bwd`, used by :mod:`.band`): the local
+window's short r = 1 patterns in one pass over the sequence. Its timings against PyTorch's
+kernel, and the local window's cost, are in docs/cpu-kernel.md.
+
+:func:`wanted` takes every float32, bfloat16 and float16 call where oneDNN's micro-kernel is
 there to be used (x86 with AVX2 or better and oneDNN enabled; elsewhere brgemm falls back to a BLAS gemm
-and the kernel keeps to what the tiles alone win), and float64 causal calls of at most
-:data:`MAX_ROWS` rows.
+and the kernel keeps to what the tiles alone win), and float64 causal calls (MKL's dgemm on both
+sides, so only the tiles win) of at most :data:`MAX_ROWS` rows.
 
 Which kernel runs is set by the environment variable ``LONGNET_CPU_KERNEL``:
 
@@ -60,14 +56,14 @@ ENV = "LONGNET_CPU_KERNEL"
 MODES = ("auto", "aten", "longnet")
 MAX_ROWS = 4096  # without oneDNN's products, longer causal problems waste little in aten's tiles
 # Fewer query rows go to aten: a decode step (one row against a cache that grows every step) would
-# have oneDNN generate micro-kernels for a new shape each step, 6x slower than aten's call and
-# leaving them cached (measured +160 MiB over 2,000 steps before this limit).
+# have oneDNN generate micro-kernels for a new shape each step, slower than aten's call and
+# leaving them cached for good (docs/cpu-kernel.md).
 MIN_ROWS = 16
 _NAME = "longnet_flash_cpu"
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "flash_cpu.cpp")
 # Forward: query rows per block, key columns per product, rows per diagonal sub-block.
 # Backward: query rows, key columns. Chosen from {64, 128, 256} x {128, 256, 512} (x {32, 64})
-# at 1,024, 2,048 and 8,192 causal rows: every choice was within 5% of the best at each length.
+# at 1,024, 2,048 and 8,192 causal rows, where they hardly differ (docs/cpu-kernel.md).
 FWD_BLOCKS = (128, 512, 32)
 BWD_BLOCKS = (128, 256)
 

@@ -16,6 +16,9 @@
 // Every product is a plain row-major C = A B [+ C] (see mm): the keys are transposed once per
 // call for q k^T, and the backward takes its products keys x queries, so that P^T and dS^T are
 // the A operands of dV and dK, and dq is accumulated transposed.
+//
+// Band mode (band_fwd, band_bwd; see Band) computes several r = 1 patterns of short segments, the
+// local window, in one pass over the whole sequence, merged into the mixture's buffers.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -38,9 +41,9 @@ namespace {
 
 // C (M x N) = A (M x K) B (K x N) [+ C], all row-major with leading dimensions lda, ldb, ldc.
 // float: oneDNN's brgemm micro-kernel through PyTorch (at::native::cpublas::brgemm), which runs
-// AVX-512 on any CPU that has it; MKL's sgemm takes its AVX2 path on AMD CPUs, half the rate
-// (measured 245-263 against 96-107 GFLOP/s per core on the README's AMD EPYC at this kernel's
-// shapes). Where oneDNN's micro-kernel is unavailable, brgemm itself falls back to a BLAS gemm.
+// AVX-512 on any CPU that has it; MKL's sgemm takes its AVX2 path on AMD CPUs, about half the rate
+// at this kernel's shapes (docs/cpu-kernel.md). Where oneDNN's micro-kernel is unavailable, brgemm
+// itself falls back to a BLAS gemm.
 void mm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
         int64_t ldc, bool add) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
