@@ -29,12 +29,12 @@ SEQ, BATCH = 256, 4
 LAYOUTS = [Layout(sp=2, dp=2), Layout(sp=1, dp=4, replicate=2), Layout(sp=4, dp=1)]
 
 
-def _real_worker(rank, world, port, result_dir):
+def _real_worker(rank, world, port, result_dir, layouts=LAYOUTS):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        sims = [simulate_rank(MICRO, SEQ, BATCH, layout, fake=False, param_dtype="fp32") for layout in LAYOUTS]
+        sims = [simulate_rank(MICRO, SEQ, BATCH, layout, fake=False, param_dtype="fp32") for layout in layouts]
     finally:
         from longnet.backends.collectives import forget_subgroups
         forget_subgroups()
@@ -42,20 +42,31 @@ def _real_worker(rank, world, port, result_dir):
     torch.save(sims, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def _real(tmp_path_factory, layouts):
     folder = tmp_path_factory.mktemp("plan_gloo")
-    mp.spawn(_real_worker, args=(4, _free_port(), str(folder)), nprocs=4, join=True)
+    mp.spawn(_real_worker, args=(4, _free_port(), str(folder), layouts), nprocs=4, join=True)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(4)]
 
 
-@pytest.mark.parametrize("which", range(len(LAYOUTS)))
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Real gloo runs of dp 2 x sp 2 (the default suite)."""
+    return _real(tmp_path_factory, LAYOUTS[:1])
+
+
+@pytest.fixture(scope="module")
+def real_more(tmp_path_factory):
+    """Real gloo runs of HSDP 2 x 2 and sp 4 (slow)."""
+    return _real(tmp_path_factory, LAYOUTS[1:])
+
+
+@pytest.mark.parametrize("which", [0, *(pytest.param(i, marks=pytest.mark.slow) for i in (1, 2))])
 @pytest.mark.parametrize("rank", [0, 3])
-def test_fake_simulation_matches_real_gloo(real, which, rank):
+def test_fake_simulation_matches_real_gloo(request, which, rank):
     layout = LAYOUTS[which]
     with fake_world(4, rank):
         fake = simulate_rank(MICRO, SEQ, BATCH, layout, fake=True, param_dtype="fp32")
-    got = real[rank][which]
+    got = request.getfixturevalue("real")[rank][0] if which == 0 else request.getfixturevalue("real_more")[rank][which - 1]
     assert fake.comm == got.comm and fake.calls == got.calls, (layout, fake.comm, got.comm)
     assert fake.sp_stats == got.sp_stats
     assert (fake.params, fake.grads, fake.optimizer) == (got.params, got.grads, got.optimizer)
@@ -77,7 +88,7 @@ def test_counter_agrees_with_longnets_own_sequence_parallel_bytes():
 
 
 def test_two_layer_extrapolation_equals_the_full_simulation():
-    cfg = dataclasses.replace(MICRO, n_layers=4)
+    cfg = dataclasses.replace(MICRO, n_layers=3)
     full = plan(cfg, SEQ, BATCH, Layout(sp=2, dp=2), rank=2, layers_simulated=None)
     extra = plan(cfg, SEQ, BATCH, Layout(sp=2, dp=2), rank=2, layers_simulated=2)
     assert extra.extrapolated and not full.extrapolated

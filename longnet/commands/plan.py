@@ -98,7 +98,9 @@ def _report(sim, proj, cfg, layout, prof, args, seconds: float) -> str:
         if val and key != "Total":
             lines.append(f"  peak {key.split('.')[-1].lower():<16}{gib(val)}")
     fits = "fits" if sim.peak_total <= prof.hbm_gib * GiB else "DOES NOT FIT"
-    lines += [f"  peak total         {gib(sim.peak_total)}  ({fits} in {prof.hbm_gib:.1f} GiB of {prof.name})", "",
+    lines += [f"  peak total         {gib(sim.peak_total)}  ({fits} in {prof.hbm_gib:.1f} GiB of {prof.name})",
+              "  (tensors only: allocator caching and kernel workspaces come on top; a CPU process's peak RSS "
+              "was 1.6x this at small scale, docs/scaling.md)", "",
               "bytes sent per rank per micro-step (ring convention):"]
     for (label, kind), b in sorted(sim.comm.items()):
         lines.append(f"  {label:<9} {kind:<15} {b / 1e6:14.1f} MB in {sim.calls[(label, kind)]:5d} calls")

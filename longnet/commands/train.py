@@ -6,6 +6,7 @@
     longnet train --resume --out runs/try --max-steps 100   # continue (and extend) a run
     longnet train --data passkey --set train.seq_len=1024  # synthetic long-range retrieval
     torchrun --nproc_per_node 2 -m longnet train --sequence-parallel 2   # one sequence over 2 processes
+    torchrun --nproc_per_node 4 -m longnet train --fsdp --sequence-parallel 2   # FSDP2 x SP, DCP checkpoints
 
 Settings come from a preset, then ``--set KEY=VALUE`` overrides (``model.FIELD``,
 ``train.FIELD`` or a bare field name; ``--list-fields`` lists them), then ``--max-steps``.
