@@ -2,7 +2,9 @@
 
 Layouts: q, k, v and the output are (B, N, H, D) — batch, positions, heads,
 head dim — and q, k, v may have any strides (e.g. a transposed (B, H, N, D)
-tensor). lse is (B, N, H), float32 (float64 for float64 inputs).
+tensor). lse is (B, N, H), float32 (float64 for float64 inputs). Variable-length batches
+(:mod:`longnet.varlen`): packed q, k, v (T, H, D) with ``cu_seqlens`` (lse (T, H)), or
+(B, N, H, D) with ``key_padding_mask`` (B, N).
 
 :func:`dilated_attention` is the public entry and validates everything.
 Modules validate their pattern once, when they are built, and call
