@@ -28,7 +28,7 @@ Triton) the patterns stay separate calls (:func:`split` returns None).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -142,9 +142,10 @@ def math_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tens
 
 
 def merge_into(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, band: Band, force_math: bool,
-               out: Optional[Tensor], lse: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+               out: Optional[Tensor], lse: Optional[Tensor], merge: Callable) -> Tuple[Tensor, Tensor]:
     """(out (B, N, H, D), lse (B, N, H)): the band merged into the given buffers in place, or fresh
-    ones when they are None, in the accumulation dtype."""
+    ones when they are None, in the accumulation dtype. ``merge(out, lse, o, l)``: the op's merge
+    of a partial in place (the math path's; the kernel merges itself)."""
     t = [x.transpose(1, 2) for x in (q, k, v)]
     if not force_math:
         views = None if out is None else (out.transpose(1, 2), lse.transpose(1, 2))
@@ -153,8 +154,7 @@ def merge_into(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, band
     o, l = (x.transpose(1, 2) for x in math_fwd(*t, causal, scale, band))
     if out is None:
         return o, l
-    from .torch_backend import merge_partial  # the op's merge, one home
-    merge_partial(out, lse, o, l)
+    merge(out, lse, o, l)
     return out, lse
 
 

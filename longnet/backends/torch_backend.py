@@ -293,7 +293,7 @@ def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
             else:
                 merge_partial(ov, lv, o_p, l_p)
     if band is not None:
-        out, lse = _band.merge_into(q, k, v, causal, scale, band, force_math, out, lse)
+        out, lse = _band.merge_into(q, k, v, causal, scale, band, force_math, out, lse, merge_partial)
     if out is None:  # no pattern at all (sequence parallelism with only cross-rank patterns)
         out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
         lse = torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
