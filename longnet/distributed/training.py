@@ -21,6 +21,11 @@ everywhere); DDP over the whole mesh averages the gradients (see
 :func:`longnet.distributed.data_parallel` for why that is the exact gradient),
 and the logged loss is the mean of the per-rank losses over the mesh.
 
+FSDP (``--fsdp``). The mesh becomes (dp_replicate, dp_shard, sp) and FSDP2 shards the model
+over dp_shard x sp (:mod:`longnet.distributed.fsdp`); batches and losses are as above. Every
+rank then takes part in each checkpoint (DCP, :func:`longnet.training.checkpoint.save_dcp_checkpoint`),
+evaluation batch and the gathering of the weights for the final sample.
+
 Stopping. Every rank handles SIGINT, SIGTERM and SIGHUP; the requests are all-reduced at
 each step boundary (:meth:`DistContext.any_rank`), so all ranks stop after the same step,
 rank 0 saves, and every rank exits with the same code.

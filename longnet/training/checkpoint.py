@@ -487,14 +487,16 @@ class PendingSave:
     the shards, then rank 0 writes the small files and moves the folder into place."""
 
     def __init__(self, future, finish_fn):
-        self._future, self._finish_fn = future, finish_fn
+        self._future, self._finish_fn, self._path = future, finish_fn, None
 
     def finish(self) -> str:
+        """Complete the save (once); returns the checkpoint folder."""
         if self._future is not None:
             self._future.result()
             self._future = None
-        path, self._finish_fn = self._finish_fn(), (lambda p=None: p)
-        return path
+        if self._finish_fn is not None:
+            self._path, self._finish_fn = self._finish_fn(), None
+        return self._path
 
 
 def save_dcp_checkpoint(run_dir: str, *, ctx, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
