@@ -36,23 +36,16 @@ import time
 import traceback
 import zlib
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .backends.numerics import TOLERANCE
 from .fileio import atomic_write_json, atomic_write_text
 from .patterns import DilatedPattern, validate_pattern, validate_phases
 
 __all__ = ["Check", "Outcome", "build_plan", "check_plan", "run_plan", "render_markdown", "add_arguments", "run"]
 
-# (atol, rtol) per input dtype and quantity, for a result against float64 on the same rounded
-# inputs ~ N(0, 1): the tests' table (tests/helpers.py TOL; tests/test_selftest.py keeps them equal).
-TOLERANCE = {
-    torch.float64: {"out": (1e-10, 1e-10), "lse": (1e-10, 1e-10), "grad": (5e-10, 5e-10)},
-    torch.float32: {"out": (2e-5, 2e-5), "lse": (2e-5, 2e-5), "grad": (1e-4, 1e-4)},
-    torch.float16: {"out": (5e-3, 5e-3), "lse": (1e-4, 1e-4), "grad": (5e-3, 5e-3)},
-    torch.bfloat16: {"out": (3e-2, 3e-2), "lse": (1e-4, 1e-4), "grad": (8e-2, 3e-2)},
-}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 

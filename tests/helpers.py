@@ -5,16 +5,13 @@ from typing import Tuple
 
 import torch
 
+from longnet.backends.numerics import TOLERANCE
+
 # THE tolerance table of every backend's tests: (atol, rtol) per input dtype and quantity, for a
 # backend's result against an exact float64 computation on the same (dtype-rounded) inputs ~ N(0, 1).
 # "grad" is dq, dk, dv. Half types are also held to flash-attention's rule where a test says so:
 # no more than about twice the error of a plain same-dtype PyTorch computation.
-TOL = {
-    torch.float64: {"out": (1e-10, 1e-10), "lse": (1e-10, 1e-10), "grad": (5e-10, 5e-10)},
-    torch.float32: {"out": (2e-5, 2e-5), "lse": (2e-5, 2e-5), "grad": (1e-4, 1e-4)},
-    torch.float16: {"out": (5e-3, 5e-3), "lse": (1e-4, 1e-4), "grad": (5e-3, 5e-3)},
-    torch.bfloat16: {"out": (3e-2, 3e-2), "lse": (1e-4, 1e-4), "grad": (8e-2, 3e-2)},
-}
+TOL = TOLERANCE  # one table for the tests and `longnet selftest`
 
 
 def tol(dtype, kind: str = "out") -> Tuple[float, float]:

@@ -6,7 +6,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["default_scale", "acc_dtype", "last_dim_contiguous"]
+__all__ = ["default_scale", "acc_dtype", "last_dim_contiguous", "TOLERANCE"]
+
+# (atol, rtol) per input dtype and quantity for a backend's result against the float64
+# reference on the same rounded inputs ~ N(0, 1): what the tests and `longnet selftest` accept.
+TOLERANCE = {
+    torch.float64: {"out": (1e-10, 1e-10), "lse": (1e-10, 1e-10), "grad": (5e-10, 5e-10)},
+    torch.float32: {"out": (2e-5, 2e-5), "lse": (2e-5, 2e-5), "grad": (1e-4, 1e-4)},
+    torch.float16: {"out": (5e-3, 5e-3), "lse": (1e-4, 1e-4), "grad": (5e-3, 5e-3)},
+    torch.bfloat16: {"out": (3e-2, 3e-2), "lse": (1e-4, 1e-4), "grad": (8e-2, 3e-2)},
+}
 
 
 def default_scale(head_dim: int) -> float:
