@@ -106,6 +106,12 @@ class LongNetConfig:
             outputs from N(0, 0.02 / sqrt(2 n_layers))); attention is the dilated op in both.
         max_positions: 0, or learned absolute position embeddings for positions < max_positions
             (added to the token embedding; a sequence may not be longer).
+        scale_embedding: multiply the token embedding by sqrt(d_model) (fairseq's and
+            torchscale's ``embed_scale``). MAGNETO's Sub-LN makes every branch output O(1)
+            whatever its input, so an unscaled embedding (std d^-0.5) starts as a few tenths of
+            a percent of the residual stream, which kept a 2-layer model from learning
+            associative recall (docs/recall.md §2). None: True for the magneto block, False for
+            gpt. A config saved without this field loads as False (its model was trained so).
     """
 
     vocab_size: int = 256
@@ -129,6 +135,7 @@ class LongNetConfig:
     attention_backend: Optional[str] = None
     block: str = "magneto"
     max_positions: int = 0
+    scale_embedding: Optional[bool] = None
 
     def __post_init__(self) -> None:
         self.vocab_size = _check_int("vocab_size", self.vocab_size, 2)
@@ -155,6 +162,8 @@ class LongNetConfig:
                              "change d_model or n_heads, or set xpos=False")
         _check_choice("block", self.block, BLOCKS)
         self.max_positions = _check_int("max_positions", self.max_positions, 0)
+        if self.scale_embedding is not None:
+            _check_bool("scale_embedding", self.scale_embedding)
         if self.attention_backend is not None and not isinstance(self.attention_backend, str):
             raise TypeError(f"attention_backend must be a string or None, got {self.attention_backend!r}")
 
@@ -167,6 +176,12 @@ class LongNetConfig:
         """Every layer's patterns (w, r, phase), with the local window's two r = 1 patterns if set."""
         p = DilatedPattern(self.segment_lengths, self.dilation_rates, self.segment_phases or None)
         return p.with_local_window(self.local_window) if self.local_window else p
+
+    @property
+    def embed_scale(self) -> float:
+        """The factor on the token embedding: sqrt(d_model) or 1 (see ``scale_embedding``)."""
+        on = self.block == "magneto" if self.scale_embedding is None else self.scale_embedding
+        return math.sqrt(self.d_model) if on else 1.0
 
     @property
     def max_segment(self) -> int:
@@ -192,6 +207,8 @@ class LongNetConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "LongNetConfig":
+        if isinstance(d, dict) and "scale_embedding" not in d:
+            d = {**d, "scale_embedding": False}  # saved before the field existed: trained unscaled
         return _from_dict(cls, d, "model")
 
 

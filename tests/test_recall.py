@@ -210,6 +210,15 @@ def test_plan_equal_flops_same_shape():
     assert abs(sl.flops_per_token / ln.flops_per_token - 1) < 0.01  # the window matches LongNet's FLOPs
 
 
+def test_blocks_of_the_plan():
+    for block, pos in (("magneto", 0), ("gpt", 64)):
+        runs = plan_recall(dataclasses.replace(RECALL_QUICK, block=block))
+        for r in runs:
+            c = r.model.config
+            assert c.block == block and c.max_positions == pos and c.xpos == (block == "magneto")
+            assert c.tie_embeddings == (block == "magneto")
+
+
 def test_position_embeddings_are_not_counted_as_compute():
     c = LongNetConfig(n_layers=2, d_model=64, n_heads=4, d_ffn=256, block="gpt", max_positions=512,
                       tie_embeddings=False, xpos=False)
@@ -310,3 +319,33 @@ def test_quick_suite_end_to_end(tmp_path):
     for probe in {r["probe"] for r in best}:
         flops = [float(r["train_flops"]) for r in best if r["probe"] == probe]
         assert max(flops) / min(flops) < 1.1
+
+
+def test_scaled_embedding_is_not_drowned_at_init():
+    """docs/recall.md §2: with Sub-LN every branch output is O(1), so the token embedding must be
+    too, or the token's identity starts as a fraction of a percent of the residual stream."""
+    torch.manual_seed(0)
+    x = MQAR(64, 4).batch(8, _gen(0)).x
+    for scale, ratio_at_least in ((None, 0.4), (False, 0.0)):
+        c = LongNetConfig(n_layers=2, d_model=64, n_heads=4, d_ffn=256, segment_lengths=(64,), dilation_rates=(1,),
+                          scale_embedding=scale)
+        m = LongNetLM(c)
+        seen = {}
+        m.blocks[0].attn.register_forward_hook(lambda mod, inp, out: seen.update(attn=out.pow(2).mean().sqrt()))
+        m(x)
+        token = (m.embed(x) * c.embed_scale).pow(2).mean().sqrt()
+        ratio = (token / seen["attn"]).item()
+        if scale is None:
+            assert c.embed_scale == 8.0 and ratio > ratio_at_least
+        else:
+            assert c.embed_scale == 1.0 and ratio < 0.15  # the unscaled embedding is drowned
+
+
+def test_scale_embedding_defaults_and_legacy_configs():
+    assert LongNetConfig().embed_scale == 16.0  # d_model 256, magneto block
+    assert LongNetConfig(block="gpt").embed_scale == 1.0
+    legacy = {k: v for k, v in LongNetConfig().to_dict().items() if k != "scale_embedding"}
+    assert LongNetConfig.from_dict(legacy).embed_scale == 1.0  # trained before the field: unscaled
+    assert LongNetConfig.from_dict(LongNetConfig().to_dict()).embed_scale == 16.0
+    with pytest.raises(TypeError, match="scale_embedding"):
+        LongNetConfig(scale_embedding="yes")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ...argtypes import positive_int_list
 from ...device import machine_name, pick_device
 from ...fileio import atomic_write_json
-from .recall_plan import BLOCKS, RECALL_DEFAULT, RECALL_QUICK, RecallRun, RecallSettings, plan_recall, \
+from .recall_plan import BLOCKS, CPU_FLOPS_PER_S, RECALL_DEFAULT, RECALL_QUICK, RecallRun, RecallSettings, plan_recall, \
     total_flops
 from .recall_report import best_rows, format_recall_table, write_reach, write_recall_plots, write_recall_results, \
     write_recall_table
@@ -67,7 +67,7 @@ def add_recall_arguments(parser: argparse.ArgumentParser) -> None:
                    help="MQAR query offsets: even (Zoology's layout, every gap odd; default) or any")
     g.add_argument("--d-models", type=positive_int_list, default=None, help="widths of the sweep (default 64,128)")
     g.add_argument("--lrs", type=_floats, default=None, help="learning rates of the sweep (default 3e-4,1e-3,3e-3)")
-    g.add_argument("--block", choices=BLOCKS, default=None, help="block of every model (default gpt)")
+    g.add_argument("--block", choices=BLOCKS, default=None, help="block of every model (default magneto)")
     g.add_argument("--budget-scale", type=float, default=1.0, help="multiply every probe's FLOP budget")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32)")
     g.add_argument("--evals", type=int, default=None, help="evaluations per run (accuracy against FLOPs)")
@@ -121,7 +121,8 @@ def recall_settings_from_args(args: argparse.Namespace) -> RecallSettings:
 def _plan_text(s: RecallSettings, runs: List[RecallRun]) -> str:
     lines = [f"recall plan: {len(runs)} runs, {s.layers} layers, {s.heads} heads, block {s.block}, "
              f"widths {list(s.d_models)}, lrs {list(s.lrs)}, batch {s.batch_size}; "
-             f"total {total_flops(runs):.3g} training FLOPs"]
+             f"total {total_flops(runs):.3g} training FLOPs, about {total_flops(runs) / CPU_FLOPS_PER_S / 3600:.2g} "
+             f"CPU-core hours at {CPU_FLOPS_PER_S:.2g} FLOP/s (measured on a 2-core CPU; docs/recall.md)"]
     lines.append(f"  {'probe':<20} {'model':<16} {'pattern':<64} {'d':>4} {'steps':>6} {'FLOPs/run':>10}")
     seen = set()
     for r in runs:

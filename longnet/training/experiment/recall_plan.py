@@ -44,7 +44,7 @@ from ..recall import make_task
 from .plan import DENSE, LONGNET, SLIDING, VARIANT, ModelSpec, attention_flops, flops_per_token, matched_window, \
     paper_pattern
 
-__all__ = ["Probe", "RecallSettings", "RecallRun", "RECALL_DEFAULT", "RECALL_QUICK", "BUCKETS", "BLOCKS",
+__all__ = ["Probe", "RecallSettings", "RecallRun", "RECALL_DEFAULT", "RECALL_QUICK", "BUCKETS", "BLOCKS", "CPU_FLOPS_PER_S",
            "recall_models", "plan_recall", "check_recall_settings", "gap_bucket", "gap_buckets"]
 
 BUCKETS = ("local", "dilated", "off-residue", "beyond")
@@ -73,8 +73,9 @@ class Probe:
 class RecallSettings:
     """The suite's knobs (flags of ``longnet experiment --suite recall``).
 
-    ``block``: ``magneto`` (longnet's block, :class:`~longnet.model.LongNetBlock`) or ``gpt``
-    (a plain pre-LN GPT block with learned absolute positions; config ``block="gpt"``).
+    ``block``: ``magneto`` (longnet's block, :class:`~longnet.model.LongNetBlock`, XPOS, tied
+    embeddings) or ``gpt`` (a plain pre-LN GPT-2 block with learned absolute positions, untied;
+    config ``block="gpt"``).
     ``base_segment``: w0 of the LongNet patterns (0: N / 8). ``evals``: evaluations per run,
     evenly spaced in its steps (accuracy against training FLOPs); a run stops early once it
     reaches ``stop_accuracy`` on the evaluation set. ``eval_sequences``: fixed test sequences
@@ -90,7 +91,7 @@ class RecallSettings:
     batch_size: int = 32
     base_segment: int = 0
     local_window: int = 16
-    block: str = "gpt"
+    block: str = "magneto"
     eval_sequences: int = 256
     evals: int = 4
     stop_accuracy: float = 0.99
@@ -103,13 +104,19 @@ def _mqar(n: int, pairs: int, budget: float) -> Probe:
     return Probe("mqar", n, budget, (("num_pairs", pairs),))
 
 
-# The full suite: every task, lengths 256 to 4096. Budgets in FLOPs per run.
+# The full suite: every task, lengths 256 to 4096. Each budget (FLOPs per run) gives dense
+# attention at d_model 128 about 2,000 steps of 32 sequences, about where a 2-layer model
+# starts to learn MQAR at length 128 on this byte-level layout (docs/recall.md); the cheaper
+# models take more steps on the same budget.
 RECALL_DEFAULT = RecallSettings(probes=(
-    _mqar(256, 4, 6e12), _mqar(512, 4, 1.2e13), _mqar(1024, 8, 2.4e13), _mqar(4096, 8, 9.6e13),
-    Probe("copy", 256, 6e12, (("copy_len", 64),)),
-    Probe("vt", 512, 1.2e13, (("hops", 2), ("chains", 2))),
-    Probe("passkey", 2048, 4.8e13, (("digits", 5),)),
+    _mqar(256, 4, 4.7e13), _mqar(512, 8, 1.1e14), _mqar(1024, 8, 2.8e14), _mqar(4096, 8, 2.2e15),
+    Probe("copy", 256, 4.7e13),  # copy lengths drawn per sequence: gaps of every residue
+    Probe("vt", 512, 1.1e14, (("hops", 2), ("chains", 2))),
+    Probe("passkey", 2048, 9.4e14, (("digits", 5),)),
 ))
+# Training FLOPs per CPU-second of one core, measured on the suite's models (docs/recall.md:
+# 25 to 72 GFLOP/s by width and length); only for the dry run's time estimate.
+CPU_FLOPS_PER_S = 5e10
 # Toy sizes: every task, model and output in under 3 minutes on 2 CPU cores.
 RECALL_QUICK = RecallSettings(
     probes=(_mqar(64, 2, 1.2e10), Probe("copy", 64, 6e9, (("copy_len", 8),)),
@@ -150,7 +157,8 @@ def recall_models(s: RecallSettings, n: int, d_model: int) -> List[ModelSpec]:
     """The four models of a probe of length n at width d_model (see the module docstring)."""
     base = LongNetConfig(n_layers=s.layers, d_model=d_model, n_heads=s.heads, d_ffn=s.ffn_mult * d_model,
                          segment_lengths=(n,), dilation_rates=(1,), block=s.block,
-                         tie_embeddings=s.block != "gpt", xpos=s.block != "gpt", max_positions=n)
+                         tie_embeddings=s.block != "gpt", xpos=s.block != "gpt",
+                         max_positions=n if s.block == "gpt" else 0)
     b0 = w0(s, n)
     p = paper_pattern(n, b0, s.heads)
     longnet = dataclasses.replace(base, segment_lengths=p.segment_lengths, dilation_rates=p.dilation_rates)
