@@ -105,9 +105,9 @@ def _mqar(n: int, pairs: int, budget: float) -> Probe:
 
 
 # The full suite: every task, lengths 256 to 4096. Each budget (FLOPs per run) gives dense
-# attention at d_model 128 about 2,000 steps of 32 sequences, about where a 2-layer model
-# starts to learn MQAR at length 128 on this byte-level layout (docs/recall.md); the cheaper
-# models take more steps on the same budget.
+# attention at d_model 128 about 2,000 steps of 32 sequences, 2.5 times what it took to learn
+# MQAR at length 128 with 4 pairs (docs/recall.md §2); the cheaper models take more steps on the
+# same budget.
 RECALL_DEFAULT = RecallSettings(probes=(
     _mqar(256, 4, 4.7e13), _mqar(512, 8, 1.1e14), _mqar(1024, 8, 2.8e14), _mqar(4096, 8, 2.2e15),
     Probe("copy", 256, 4.7e13),  # copy lengths drawn per sequence: gaps of every residue
