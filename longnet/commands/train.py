@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
 from ..config import PRESETS, config_fields_help
 from ..training.context import TrainContext
@@ -177,9 +177,13 @@ def _open_context(setup: TrainSetup, parallel: Tuple[int, int, int], args: argpa
 
 
 
-def _check_mesh(setup: TrainSetup, parallel: Tuple[int, int, int], args: argparse.Namespace) -> None:
-    """Checks of the settings against the mesh (raises ValueError)."""
+def _check_mesh(setup: TrainSetup, parallel: Tuple[int, int, int],
+                args: Optional[argparse.Namespace] = None) -> None:
+    """Checks of the settings against the mesh (raises ValueError); ``args``: the FSDP and
+    checkpoint flags (None: none given)."""
     S, D, world = parallel
+    args = args if args is not None else argparse.Namespace(fsdp=False, dp_replicate=1, fsdp_param_dtype="fp32",
+                                                             async_checkpoint=False, checkpoint_format="auto")
     if not args.fsdp and (args.dp_replicate != 1 or args.fsdp_param_dtype != "fp32"):
         raise ValueError("--dp-replicate and --fsdp-param-dtype apply to --fsdp runs only; add --fsdp")
     if args.fsdp:
