@@ -17,7 +17,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Unio
 from .fileio import atomic_path, atomic_savefig
 
 __all__ = ["Record", "write_csv", "read_csv", "Column", "format_table", "Series", "Panel",
-           "extrapolated_series", "plot_panels"]
+           "extrapolated_series", "plot_panels", "publish"]
 
 
 # --------------------------------------------------------------------------- CSV
@@ -153,3 +153,15 @@ def plot_panels(panels: Sequence[Panel], path: str, title: str, size=(11, 4.2)) 
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return atomic_savefig(fig, path, dpi=110)
+
+
+def publish(rows: Sequence[Record], columns: Sequence[Column], title: str, csv_path: Optional[str] = None,
+            plot_path: Optional[str] = None, plot: Optional[Callable[[Sequence[Record], str, str], Any]] = None
+            ) -> None:
+    """What a benchmark ends with: the title and the table on stdout, then the CSV and the plot if asked."""
+    print(title)
+    print(format_table(rows, columns))
+    if csv_path:
+        write_csv(rows, csv_path)
+    if plot_path and plot is not None:
+        plot(rows, plot_path, title)

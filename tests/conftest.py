@@ -76,3 +76,14 @@ def seed(request, _seeded):
     """This test's seed (torch, numpy and random are already seeded with it), printed for replay."""
     print(f"seed={_seeded} (replay with --seed {request.config.longnet_seed})")
     return _seeded
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """(data spec, cache dir) of a small text corpus, its cache built once before any subprocess."""
+    from longnet.training.data import open_corpus
+    from tests.train_helpers import write_corpus
+    d = tmp_path_factory.mktemp("corpus")
+    spec, cache = write_corpus(d), str(d / "cache")
+    open_corpus(spec, cache_dir=cache, verbose=False)
+    return spec, cache

@@ -21,7 +21,7 @@ from longnet.cli import main
 from longnet.training.checkpoint import (CheckpointError, PendingSave, checkpoint_steps, export_safetensors, is_dcp,
                                          load_model, load_resume_state, resolve_checkpoint, save_dcp_checkpoint)
 from longnet.training.context import TrainContext
-from tests.test_fsdp import MICRO, _argv, _assert_same_curve, _free_port
+from tests.test_fsdp import _argv, _assert_same_curve, _free_port
 from tests.test_sp_train import _train_rows
 from tests.train_helpers import write_corpus
 

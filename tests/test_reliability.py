@@ -24,30 +24,16 @@ from longnet.cli import main
 from longnet.config import TrainConfig
 from longnet.model import LongNetLM
 from longnet.training.checkpoint import FILES, load_checkpoint, load_trainer_state, save_checkpoint
-from longnet.training.data import open_corpus
-from tests.train_helpers import MICRO, train_rows, write_corpus
+from tests.train_helpers import MICRO, train_rows, write_corpus, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    spec, cache = write_corpus(d), str(d / "cache")
-    open_corpus(spec, cache_dir=cache, verbose=False)  # build the cache once, before any subprocess
-    return spec, cache
-
-
-def _train(out, corpus, *extra):
-    spec, cache = corpus
-    return main(["train", "--data", spec, "--cache-dir", cache, "--out", str(out), *MICRO, *extra])
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, corpus):
     """A 4-step run with checkpoints at steps 2 and 4; tests work on copies (see ``_copy``)."""
     out = tmp_path_factory.mktemp("finished") / "run"
-    assert _train(out, corpus, "--max-steps", "4", "--set", "save_interval=2", "--set", "sample_tokens=0") == 0
+    assert run_train(corpus, out, "--max-steps", "4", "--set", "save_interval=2", "--set", "sample_tokens=0") == 0
     return out
 
 
@@ -122,7 +108,7 @@ def test_a_signal_during_the_final_evaluation_loses_nothing(tmp_path, corpus, mo
 
     monkeypatch.setattr(train_mod, "evaluate_lm", evaluate_then_get_terminated)
     out = tmp_path / "run"
-    assert _train(out, corpus, "--max-steps", "3", "--set", "eval_interval=0", "--set", "save_interval=0") == 143
+    assert run_train(corpus, out, "--max-steps", "3", "--set", "eval_interval=0", "--set", "save_interval=0") == 143
     assert "saved step 3" in capsys.readouterr().err
     assert load_checkpoint(str(out))["step"] == 3
     monkeypatch.setattr(train_mod, "evaluate_lm", real)
@@ -134,7 +120,7 @@ def test_an_interrupt_inside_a_step_saves_the_previous_step_whole(tmp_path, corp
     # Step 4's first micro-batch has drawn its batch and dropout masks when the interrupt comes:
     # the checkpoint must hold step 3's weights with step 3's sampler and RNG state.
     extra = ["--max-steps", "6", "--set", "dropout=0.1", "--set", "grad_accum=2", "--set", "eval_interval=0"]
-    assert _train(tmp_path / "straight", corpus, *extra) == 0
+    assert run_train(corpus, tmp_path / "straight", *extra) == 0
     real, calls = train_mod.next_token_loss, []
 
     def loss_then_interrupt(*args, **kwargs):
@@ -145,7 +131,7 @@ def test_an_interrupt_inside_a_step_saves_the_previous_step_whole(tmp_path, corp
 
     monkeypatch.setattr(train_mod, "next_token_loss", loss_then_interrupt)
     out = tmp_path / "cut"
-    assert _train(out, corpus, *extra) == 130
+    assert run_train(corpus, out, *extra) == 130
     assert "interrupted; saved step 3" in capsys.readouterr().err
     _, data_state = load_trainer_state(str(out))
     assert data_state["step"] == 3 * 2
@@ -165,7 +151,7 @@ def test_an_interrupt_inside_the_optimizer_update_saves_nothing_new(tmp_path, co
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupt)
     out = tmp_path / "run"
-    assert _train(out, corpus, "--max-steps", "6", "--set", "save_interval=2") == 130
+    assert run_train(corpus, out, "--max-steps", "6", "--set", "save_interval=2") == 130
     assert "interrupted during an optimiser update; no checkpoint written" in capsys.readouterr().err
     assert load_checkpoint(str(out))["step"] == 2
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002"]
@@ -209,7 +195,7 @@ def test_a_save_that_died_midway_is_named_then_cleaned_up(tmp_path, corpus, caps
     assert main(["train", "--resume", "--out", str(out)]) == 2
     line = _error_line(capsys.readouterr().err, "train")
     assert str(stale) in line and "incomplete save" in line and "without --resume" in line
-    assert _train(out, corpus, "--max-steps", "2") == 0  # a new run in the same folder works
+    assert run_train(corpus, out, "--max-steps", "2") == 0  # a new run in the same folder works
     assert "never saved a checkpoint; starting it over" in capsys.readouterr().err
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002"]
 
@@ -246,7 +232,7 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path, corpus, capsys):
     mine.mkdir()
     (mine / "notes.txt").write_text("my notes")
     (mine / "log.csv").write_text("date,amount\n")
-    assert _train(mine, corpus, "--max-steps", "2") == 2
+    assert run_train(corpus, mine, "--max-steps", "2") == 2
     assert "is not a longnet run folder (it holds log.csv, notes.txt)" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(mine)]) == 2
     assert "no checkpoint in" in capsys.readouterr().err
@@ -268,7 +254,7 @@ def test_resume_at_or_past_max_steps_changes_nothing(finished_run, tmp_path, cap
 def test_a_grown_corpus_stops_resume_unless_allowed(tmp_path, capsys):
     spec, cache = write_corpus(tmp_path), str(tmp_path / "cache")
     out = tmp_path / "run"
-    assert _train(out, (spec, cache), "--max-steps", "2", "--set", "sample_tokens=0") == 0
+    assert run_train((spec, cache), out, "--max-steps", "2", "--set", "sample_tokens=0") == 0
     with open(spec[len("text:"):], "a") as f:
         f.write("\nclass Grown:\n    pass\n" * 200)
     before = _tree(out)
@@ -385,7 +371,7 @@ def test_bad_settings_are_caught_before_the_run_folder_exists(extra, match, tmp_
     if "cuda" in extra[-1] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = tmp_path / "run"
-    assert _train(out, corpus, "--max-steps", "2", *extra) == 2
+    assert run_train(corpus, out, "--max-steps", "2", *extra) == 2
     assert match in _error_line(capsys.readouterr().err, "train")
     assert not out.exists()
 
@@ -401,7 +387,7 @@ def test_fp16_trains_with_loss_scaling_and_resumes(tmp_path, corpus, monkeypatch
 
     monkeypatch.setattr(LongNetLM, "forward", forward)
     out = tmp_path / "run"
-    assert _train(out, corpus, "--max-steps", "3", "--set", "precision=fp16", "--set", "sample_tokens=0") == 0
+    assert run_train(corpus, out, "--max-steps", "3", "--set", "precision=fp16", "--set", "sample_tokens=0") == 0
     assert dtypes and set(dtypes) == {torch.float16}  # training and evaluation ran in fp16
     state, _ = load_trainer_state(str(out))
     assert state["scaler"]["scale"] > 0

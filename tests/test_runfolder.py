@@ -20,24 +20,10 @@ import pytest
 
 from longnet.cli import main
 from longnet.training.checkpoint import load_checkpoint
-from longnet.training.data import open_corpus
 from longnet.training.runlock import LOCK_NAME, FolderLock
-from tests.train_helpers import MICRO, train_rows, write_corpus
+from tests.train_helpers import train_rows, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    spec, cache = write_corpus(d), str(d / "cache")
-    open_corpus(spec, cache_dir=cache, verbose=False)  # build the cache once, before any subprocess
-    return spec, cache
-
-
-def _argv(out, corpus, *extra):
-    spec, cache = corpus
-    return ["train", "--data", spec, "--cache-dir", cache, "--out", str(out), *MICRO, *extra]
 
 
 def _launch(argv):
@@ -76,11 +62,11 @@ def _one_error_line(err: str, command: str = "train") -> str:
 
 def test_a_second_trainer_on_a_running_folder_is_refused_naming_the_holder(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    first = _launch(_argv(out, corpus, "--max-steps", "100000", "--set", "eval_interval=0", "--set", "lr=0.001"))
+    first = _launch(train_argv(corpus, out, "--max-steps", "100000", "--set", "eval_interval=0", "--set", "lr=0.001"))
     try:
         # Before its first checkpoint the folder holds only a log: the case that passed as "ours".
         _wait_for(first, lambda: os.path.isfile(out / "log.csv") and len(train_rows(out)) >= 2)
-        assert main(_argv(out, corpus, "--max-steps", "3", "--set", "lr=0.002")) == 2
+        assert main(train_argv(corpus, out, "--max-steps", "3", "--set", "lr=0.002")) == 2
         line = _one_error_line(capsys.readouterr().err)
         assert f"in use by another longnet process (pid {first.pid} on " in line and str(out) in line
         assert main(["train", "--resume", "--out", str(out), "--max-steps", "5", "--no-progress"]) == 2
@@ -98,7 +84,7 @@ def test_a_second_trainer_on_a_running_folder_is_refused_naming_the_holder(tmp_p
 @pytest.mark.slow
 def test_two_trainers_started_together_never_both_succeed(tmp_path, corpus):
     out = tmp_path / "run"
-    procs = [_launch(_argv(out, corpus, "--max-steps", "30", "--set", "eval_interval=0", "--set", f"seed={s}"))
+    procs = [_launch(train_argv(corpus, out, "--max-steps", "30", "--set", "eval_interval=0", "--set", f"seed={s}"))
              for s in (1, 2)]
     results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
     codes = sorted(code for code, _ in results)
@@ -113,11 +99,11 @@ def test_two_trainers_started_together_never_both_succeed(tmp_path, corpus):
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     holder = hold_lock(out)
-    assert main(_argv(out, corpus, "--max-steps", "2")) == 2
+    assert main(train_argv(corpus, out, "--max-steps", "2")) == 2
     assert f"pid {holder.pid} on" in capsys.readouterr().err
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
-    assert main(_argv(out, corpus, "--max-steps", "2")) == 0
+    assert main(train_argv(corpus, out, "--max-steps", "2")) == 0
     err = capsys.readouterr().err
     assert f"took over the lock of {out} from process {holder.pid} on" in err
     assert load_checkpoint(str(out))["step"] == 2
@@ -127,9 +113,9 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path, corpus, capsys)
 
 def test_the_lock_is_released_on_every_exit_path(tmp_path, corpus, capsys):
     out = tmp_path / "new" / "run"
-    assert main(_argv(out, corpus, "--max-steps", "2", "--data", "text:" + str(tmp_path / "missing.txt"))) == 2
+    assert main(train_argv(corpus, out, "--max-steps", "2", "--data", "text:" + str(tmp_path / "missing.txt"))) == 2
     assert not (tmp_path / "new").exists()  # an error in the checks, after the lock: nothing left behind
-    assert main(_argv(out, corpus, "--max-steps", "2")) == 0
+    assert main(train_argv(corpus, out, "--max-steps", "2")) == 0
     assert main(["train", "--resume", "--out", str(out), "--max-steps", "2"]) == 0  # nothing to do
     assert main(["train", "--resume", "--out", str(out), "--max-steps", "3", "--no-progress"]) == 0
     with FolderLock(str(out)) as lock:  # free again, and no stale holder recorded
@@ -142,7 +128,7 @@ def test_a_header_only_log_that_longnet_did_not_write_is_not_a_run(tmp_path, cor
     out.mkdir()
     header = "step,split,loss,bpb,lr,grad_norm,tokens_per_s,elapsed_s,accuracy\n"
     (out / "log.csv").write_text(header)
-    assert main(_argv(out, corpus, "--max-steps", "2")) == 2
+    assert main(train_argv(corpus, out, "--max-steps", "2")) == 2
     assert "is not a longnet run folder (it holds log.csv)" in _one_error_line(capsys.readouterr().err)
     assert os.listdir(out) == ["log.csv"] and (out / "log.csv").read_text() == header
 
@@ -151,17 +137,17 @@ def test_a_header_only_log_that_longnet_did_not_write_is_not_a_run(tmp_path, cor
 def test_a_run_that_died_before_its_first_checkpoint_is_started_over(tmp_path, corpus, capsys):
     out = tmp_path / "run"
     env_bad = dict(os.environ, LONGNET_CPU_KERNEL="bogus")  # fails at the first step, after log.csv is written
-    proc = subprocess.run([sys.executable, "-m", "longnet", *_argv(out, corpus, "--max-steps", "2")], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "longnet", *train_argv(corpus, out, "--max-steps", "2")], cwd=ROOT,
                           env=env_bad, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and os.path.isfile(out / "log.csv") and os.path.isfile(out / LOCK_NAME)
-    assert main(_argv(out, corpus, "--max-steps", "2")) == 0
+    assert main(train_argv(corpus, out, "--max-steps", "2")) == 0
     assert "never saved a checkpoint; starting it over" in capsys.readouterr().err
 
 
 def test_out_that_cannot_be_created_is_one_line(tmp_path, corpus, capsys, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    assert main(_argv(afile / "run", corpus, "--max-steps", "2")) == 2
+    assert main(train_argv(corpus, afile / "run", "--max-steps", "2")) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "--out" in line and "cannot create the folder (Not a directory)" in line
     real = os.makedirs
@@ -172,7 +158,7 @@ def test_out_that_cannot_be_created_is_one_line(tmp_path, corpus, capsys, monkey
         return real(path, *a, **k)
 
     monkeypatch.setattr(os, "makedirs", read_only)
-    assert main(_argv(tmp_path / "ro" / "run", corpus, "--max-steps", "2")) == 2
+    assert main(train_argv(corpus, tmp_path / "ro" / "run", "--max-steps", "2")) == 2
     assert "cannot create the folder (Read-only file system)" in _one_error_line(capsys.readouterr().err)
 
 
@@ -182,7 +168,7 @@ def test_out_that_cannot_be_created_is_one_line(tmp_path, corpus, capsys, monkey
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("resume") / "run"
-    assert main(_argv(out, corpus, "--max-steps", "2", "--set", "sample_tokens=0")) == 0
+    assert main(train_argv(corpus, out, "--max-steps", "2", "--set", "sample_tokens=0")) == 0
     return out
 
 

@@ -19,18 +19,7 @@ from longnet.model import LongNetLM
 from longnet.training.checkpoint import (CheckpointError, load_checkpoint, load_model, load_trainer_state,
                                          resolve_checkpoint, save_checkpoint)
 from longnet.training.data import RandomWindowSampler
-from tests.train_helpers import MICRO, train_rows, write_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    return write_corpus(d), str(d / "cache")
-
-
-def _train(out, corpus, *extra):
-    spec, cache = corpus
-    return main(["train", "--data", spec, "--cache-dir", cache, "--out", str(out), *MICRO, *extra])
+from tests.train_helpers import MICRO, train_rows, run_train
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -89,7 +78,7 @@ def test_checkpoint_errors(tmp_path):
 
 def test_train_eval_generate_end_to_end(tmp_path, corpus, capsys):
     out = tmp_path / "run"
-    assert _train(out, corpus, "--max-steps", "4") == 0
+    assert run_train(corpus, out, "--max-steps", "4") == 0
     text = capsys.readouterr().out
     assert "final val bpb" in text and "sample" in text
     assert (out / "loss_curve.png").stat().st_size > 1000
@@ -119,7 +108,7 @@ def test_tensorboard_events_are_written(tmp_path, corpus, capsys):
     # tensorboard is in the [test] extra, so this path runs in CI rather than being skipped.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "run"
-    assert _train(out, corpus, "--max-steps", "2") == 0
+    assert run_train(corpus, out, "--max-steps", "2") == 0
     acc = EventAccumulator(str(out / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -133,13 +122,13 @@ def test_resume_follows_the_uninterrupted_run(tmp_path, corpus, monkeypatch, cap
     # Dropout and gradient accumulation make the RNG and sampler state matter.
     extra = ["--max-steps", "6", "--set", "dropout=0.1", "--set", "grad_accum=2"]
     straight, pieces = tmp_path / "straight", tmp_path / "pieces"
-    assert _train(straight, corpus, *extra) == 0
+    assert run_train(corpus, straight, *extra) == 0
 
     def interrupt(step):
         if step == 3:
             raise KeyboardInterrupt
     monkeypatch.setattr(train_mod, "_after_step", interrupt)
-    assert _train(pieces, corpus, *extra) == 130
+    assert run_train(corpus, pieces, *extra) == 130
     assert "interrupted; saved step 3" in capsys.readouterr().err
     assert load_checkpoint(str(pieces))["step"] == 3
     monkeypatch.setattr(train_mod, "_after_step", lambda step: None)
@@ -158,7 +147,7 @@ def test_ctrl_c_stops_after_the_step_and_saves(tmp_path, corpus, monkeypatch, ca
             os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(train_mod, "_after_step", send_sigint)
     out = tmp_path / "run"
-    assert _train(out, corpus, "--max-steps", "5") == 130
+    assert run_train(corpus, out, "--max-steps", "5") == 130
     err = capsys.readouterr().err
     assert "Ctrl-C" in err and "--resume" in err
     assert load_checkpoint(str(out))["step"] == 2
@@ -216,9 +205,9 @@ def test_resume_and_out_conflicts(tmp_path, corpus, capsys):
     assert main(["train", "--resume", "--out", str(empty)]) == 2
     assert "no checkpoint in" in capsys.readouterr().err
     out = tmp_path / "run"
-    assert _train(out, corpus, "--max-steps", "1", "--set", "sample_tokens=0") == 0
+    assert run_train(corpus, out, "--max-steps", "1", "--set", "sample_tokens=0") == 0
     capsys.readouterr()
-    assert _train(out, corpus, "--max-steps", "1") == 2
+    assert run_train(corpus, out, "--max-steps", "1") == 2
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(out), "--set", "d_model=64"]) == 2
     assert "cannot change the model (model.d_model: the checkpoint has" in capsys.readouterr().err

@@ -28,3 +28,15 @@ def train_rows(out, split: str = "train") -> List[Tuple[int, str]]:
     """(step, loss as logged) of the rows of ``split`` in the run's log.csv."""
     with open(os.path.join(str(out), "log.csv")) as f:
         return [(int(r["step"]), r["loss"]) for r in csv.DictReader(f) if r["split"] == split]
+
+
+def train_argv(corpus, out, *extra) -> List[str]:
+    """``longnet train`` arguments for the MICRO model on ``corpus`` (spec, cache dir) into ``out``."""
+    spec, cache = corpus
+    return ["train", "--data", spec, "--cache-dir", cache, "--out", str(out), *MICRO, *extra]
+
+
+def run_train(corpus, out, *extra) -> int:
+    """Run :func:`train_argv`'s command in this process; returns its exit code."""
+    from longnet.cli import main
+    return main(train_argv(corpus, out, *extra))

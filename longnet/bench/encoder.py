@@ -109,12 +109,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"--dtypes must be a comma-separated subset of {sorted(DTYPES)}, got {args.dtypes!r}")
     rows = [_fresh_point(args.preset, dt, n) for dt in dtypes for n in args.tokens]
     title = f"LongNetEncoder preset {args.preset}, batch 1, forward under no_grad, fresh process per point"
-    print(title)
-    print(report.format_table(rows, COLUMNS))
-    if args.csv:
-        report.write_csv(rows, args.csv)
-    if args.plot:
-        plot(rows, args.plot, title)
+    report.publish(rows, COLUMNS, title, args.csv, args.plot, plot)
     return 0
 
 

@@ -175,13 +175,8 @@ def run(args: argparse.Namespace) -> int:
                    impls=impls)
     title = (f"varlen: {count} sequences, lengths {min(lengths)}..{max(lengths)} (sum {sum(lengths)}), "
              f"H={args.heads} D={args.head_dim} {args.dtype}, {pattern}, {machine_name(torch.device('cpu'))}")
-    print(title)
-    print("lengths: " + ",".join(map(str, lengths)))
-    print(report.format_table(rows, COLUMNS))
-    if args.csv:
-        report.write_csv(rows, args.csv)
-    if args.plot:
-        plot(rows, args.plot, title)
+    report.publish(rows, COLUMNS, title + "\nlengths: " + ",".join(map(str, lengths)), args.csv, args.plot,
+                   lambda r, path, _: plot(r, path, title))
     return 0
 
 

@@ -126,25 +126,45 @@ def save_checkpoint(run_dir: str, *, model: torch.nn.Module, train_config: Train
     try:
         _st_save_model(_unwrap(model), os.path.join(tmp, "model.safetensors"), metadata={"format": FORMAT})
         fsync_path(os.path.join(tmp, "model.safetensors"))
-        atomic_write_json(os.path.join(tmp, "config.json"), {
-            "format": FORMAT, "version": VERSION, "step": int(step), "data": data_spec,
-            "model": _unwrap(model).config.to_dict(), "train": train_config.to_dict(), "metrics": metrics or {}})
-        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-                    "rng": rng if rng is not None else rng_state(), "step": int(step)},
-                   os.path.join(tmp, "trainer_state.pt"))
-        fsync_path(os.path.join(tmp, "trainer_state.pt"))
-        atomic_write_json(os.path.join(tmp, "data_state.json"), data_state)
-        os.chmod(tmp, 0o755)
-        fsync_path(tmp)
+        meta = _meta(model, train_config, data_spec, step, metrics)
+        small = _trainer_state(optimizer.state_dict() if optimizer is not None else None, scheduler, scaler, rng,
+                               step)
+        _write_small_files(tmp, meta, small, data_state)
         _move_into_place(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish(run_dir, ckpt_root, final, keep, step)
+    return final
+
+
+def _meta(model, train_config: TrainConfig, data_spec: str, step: int, metrics) -> Dict[str, Any]:
+    """config.json of a checkpoint."""
+    return {"format": FORMAT, "version": VERSION, "step": int(step), "data": data_spec,
+            "model": _unwrap(model).config.to_dict(), "train": train_config.to_dict(), "metrics": metrics or {}}
+
+
+def _trainer_state(optimizer_state, scheduler, scaler, rng, step: int) -> Dict[str, Any]:
+    """trainer_state.pt of a checkpoint (the optimizer is None when DCP holds it)."""
+    return {"optimizer": optimizer_state, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "rng": rng if rng is not None else rng_state(), "step": int(step)}
+
+
+def _write_small_files(tmp: str, meta: Dict[str, Any], small: Dict[str, Any], data_state) -> None:
+    """config.json, trainer_state.pt and data_state.json into ``tmp``, durably, then ``tmp`` itself."""
+    atomic_write_json(os.path.join(tmp, "config.json"), meta)
+    torch.save(small, os.path.join(tmp, "trainer_state.pt"))
+    fsync_path(os.path.join(tmp, "trainer_state.pt"))
+    atomic_write_json(os.path.join(tmp, "data_state.json"), data_state)
+    os.chmod(tmp, 0o755)
+    fsync_path(tmp)
+
+
+def _publish(run_dir: str, ckpt_root: str, final: str, keep: int, step: int) -> None:
+    """Point ``latest`` at a checkpoint now in place, and prune the old ones."""
     atomic_write_text(os.path.join(run_dir, "latest"), f"checkpoints/{os.path.basename(final)}\n")
     _prune(ckpt_root, keep, step)
-    return final
 
 
 def _move_into_place(tmp: str, final: str) -> None:
@@ -523,32 +543,23 @@ def save_dcp_checkpoint(run_dir: str, *, ctx, model: torch.nn.Module, optimizer:
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd}
     target = os.path.join(tmp, "dcp")
-    meta = {"format": FORMAT, "version": VERSION, "step": int(step), "data": data_spec,
-            "model": _unwrap(model).config.to_dict(), "train": train_config.to_dict(), "metrics": metrics or {}}
-    small = {"optimizer": None, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-             "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-             "rng": rng if rng is not None else rng_state(), "step": int(step)}
+    meta = _meta(model, train_config, data_spec, step, metrics)
+    small = _trainer_state(None, scheduler, scaler, rng, step)
 
     def finish() -> str:
         final = checkpoint_dir(run_dir, step)
         if not ctx.is_main:
             return final
         try:
-            atomic_write_json(os.path.join(tmp, "config.json"), meta)
-            torch.save(small, os.path.join(tmp, "trainer_state.pt"))
-            fsync_path(os.path.join(tmp, "trainer_state.pt"))
-            atomic_write_json(os.path.join(tmp, "data_state.json"), data_state)
             for name in os.listdir(target):
                 fsync_path(os.path.join(target, name))
             fsync_path(target)
-            os.chmod(tmp, 0o755)
-            fsync_path(tmp)
+            _write_small_files(tmp, meta, small, data_state)
             _move_into_place(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        atomic_write_text(os.path.join(run_dir, "latest"), f"checkpoints/{os.path.basename(final)}\n")
-        _prune(ckpt_root, keep, step)
+        _publish(run_dir, ckpt_root, final, keep, step)
         return final
 
     if async_group is not None:

@@ -1,33 +1,10 @@
-"""The training loop of ``longnet train`` (:func:`train`).
+"""The training loop of ``longnet train`` (:func:`train`); the command itself, its flags and
+its stopping rules are described in :mod:`longnet.commands.train`.
 
-    longnet train                                   # tiny preset, built-in corpus, CPU, ~4 minutes
-    longnet train --data enwik8:~/data/enwik8.zip --preset small --device cuda
-    longnet train --set model.n_layers=2 --set train.lr=1e-3 --max-steps 50 --out runs/try
-    longnet train --resume --out runs/try --max-steps 100   # continue (and extend) a run
-    longnet train --data passkey --set train.seq_len=1024  # synthetic long-range retrieval
-    torchrun --nproc_per_node 2 -m longnet train --sequence-parallel 2   # one sequence over 2 processes
-
-Settings come from a preset, then ``--set KEY=VALUE`` overrides (``model.FIELD``,
-``train.FIELD`` or a bare field name; ``--list-fields`` lists them), then ``--max-steps``.
-Everything (settings, device, data, ``--out``, the checkpoint to resume) is checked before
-the run folder is written. The run folder receives ``log.csv`` (one row per step, one per
-evaluation), ``loss_curve.png``, TensorBoard events when ``tensorboard`` is installed, and
-checkpoints (see :mod:`longnet.training.checkpoint`).
-
-Stopping. Ctrl-C, SIGTERM and SIGHUP (what ``timeout``, ``docker stop`` and schedulers
-send) stop the run after the current step, save a checkpoint and exit with 128 + the
-signal number; a second signal stops at once, still saving the last complete step when
-that is safe. The last checkpoint is written before the final evaluation, so a signal
-during it loses nothing. ``--resume`` continues from the newest intact checkpoint and
-follows the same loss curve as an uninterrupted run on CPU.
-
-Under ``torchrun`` the same loop runs on a (data x sequence) device mesh through a
-:class:`longnet.distributed.training.DistContext` (one process uses the do-nothing
-:class:`longnet.training.context.TrainContext`): ``--sequence-parallel S`` cuts every
-sequence into S blocks, one per process, and ``--data-parallel D`` (default WORLD_SIZE / S)
-splits the batch's rows. ``train.batch_size`` stays the global batch, so a run follows the
-same loss curve (up to fp32 rounding) at any mesh shape, and its checkpoints resume at any
-other. Stop requests are agreed by all ranks at each step boundary.
+:func:`train` takes the checked :class:`longnet.training.setup.TrainSetup` fields and a
+:class:`longnet.training.context.TrainContext` (one process, or a device mesh through
+:class:`longnet.distributed.training.DistContext`), and calls its methods unconditionally,
+so the loop never branches on "distributed or not".
 """
 
 from __future__ import annotations
