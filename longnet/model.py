@@ -627,8 +627,8 @@ class LongNetLM(nn.Module):
     def _decode_threads(self, batch: int, use_cache: bool, device: torch.device) -> Optional[int]:
         """Threads for the decode loop: 1 for a small model on CPU, else None (leave as is)."""
         # A decode step of a small model is many tiny ops: on CPU, extra threads only add
-        # synchronisation, and on a busy machine OpenMP spin-waits made 2 threads ~30x slower
-        # than 1 (measured with the tiny preset: 4.4 ms vs 161 ms per token).
+        # synchronisation, and on a busy machine OpenMP threads spin-wait for each other
+        # (docs/performance.md, "Decoding").
         small = batch * self.num_parameters() < 20_000_000
         return 1 if use_cache and device.type == "cpu" and small else None
 
