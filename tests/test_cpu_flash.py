@@ -191,7 +191,7 @@ def _which(monkeypatch):
 CHOICES = [
     (torch.float32, True, 300, True, True), (torch.float64, True, cpu_flash.MAX_ROWS, True, True),
     (torch.float32, False, 300, True, False), (torch.float32, True, cpu_flash.MAX_ROWS + 1, True, False),
-    (torch.float64, False, 300, False, False), (torch.float64, True, cpu_flash.MAX_ROWS + 1, False, False),
+    (torch.float64, False, 300, True, True), (torch.float64, True, cpu_flash.MAX_ROWS + 1, False, False),
     (torch.bfloat16, True, 300, True, False), (torch.float16, False, 300, True, False),
     # fewer rows than MIN_ROWS (a decode step) stay with aten whatever else holds
     (torch.float32, False, cpu_flash.MIN_ROWS - 1, False, False), (torch.float32, True, 1, False, False),

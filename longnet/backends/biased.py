@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .numerics import acc_dtype
+from .reference import masked_softmax
 from .torch_backend import iter_units, unit_view
 
 __all__ = ["dilated_attention_biased"]
@@ -41,10 +42,9 @@ def dilated_attention_biased(q: Tensor, k: Tensor, v: Tensor, segment_lengths: S
         rel = (idx[:, None] - idx[None, :]) * u.rate
         bias = bias_fn(rel)[u.offset::u.rate].to(acc)  # (Hs, m, m)
         s = torch.matmul(qu, ku.transpose(-1, -2)) * scale + bias
-        if is_causal:
-            s = s.masked_fill(rel < 0, float("-inf"))
-        lse_u = torch.logsumexp(s, dim=-1)
-        o_u = torch.matmul(torch.softmax(s, dim=-1), vu)
+        allowed = rel >= 0 if is_causal else torch.ones_like(rel, dtype=torch.bool)
+        probs, lse_u = masked_softmax(s.masked_fill(~allowed, float("-inf")), allowed)
+        o_u = torch.matmul(probs, vu)
         # copy_ into views of non-leaf buffers is recorded by autograd (CopySlices).
         unit_view(outs[u.pattern], u).copy_(o_u)
         unit_view(lses[u.pattern], u).copy_(lse_u)

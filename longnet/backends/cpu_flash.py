@@ -18,8 +18,9 @@ kernel, and the local window's cost, are in docs/cpu-kernel.md.
 
 :func:`wanted` takes every float32, bfloat16 and float16 call where oneDNN's micro-kernel is
 there to be used (x86 with AVX2 or better and oneDNN enabled; elsewhere brgemm falls back to a BLAS gemm
-and the kernel keeps to what the tiles alone win), and float64 causal calls (MKL's dgemm on both
-sides, so only the tiles win) of at most :data:`MAX_ROWS` rows.
+and the kernel keeps to what the tiles alone win), and float64 calls (MKL's dgemm on both
+sides) of at most :data:`MAX_ROWS` rows: causal ones because the tiles win, the others because the
+kernel's backward clamps p to 1 where aten's does not (see :func:`wanted`).
 
 Which kernel runs is set by the environment variable ``LONGNET_CPU_KERNEL``:
 
@@ -132,13 +133,15 @@ def onednn_products() -> bool:
 def wanted(q: Tensor, k: Tensor, causal: bool) -> bool:
     """Whether this call goes to longnet's kernel: at least :data:`MIN_ROWS` query rows on the CPU,
     plain tensors, the kernel available, and: float32, bfloat16 or float16 where
-    :func:`onednn_products`; float32 or float64 causal calls of at most :data:`MAX_ROWS` rows."""
+    :func:`onednn_products`; float32 causal calls and float64 calls of at most :data:`MAX_ROWS` rows."""
     if q.device.type != "cpu" or q.dtype not in _DTYPES or not _plain(q, k):
         return False
     if q.shape[-2] < MIN_ROWS or k.shape[-2] == 0:
         return False
     fast_products = q.dtype != torch.float64 and onednn_products()
-    tiles_only = causal and q.shape[-2] <= MAX_ROWS and q.dtype in (torch.float32, torch.float64)
+    # float64 takes the kernel causal or not: its backward clamps p = e^(s - lse) to 1, which aten's does
+    # not, and a mixture's lse merges scores rounded by other calls (at |s| ~ 1e17, |s| eps is ~20).
+    tiles_only = q.shape[-2] <= MAX_ROWS and (q.dtype == torch.float64 or (causal and q.dtype == torch.float32))
     return (fast_products or tiles_only) and module() is not None
 
 

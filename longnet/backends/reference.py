@@ -24,7 +24,8 @@ from torch import Tensor
 from ..patterns import clip_phase, clip_segment, keep_mask as _keep_mask, segment_start, validate_phases
 from .numerics import acc_dtype, default_scale
 
-__all__ = ["count_matrix", "dilated_attention_reference", "dilated_attention_reference_varlen", "keep_mask"]
+__all__ = ["count_matrix", "dilated_attention_reference", "dilated_attention_reference_varlen", "keep_mask",
+           "masked_softmax", "mixture_bias"]
 
 
 def keep_mask(n: int, num_heads: int, segment_length: int, dilation_rate: int,
@@ -76,6 +77,38 @@ def _weighted_values(probs: Tensor, v: Tensor, allowed: Tensor, finite: bool) ->
     return (probs[..., None] * vs).sum(-2).transpose(1, 2)
 
 
+def mixture_bias(n: int, num_heads: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
+                 is_causal: bool = False, dtype: torch.dtype = torch.float32, device=None,
+                 segment_phases: Optional[Sequence[int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """The mixture of docs/design.md §2 as an additive score bias: (bias, allowed, empty).
+
+    ``allowed`` (H, N, N) is C > 0; ``bias`` (H, N, N) is log C where allowed, -inf elsewhere,
+    except on ``empty`` (H, N) rows (kept by no pattern), where it is 0 everywhere, so that a
+    softmax over them stays finite; their output must be zeroed by the caller.
+    softmax(q k^T scale + bias) is then the mixture, for any attention that takes a float mask.
+    """
+    c = count_matrix(n, num_heads, segment_lengths, dilation_rates, is_causal=is_causal, device=device,
+                     segment_phases=segment_phases)
+    allowed = c > 0
+    empty = ~allowed.any(dim=-1)
+    fill = torch.where(empty, 0.0, float("-inf")).to(dtype)[:, :, None]
+    bias = torch.where(allowed, c.clamp(min=1).to(dtype).log(), fill)
+    return bias, allowed, empty
+
+
+def masked_softmax(scores: Tensor, allowed: Tensor) -> Tuple[Tensor, Tensor]:
+    """(probs, lse) of a softmax over the last dim restricted to ``allowed`` (broadcast to scores).
+
+    Scores outside ``allowed`` are replaced (``where``, so an inf score never meets -inf and
+    makes NaN); a row with nothing allowed must hold finite scores there (see
+    :func:`mixture_bias`), and its probabilities are returned as exact zeros.
+    """
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.where(allowed, torch.exp(scores - lse[..., None]),
+                        torch.zeros((), dtype=scores.dtype, device=scores.device))
+    return probs, lse
+
+
 def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, segment_lengths: Sequence[int],
                                 dilation_rates: Sequence[int], *, is_causal: bool = False,
                                 scale: Optional[float] = None,
@@ -90,21 +123,13 @@ def dilated_attention_reference(q: Tensor, k: Tensor, v: Tensor, segment_lengths
     """
     b, n, h, d = q.shape
     scale = default_scale(d) if scale is None else scale
-    c = count_matrix(n, h, segment_lengths, dilation_rates, is_causal=is_causal, device=q.device,
-                     segment_phases=segment_phases)
-    allowed = c > 0
-    empty = ~allowed.any(dim=-1)  # (H, N)
+    bias, allowed, empty = mixture_bias(n, h, segment_lengths, dilation_rates, is_causal=is_causal, dtype=q.dtype,
+                                        device=q.device, segment_phases=segment_phases)
     finite = bool(all(torch.isfinite(x).all() for x in (q, k, v)))
-    scores = _scores(q, k, allowed, finite) * scale + c.clamp(min=1).to(q.dtype).log()
+    scores = _scores(q, k, allowed, finite) * scale
     if score_bias is not None:
         scores = scores + score_bias.to(scores.dtype)
-    # Rows kept by no pattern get constant scores so logsumexp and its backward stay finite;
-    # their probabilities are zeroed below, so their output is exactly 0.
-    fill = torch.where(empty, 0.0, float("-inf")).to(q.dtype)[:, :, None]
-    scores = torch.where(allowed, scores, fill)
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, N)
-    probs = torch.where(allowed, torch.exp(scores - lse[..., None]),
-                        torch.zeros((), dtype=q.dtype, device=q.device))
+    probs, lse = masked_softmax(torch.where(allowed, scores + bias, bias), allowed)  # lse (B, H, N)
     out = _weighted_values(probs, v, allowed, finite)
     lse = torch.where(empty[None], torch.full((), float("-inf"), dtype=lse.dtype, device=lse.device), lse)
     return out, lse.transpose(1, 2).to(acc_dtype(q.dtype))

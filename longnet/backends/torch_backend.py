@@ -20,7 +20,7 @@ The entry point, its autograd and its ``torch.library`` registration are in
 
 from __future__ import annotations
 
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -255,6 +255,42 @@ def _first_plan(calls: List[Tuple[List[Unit], slice]], fresh: bool) -> Tuple[Opt
     return first, sum(g[0].pattern == first for g, _ in calls) == 1
 
 
+def _run_mixture(inputs: Sequence[Tensor], num_heads: int, units: Sequence[Unit], kernel: Callable, acc: torch.dtype,
+                 targets: Optional[List[Tensor]], fresh: Callable[[bool], List[Tensor]],
+                 combine: Callable[[Sequence[Tensor], Sequence[Tensor]], None]) -> Optional[List[Tensor]]:
+    """The skeleton of the forward merge and the backward sum: one kernel call per group of units.
+
+    ``inputs`` (B, N, H, ...) are gathered per call and passed to ``kernel``, which returns
+    one part per target; each part is (Z, heads, kept, D) or, for per-row quantities like
+    lse, (Z, heads, kept). Parts go into ``targets`` (B, N, H, ...) through ``combine(target
+    views, part views)``, or, with no targets given, into fresh ones: the first r = 1 pattern
+    is copied (or its single call's parts, in ``acc``, adopted as the buffers; see :func:`_first_plan`),
+    into ``fresh(copy)``'s buffers, which need no initial value when ``copy`` is true.
+    Returns the targets, None when there was no unit at all.
+    """
+    b, n = inputs[0].shape[:2]
+    calls = _calls(list(units), b, num_heads, inputs[0].shape[-1] * 4)
+    copy_pattern, adopt = _first_plan(calls, fresh=targets is None)
+    for group, zs in calls:
+        parts = kernel(*(_gather(x, group, num_heads, zs) for x in inputs))
+        if targets is None:
+            if adopt:
+                adopted = [_adopt(p if p.dim() == 4 else p.unsqueeze(-1), b, n, acc) for p in parts]
+                if all(a is not None for a in adopted):
+                    targets = [a if p.dim() == 4 else a.squeeze(-1) for a, p in zip(adopted, parts)]
+                    continue
+            targets = fresh(copy_pattern is not None)
+        views = [_pairs(t, p, group, num_heads, zs) for t, p in zip(targets, parts)]
+        for pairs in zip(*views):  # the same rows of every target
+            dst, src = [d for d, _ in pairs], [s for _, s in pairs]
+            if group[0].pattern == copy_pattern:
+                for d, s in zip(dst, src):
+                    d.copy_(s)
+            else:
+                combine(dst, src)
+    return targets
+
+
 def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, causal: bool,
                    scale: float, force_math: bool = False, out: Optional[Tensor] = None,
                    lse: Optional[Tensor] = None, segment_phases: Optional[Sequence[int]] = None
@@ -262,7 +298,7 @@ def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
     """Merge every pattern's partial attention into out (B, N, H, D) and lse (B, N, H).
 
     Given buffers are merged into in place; without them, fresh ones are made
-    (out in the accumulation dtype) and returned (see :func:`_first_plan`).
+    (out in the accumulation dtype) and returned (see :func:`_run_mixture`).
     ``segment_phases``: one per pattern, None for all 0 (see :func:`iter_units`).
     Short r = 1 patterns (the local window) go last, together, as one band (:mod:`.band`).
     """
@@ -270,33 +306,21 @@ def merge_patterns(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_ra
     band = _band.split(n, segment_lengths, dilation_rates, segment_phases, q, k, force_math)
     if band is not None:
         segment_lengths, dilation_rates, segment_phases = band.rest_lengths, band.rest_rates, band.rest_phases
-    acc = lse_dt = acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
+
+    def fresh(copy: bool) -> List[Tensor]:
+        if copy:
+            return [q.new_empty((b, n, h, d), dtype=acc), q.new_empty((b, n, h), dtype=acc)]
+        return [q.new_zeros((b, n, h, d), dtype=acc), q.new_full((b, n, h), float("-inf"), dtype=acc)]
+
     units = iter_units(b, n, h, segment_lengths, dilation_rates, (q, k, v), segment_phases)
-    calls = _calls(list(units), b, h, d * 4)
-    copy_pattern, adopt = _first_plan(calls, fresh=out is None)
-    for group, zs in calls:
-        o_g, l_g = kernels.attn_fwd(*(_gather(x, group, h, zs) for x in (q, k, v)), causal, scale, force_math)
-        if out is None:
-            if adopt:
-                out, lse = _adopt(o_g, b, n, acc), _adopt(l_g.unsqueeze(-1), b, n, lse_dt)
-                if out is not None and lse is not None:
-                    lse = lse.squeeze(-1)
-                    continue
-            alloc = torch.empty if copy_pattern is not None else torch.zeros
-            out = alloc(b, n, h, d, dtype=acc, device=q.device)
-            lse = torch.empty((b, n, h), dtype=lse_dt, device=q.device) if copy_pattern is not None \
-                else torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
-        for (ov, o_p), (lv, l_p) in zip(_pairs(out, o_g, group, h, zs), _pairs(lse, l_g, group, h, zs)):
-            if group[0].pattern == copy_pattern:
-                ov.copy_(o_p)
-                lv.copy_(l_p)
-            else:
-                merge_partial(ov, lv, o_p, l_p)
+    merged = _run_mixture((q, k, v), h, units, lambda *x: kernels.attn_fwd(*x, causal, scale, force_math), acc,
+                          None if out is None else [out, lse], fresh, lambda dst, src: merge_partial(*dst, *src))
+    out, lse = merged if merged is not None else (None, None)
     if band is not None:
         out, lse = _band.merge_into(q, k, v, causal, scale, band, force_math, out, lse, merge_partial)
     if out is None:  # no pattern at all (sequence parallelism with only cross-rank patterns)
-        out = torch.zeros(b, n, h, d, dtype=acc, device=q.device)
-        lse = torch.full((b, n, h), float("-inf"), dtype=lse_dt, device=q.device)
+        out, lse = fresh(False)
     return out, lse
 
 
@@ -307,36 +331,26 @@ def accumulate_grads(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     """Exact (dq, dk, dv) of the mixture: each partial's flash backward at the merged out and lse.
 
     Adds into given ``grads`` (B, N, H, D) in place, or makes and returns fresh
-    ones in the accumulation dtype (see :func:`_first_plan`); the band last, as in :func:`merge_patterns`.
+    ones in the accumulation dtype (see :func:`_run_mixture`); the band last, as in :func:`merge_patterns`.
     """
     b, n, h, d = q.shape
     band = _band.split(n, segment_lengths, dilation_rates, segment_phases, q, k, force_math)
     if band is not None:
         segment_lengths, dilation_rates, segment_phases = band.rest_lengths, band.rest_rates, band.rest_phases
     acc = acc_dtype(q.dtype)
+
+    def fresh(copy: bool) -> List[Tensor]:
+        return [(torch.empty if copy else torch.zeros)(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+
+    def add(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+        for g, p in zip(dst, src):
+            g.add_(p)
+
     units = iter_units(b, n, h, segment_lengths, dilation_rates, (do, q, k, v, out, lse, *(grads or ())),
                        segment_phases)
-    calls = _calls(list(units), b, h, d * 4)
-    copy_pattern, adopt = _first_plan(calls, fresh=grads is None)
-    for group, zs in calls:
-        parts = kernels.attn_bwd(*(_gather(x, group, h, zs) for x in (do, q, k, v, out, lse)), causal, scale,
-                                 force_math)
-        if grads is None:
-            if adopt:
-                adopted = [_adopt(p, b, n, acc) for p in parts]
-                if all(a is not None for a in adopted):
-                    grads = adopted
-                    continue
-            alloc = torch.empty if copy_pattern is not None else torch.zeros
-            grads = [alloc(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
-        for g, p in zip(grads, parts):
-            for gv, pv in _pairs(g, p, group, h, zs):
-                if group[0].pattern == copy_pattern:
-                    gv.copy_(pv)
-                else:
-                    gv.add_(pv)
+    summed = _run_mixture((do, q, k, v, out, lse), h, units,
+                          lambda *x: kernels.attn_bwd(*x, causal, scale, force_math), acc,
+                          None if grads is None else list(grads), fresh, add)
     if band is not None:
-        grads = _band.add_grads(do, q, k, v, out, lse, causal, scale, band, force_math, grads)
-    if grads is None:
-        grads = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
-    return list(grads)
+        summed = _band.add_grads(do, q, k, v, out, lse, causal, scale, band, force_math, summed)
+    return list(summed) if summed is not None else fresh(False)

@@ -30,6 +30,9 @@ from typing import (
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --pattern of `longnet bench` and `longnet bench --lm`: the benchmarked pattern from the one the flags give
+# (lw16: plus the LM presets' local window, DilatedPattern.with_local_window(16)).
+PATTERN_VARIANTS = {"paper": lambda p: p, "lw16": lambda p: p.with_local_window(16)}
 
 # --------------------------------------------------------------------------- timing
 

@@ -204,7 +204,7 @@ def measure_all(args: argparse.Namespace, base, fixed: Optional[DilatedPattern],
     rows: List[Row] = []
     done: List[Tuple[int, float]] = []  # (N, seconds) of the measured dense steps
     for n in ns:
-        patterns = {LONGNET: longnet_pattern(n, args.base_segment, fixed)}
+        patterns = {LONGNET: common.PATTERN_VARIANTS[args.pattern](longnet_pattern(n, args.base_segment, fixed))}
         if not args.no_dense and run_dense(n, done, args.dense_max_n, args.dense_max_seconds):
             patterns[DENSE] = dense_pattern(n)
         new = measure(n, base, patterns, precision=args.dtype, device=device, repeats=args.repeats,
@@ -276,6 +276,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="w_0 of longnet's geometric pattern w = B..N, r = 1..N/B (default 512)")
     p.add_argument("--segment-lengths", default=None, help="comma-separated w_i for longnet at every N")
     p.add_argument("--dilation-rates", default=None, help="comma-separated r_i for longnet at every N")
+    p.add_argument("--pattern", choices=sorted(common.PATTERN_VARIANTS), default="paper",
+                   help="paper: longnet's pattern as the flags give it; lw16: plus the LM presets' local window")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (on the CPU too)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")

@@ -40,14 +40,12 @@ from ..device import machine_name, memory_bytes
 from ..patterns import DilatedPattern, dense_flops, dilated_flops
 from ..report import Column, Panel, Series
 from . import common
-from .common import DTYPES
+from .common import DTYPES, PATTERN_VARIANTS
 
 NAN = float("nan")
 EXTRAPOLATED = "dense-extrapolated"  # impl of --figure5's rows that come from the fit, not a measurement
 FIGURE5_N = [4096 * 2**i for i in range(9)]  # 4K .. 1M
 FIGURE5_DENSE_MAX_N = 32768
-# --pattern: the benchmarked pattern from the one the flags give.
-PATTERN_VARIANTS = {"paper": lambda p: p, "lw16": lambda p: p.with_local_window(16)}
 
 
 @dataclass

@@ -47,7 +47,7 @@ if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 53):  # 
                       f"found {transformers.__version__}: pip install -U 'transformers>=4.53'")
 
 from ..backends.numerics import default_scale
-from ..backends.reference import count_matrix
+from ..backends.reference import mixture_bias
 from ..decode import decode_attention
 from ..functional import available_backends, dilated_attention
 from ..patterns import DilatedPattern, segment_start
@@ -242,12 +242,8 @@ def _dense_with_dropout(q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilati
     """q, k, v (B, N, H, D) -> (B, N, H, D): docs/design.md §2's softmax(q k^T scale + log C), dropout on its
     probabilities. Dense (H, N, N) scores: the training path when attention dropout is on."""
     n, h = q.shape[1], q.shape[2]
-    c = count_matrix(n, h, segment_lengths, dilation_rates, is_causal=causal, device=q.device,
-                     segment_phases=segment_phases)
-    empty = (c == 0).all(-1)  # (H, N): rows no pattern keeps; their output is 0
-    # log 0 = -inf removes the keys a row does not share a pattern with; empty rows get a
-    # finite dummy row (zeroed below) so that no softmax is taken over nothing.
-    bias = c.to(q.dtype).log().masked_fill(empty[..., None], 0.0)
+    bias, _, empty = mixture_bias(n, h, segment_lengths, dilation_rates, is_causal=causal, dtype=q.dtype,
+                                  device=q.device, segment_phases=segment_phases)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=bias, dropout_p=dropout, scale=scale)
     return out.transpose(1, 2).masked_fill(empty.T[None, :, :, None], 0.0)
