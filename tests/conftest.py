@@ -1,4 +1,4 @@
-"""Test-wide settings: thread count and seeds.
+"""Test-wide settings: thread count and seeds; the shared ``corpus`` and ``finished_run`` fixtures.
 
 Seeds are fixed by default, so a run is reproducible: every test starts from
 torch/numpy/random seeded with ``base + crc32(test id)``, base 0. Fresh seeds
@@ -87,3 +87,12 @@ def corpus(tmp_path_factory):
     spec, cache = write_corpus(d), str(d / "cache")
     open_corpus(spec, cache_dir=cache, verbose=False)
     return spec, cache
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus):
+    """A 4-step run with checkpoints at steps 2 and 4; tests work on copies (``train_helpers.copy_run``)."""
+    from tests.train_helpers import run_train
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert run_train(corpus, out, "--max-steps", "4", "--set", "save_interval=2", "--set", "sample_tokens=0") == 0
+    return out

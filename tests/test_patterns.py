@@ -1,3 +1,7 @@
+"""``longnet/patterns.py``: the paper and geometric presets, FLOP counts, validation, and the
+kept-rows rule in all its forms (by hand, and every form against the others). Also a check that
+tests are seeded (conftest.py)."""
+
 import numpy as np
 import pytest
 import torch

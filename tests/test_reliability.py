@@ -1,16 +1,15 @@
-"""`longnet train` never loses a user's work: signals, durable checkpoints, safe resume, damaged
-files, settings checked up front, and progress for long evaluations (issue 9, section 3).
+"""`longnet train` never loses a user's work: signals, safe resume, settings checked up front
+(issue 9, section 3). The checkpoint files themselves (durable writes, damaged files) are in
+test_checkpoint.py, and the progress bar of ``longnet eval`` in test_evaluate.py.
 
 Micro configs (a step takes milliseconds); the signal tests run ``python -m longnet train``
-as a subprocess and send it real signals.
+as a subprocess and send it real signals. ``finished_run`` (conftest.py) is a 4-step run with
+checkpoints at steps 2 and 4; tests work on copies (``_copy``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,43 +20,14 @@ import torch
 
 import longnet.training.trainer as train_mod
 from longnet.cli import main
-from longnet.config import TrainConfig
 from longnet.model import LongNetLM
-from longnet.training.checkpoint import FILES, load_checkpoint, load_trainer_state, save_checkpoint
+from longnet.training.checkpoint import load_checkpoint, load_trainer_state
+from tests.train_helpers import copy_run as _copy
+from tests.train_helpers import error_line as _error_line
+from tests.train_helpers import file_hashes as _tree
 from tests.train_helpers import MICRO, train_rows, write_corpus, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, corpus):
-    """A 4-step run with checkpoints at steps 2 and 4; tests work on copies (see ``_copy``)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert run_train(corpus, out, "--max-steps", "4", "--set", "save_interval=2", "--set", "sample_tokens=0") == 0
-    return out
-
-
-def _copy(run, tmp_path):
-    dst = tmp_path / "run"
-    shutil.copytree(run, dst)
-    return dst
-
-
-def _tree(path):
-    """Every file under ``path`` with its content hash: equal trees mean nothing was written."""
-    out = {}
-    for d, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(d, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = hashlib.sha1(fh.read()).hexdigest()
-    return out
-
-
-def _error_line(err: str, command: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"longnet {command}: error: "), err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- signals
@@ -157,60 +127,6 @@ def test_an_interrupt_inside_the_optimizer_update_saves_nothing_new(tmp_path, co
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002"]
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _tiny_model():
-    torch.manual_seed(0)
-    return LongNetLM(n_layers=1, d_model=32, n_heads=4, d_ffn=64, segment_lengths=(8,), dilation_rates=(1,))
-
-
-def test_checkpoint_files_and_folders_are_fsynced(tmp_path, monkeypatch):
-    synced = []
-    real = os.fsync
-
-    def record(fd):
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real(fd)
-
-    monkeypatch.setattr(os, "fsync", record)
-    path = save_checkpoint(str(tmp_path), model=_tiny_model(), train_config=TrainConfig(), data_spec="builtin",
-                           step=1, data_state=None)
-    ckpt_root = str(tmp_path / "checkpoints")
-    tmp_dirs = [p for p in synced if os.path.basename(p).startswith(".tmp-step_00000001")]
-    assert tmp_dirs, synced  # the folder's entries, before it is renamed into place
-    for name in FILES:
-        assert any(os.path.dirname(p) == tmp_dirs[0] and p.endswith(name) for p in synced), name
-    # The rename into checkpoints/, then `latest` and its rename in the run folder.
-    assert synced.index(ckpt_root) > synced.index(tmp_dirs[0])
-    assert str(tmp_path) in synced and any(p.endswith("latest") for p in synced)
-    assert os.path.isdir(path)
-
-
-def test_a_save_that_died_midway_is_named_then_cleaned_up(tmp_path, corpus, capsys):
-    out = tmp_path / "run"
-    stale = out / "checkpoints" / ".tmp-step_00000002-x1y2"
-    stale.mkdir(parents=True)
-    (stale / "model.safetensors").write_bytes(b"\x00" * 100)  # what a killed first save leaves
-    assert main(["train", "--resume", "--out", str(out)]) == 2
-    line = _error_line(capsys.readouterr().err, "train")
-    assert str(stale) in line and "incomplete save" in line and "without --resume" in line
-    assert run_train(corpus, out, "--max-steps", "2") == 0  # a new run in the same folder works
-    assert "never saved a checkpoint; starting it over" in capsys.readouterr().err
-    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002"]
-
-
-def test_a_checkpoint_swapped_out_when_the_process_died_is_put_back(tmp_path):
-    model, tcfg = _tiny_model(), TrainConfig()
-    save_checkpoint(str(tmp_path), model=model, train_config=tcfg, data_spec="builtin", step=1, keep=5)
-    root = tmp_path / "checkpoints"
-    old = root / ".old-step_00000001-abcd"
-    old.mkdir()
-    os.replace(root / "step_00000001", old / "step_00000001")  # died between the two renames
-    save_checkpoint(str(tmp_path), model=model, train_config=tcfg, data_spec="builtin", step=2, keep=5)
-    assert sorted(os.listdir(root)) == ["step_00000001", "step_00000002"]
-
-
 # ----------------------------------------------------------------------------- resume
 
 
@@ -287,75 +203,6 @@ def test_a_damaged_log_resumes_with_a_warning_and_keeps_the_original(finished_ru
     assert [s for s, _ in train_rows(run)] == [1, 2, 3, 4, 5, 6]
 
 
-# ----------------------------------------------------------------------------- damaged files
-
-
-def _truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
-
-
-def _random(path):
-    path.write_bytes(os.urandom(max(64, path.stat().st_size)))
-
-
-def _config(edit):
-    def apply(path):
-        meta = json.loads(path.read_text())
-        path.write_text(json.dumps(edit(meta)))
-    return apply
-
-
-def _wider(meta):
-    meta["model"]["d_model"] = 64
-    return meta
-
-
-def _no_step(meta):
-    del meta["step"]
-    return meta
-
-
-DAMAGE = {
-    "weights-truncated": ("model.safetensors", _truncate),
-    "weights-random": ("model.safetensors", _random),
-    "trainer-state-truncated": ("trainer_state.pt", _truncate),
-    "trainer-state-random": ("trainer_state.pt", _random),
-    "data-state-truncated": ("data_state.json", _truncate),
-    "data-state-random": ("data_state.json", _random),
-    "config-contradicts-weights": ("config.json", _config(_wider)),
-    "config-without-step": ("config.json", _config(_no_step)),
-    "config-not-an-object": ("config.json", lambda p: p.write_text("[1, 2, 3]")),
-}
-
-
-@pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_a_damaged_file_is_named_and_resume_falls_back(case, finished_run, tmp_path, capsys):
-    name, damage = DAMAGE[case]
-    # Only one checkpoint, and it is damaged: one line naming the file, exit 2, nothing written.
-    alone = _copy(finished_run, tmp_path / "alone")
-    shutil.rmtree(alone / "checkpoints" / "step_00000002")
-    damage(alone / "checkpoints" / "step_00000004" / name)
-    before = _tree(alone)
-    assert main(["train", "--resume", "--out", str(alone), "--max-steps", "6"]) == 2
-    line = _error_line(capsys.readouterr().err, "train")
-    assert str(alone / "checkpoints" / "step_00000004" / name) in line or (
-        name == "config.json" and str(alone / "checkpoints" / "step_00000004") in line)
-    assert _tree(alone) == before
-    if name in ("model.safetensors", "config.json"):  # what eval and generate read
-        assert main(["eval", "--checkpoint", str(alone), "--max-windows", "1"]) == 2
-        assert "step_00000004" in _error_line(capsys.readouterr().err, "eval")
-    # With an older intact checkpoint, resume falls back to it and says so.
-    run = _copy(finished_run, tmp_path / "fallback")
-    damage(run / "checkpoints" / "step_00000004" / name)
-    assert main(["train", "--resume", "--out", str(run), "--max-steps", "6", "--no-progress"]) == 0
-    captured = capsys.readouterr()
-    assert "step_00000004" in captured.err and "resuming from the older" in captured.err
-    assert "resuming at step 2" in captured.out
-    assert load_checkpoint(str(run))["step"] == 6
-    assert [s for s, _ in train_rows(run)] == [1, 2, 3, 4, 5, 6]
-
-
 # ----------------------------------------------------------------------------- settings
 
 
@@ -394,17 +241,3 @@ def test_fp16_trains_with_loss_scaling_and_resumes(tmp_path, corpus, monkeypatch
     assert all(float(loss) > 0 for _, loss in train_rows(out))
     assert main(["train", "--resume", "--out", str(out), "--max-steps", "4", "--no-progress"]) == 0
     assert load_checkpoint(str(out))["step"] == 4
-
-
-# ----------------------------------------------------------------------------- progress
-
-
-def test_eval_shows_a_progress_bar(finished_run, corpus, capsys):
-    _, cache = corpus
-    argv = ["eval", "--checkpoint", str(finished_run), "--cache-dir", cache, "--max-windows", "3",
-            "--batch-size", "1"]
-    assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert "windows" in err and "3/3" in err
-    assert main(argv + ["--no-progress"]) == 0
-    assert "3/3" not in capsys.readouterr().err

@@ -1,11 +1,11 @@
-"""Checkpoints, resume, and the train / eval / generate commands end to end (in-process, micro configs)."""
+"""The train / eval / generate commands end to end, resume, passkey training and bad command-line
+input (in-process, micro configs). Checkpoint files are tested in test_checkpoint.py, evaluation in
+test_evaluate.py."""
 
 import csv
-import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,62 +15,8 @@ import longnet.training.trainer as train_mod
 
 from longnet.cli import main
 from longnet.config import TrainConfig, preset
-from longnet.model import LongNetLM
-from longnet.training.checkpoint import (CheckpointError, load_checkpoint, load_model, load_trainer_state,
-                                         resolve_checkpoint, save_checkpoint)
-from longnet.training.data import RandomWindowSampler
+from longnet.training.checkpoint import load_checkpoint, resolve_checkpoint
 from tests.train_helpers import MICRO, train_rows, run_train
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def test_checkpoint_round_trip(tmp_path):
-    torch.manual_seed(0)
-    model = LongNetLM(n_layers=2, d_model=32, n_heads=4, d_ffn=64, segment_lengths=(8,), dilation_rates=(1,))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    model.loss(torch.randint(0, 256, (1, 9)), torch.randint(0, 256, (1, 9))).backward()
-    opt.step()
-    tcfg = TrainConfig(max_steps=5)
-    sampler = RandomWindowSampler(np.arange(100, dtype=np.uint8), 2, 8, seed=0)
-    for step in (1, 2, 3):
-        sampler.next_batch()
-        path = save_checkpoint(str(tmp_path), model=model, train_config=tcfg, data_spec="builtin", step=step,
-                               optimizer=opt, data_state=sampler.state_dict(), keep=2)
-    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002", "step_00000003"]
-    assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_00000003"
-    assert resolve_checkpoint(str(tmp_path)) == path
-    info = load_checkpoint(str(tmp_path))
-    assert info["step"] == 3 and info["data"] == "builtin" and info["model_config"] == model.config
-    assert info["train_config"] == tcfg
-    loaded = load_model(str(tmp_path))
-    assert loaded.lm_head.weight is loaded.embed.weight  # tying survives
-    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
-        assert torch.equal(a, b), k
-    x = torch.randint(0, 256, (1, 20))
-    torch.testing.assert_close(loaded(x), model.eval()(x), atol=0, rtol=0)
-    state, data_state = load_trainer_state(path)
-    assert data_state == json.loads(json.dumps(sampler.state_dict())) and data_state["step"] == 3
-    opt2 = torch.optim.AdamW(loaded.parameters(), lr=1e-3)
-    opt2.load_state_dict(state["optimizer"])
-    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    # Tied weights are stored once; nothing temporary is left behind.
-    assert "lm_head.weight" not in load_file(os.path.join(path, "model.safetensors"))
-    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".")]
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
-
-
-def test_checkpoint_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(str(tmp_path / "nope"))
-    with pytest.raises(CheckpointError, match="no checkpoint in"):
-        load_checkpoint(str(tmp_path))
-    d = tmp_path / "fake"
-    d.mkdir()
-    (d / "model.safetensors").write_bytes(b"")
-    (d / "config.json").write_text(json.dumps({"format": "other"}))
-    with pytest.raises(CheckpointError, match="not a longnet checkpoint"):
-        load_checkpoint(str(d))
 
 
 # ----------------------------------------------------------------------------- train CLI
