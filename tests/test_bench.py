@@ -101,11 +101,13 @@ def test_bench_table_agrees_with_csv(bench_run):
     for cells, r in zip(table, rows):
         assert cells[0] == r["impl"] and int(cells[1]) == int(r["n"])
         for cell, key, digits in ((cells[2], "fwd_ms", 1), (cells[3], "fwdbwd_ms", 1), (cells[4], "fwd_gflops", 1),
-                                  (cells[7], "mem_over_io", 2)):
+                                  (cells[7], "mem_over_io", 2), (cells[8], "total_over_io", 2)):
             assert cell == f"{float(r[key]):.{digits}f}", key
+        # counting everything includes the inputs, which the growth alone does not
+        assert float(r["total_over_io"]) >= float(r["mem_over_io"])
     assert table[0][-3] == f"{float(rows[0]['dense_over_dilated_flops']):.2f}"
     assert table[0][-1] == f"{float(rows[0]['op_dense_over_dilated_fwdbwd']):.2f}"
-    assert len(table[1]) == len(table[2]) == 8  # dense rows: the ratio columns are blank, not "nan"
+    assert len(table[1]) == len(table[2]) == 9  # dense rows: the ratio columns are blank, not "nan"
 
 
 def test_bench_without_dense_non_causal(tmp_path, capsys):

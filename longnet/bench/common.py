@@ -219,6 +219,15 @@ class PeakRSS:
         return self.peak - self.base
 
 
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use now: the CUDA allocator's on GPU, the resident size on CPU (after a collection)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    gc.collect()
+    return PeakRSS.rss()
+
+
 def peak_memory_growth(fn: Callable[[], Any], device: torch.device) -> int:
     """Bytes by which one call of ``fn`` raises peak memory: the CUDA allocator's peak on GPU,
     peak resident memory on CPU (:class:`PeakRSS`; the allocator's reuse of freed pages blurs

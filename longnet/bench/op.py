@@ -59,6 +59,8 @@ class Row:
     peak_mem_mib: float
     io_mib: float
     mem_over_io: float
+    # (memory the inputs q, k, v, dO took + the fwd+bwd's peak growth) / io: everything the call needs
+    total_over_io: float = NAN
     dense_over_dilated_fwd: float = NAN
     dense_over_dilated_fwdbwd: float = NAN
     dense_over_dilated_flops: float = NAN  # the ideal speed-up: docs/design.md §3's FLOP ratio
@@ -71,6 +73,7 @@ COLUMNS = (
     Column("fwd ms", "fwd_ms", ".1f"), Column("fwd+bwd ms", "fwdbwd_ms", ".1f", 11),
     Column("fwd GF/s", "fwd_gflops", ".1f", 9), Column("f+b GF/s", "fwdbwd_gflops", ".1f", 9),
     Column("mem MiB", "peak_mem_mib", ".0f", 8), Column("mem/io", "mem_over_io", ".2f", 7),
+    Column("all/io", "total_over_io", ".2f", 7),
     Column("dense/dil fwd", "dense_over_dilated_fwd", ".2f", 14),
     Column("dense/dil f+b", "dense_over_dilated_fwdbwd", ".2f", 14),
     Column("FLOP ratio", "dense_over_dilated_flops", ".2f", 11),
@@ -88,11 +91,13 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
     ``fwdbwd=False`` times the forward only (fwd+bwd columns NaN, no memory measurement): what
     ``--figure5`` needs at lengths where the gradients would not fit."""
     shape = (batch, n, heads, head_dim)
+    before = common.memory_in_use(device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     # Forward-only draws no output gradient: at N = 1M it would be 3 GiB more to hold.
     q, k, v, *rest = (torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for _ in range(3 + fwdbwd))
     do = rest[0] if rest else None
     io_bytes = 8 * q.numel() * q.element_size()  # q, k, v, out and their gradients
+    input_bytes = common.memory_in_use(device) - before
     kw = dict(causal=causal, batch=batch)
     dil_flops = [dilated_flops(n, heads, head_dim, pattern.segment_lengths, pattern.dilation_rates,
                                backward=bwd, segment_phases=pattern.segment_phases, **kw) for bwd in (False, True)]
@@ -115,7 +120,8 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
         t_fb = [min(ts) for ts in common.interleaved_times(calls["fwdbwd"], device, repeats, warmup)]
         mems = [common.peak_memory_growth(fb, device) if memory else 0 for fb in calls["fwdbwd"]]
     rows = [Row(name, n, tf * 1e3, tfb * 1e3, fl_f / tf / 1e9, fl_fb / tfb / 1e9, mem / 2**20, io_bytes / 2**20,
-                mem / io_bytes) for (name, _, (fl_f, fl_fb)), tf, tfb, mem in zip(impls, t_f, t_fb, mems)]
+                mem / io_bytes, (input_bytes + mem) / io_bytes)
+            for (name, _, (fl_f, fl_fb)), tf, tfb, mem in zip(impls, t_f, t_fb, mems)]
     rows[0].dense_over_dilated_flops = dense_fl[0] / dil_flops[0]
     by = {r.impl: r for r in rows}
     if dense:
