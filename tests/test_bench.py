@@ -130,6 +130,25 @@ def test_bench_without_the_op_dense_baseline(tmp_path):
     assert rows[0]["op_dense_over_dilated_fwd"] == "nan" and float(rows[0]["dense_over_dilated_fwd"]) > 0
 
 
+def test_bench_times_the_local_window_against_the_paper_pattern(tmp_path):
+    """--pattern paper+lw16: one row each, timed in turn; the lw16 row's time per FLOP against the paper
+    pattern's is the paper row's GFLOP/s over its own, and its FLOPs are those of the lw16 pattern."""
+    path = tmp_path / "lw.csv"
+    assert main(["bench", "--n", "256", *TINY, "--pattern", "paper+lw16", "--no-dense", "--no-memory",
+                 "--csv", str(path)]) == 0
+    _, rows = _csv(path)
+    paper, lw = rows
+    assert (paper["impl"], lw["impl"]) == ("dilated[auto]", "dilated+lw16")
+    assert paper["fwd_cost_per_flop_vs_paper"] == "nan"
+    for mode in ("fwd", "fwdbwd"):
+        assert float(lw[f"{mode}_cost_per_flop_vs_paper"]) == pytest.approx(
+            float(paper[f"{mode}_gflops"]) / float(lw[f"{mode}_gflops"]), rel=1e-6)
+    variant = DilatedPattern(W, R).with_local_window(16)
+    flops = dilated_flops(256, H, D, variant.segment_lengths, variant.dilation_rates, causal=True,
+                          segment_phases=variant.segment_phases)
+    assert float(lw["fwd_gflops"]) * float(lw["fwd_ms"]) / 1e3 == pytest.approx(flops / 1e9, rel=1e-6)
+
+
 def test_machine_name_is_descriptive():
     assert f"{torch.get_num_threads()} threads" in machine_name(torch.device("cpu"))
 

@@ -66,6 +66,9 @@ class Row:
     dense_over_dilated_flops: float = NAN  # the ideal speed-up: docs/design.md §3's FLOP ratio
     op_dense_over_dilated_fwd: float = NAN  # against dense attention through the op (same kernels)
     op_dense_over_dilated_fwdbwd: float = NAN
+    # --pattern paper+lw16, on the lw16 row: (its time / the paper pattern's) / (its FLOPs / theirs)
+    fwd_cost_per_flop_vs_paper: float = NAN
+    fwdbwd_cost_per_flop_vs_paper: float = NAN
 
 
 COLUMNS = (
@@ -79,14 +82,21 @@ COLUMNS = (
     Column("FLOP ratio", "dense_over_dilated_flops", ".2f", 11),
     Column("op-dense/dil fwd", "op_dense_over_dilated_fwd", ".2f", 17),
     Column("op-dense/dil f+b", "op_dense_over_dilated_fwdbwd", ".2f", 17),
+    Column("t/FLOP vs paper fwd", "fwd_cost_per_flop_vs_paper", ".2f", 20),
+    Column("t/FLOP vs paper f+b", "fwdbwd_cost_per_flop_vs_paper", ".2f", 20),
 )
+# --pattern paper+lw16: the lw16 variant timed in turn with the paper pattern, as a row of its own.
+COMPARE = "paper+lw16"
+VARIANT_IMPL = "dilated+lw16"
 
 
 def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPattern, dtype,
             device, causal: bool, backend: Optional[str], repeats: int, warmup: int,
-            dense: bool, memory: bool, fwdbwd: bool = True, dense_op: bool = False) -> List[Row]:
-    """One Row for the dilated op, with ``dense`` one for dense SDPA, and with ``dense_op`` one for
-    dense attention through the op (w = N, r = 1), at length n.
+            dense: bool, memory: bool, fwdbwd: bool = True, dense_op: bool = False,
+            variant: Optional[DilatedPattern] = None) -> List[Row]:
+    """One Row for the dilated op, with ``dense`` one for dense SDPA, with ``dense_op`` one for
+    dense attention through the op (w = N, r = 1), and with ``variant`` one for the op with that
+    pattern (``--pattern paper+lw16``), at length n; all timed in turn.
 
     ``fwdbwd=False`` times the forward only (fwd+bwd columns NaN, no memory measurement): what
     ``--figure5`` needs at lengths where the gradients would not fit."""
@@ -103,11 +113,19 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
                                backward=bwd, segment_phases=pattern.segment_phases, **kw) for bwd in (False, True)]
     dense_fl = [dense_flops(n, heads, head_dim, backward=bwd, **kw) for bwd in (False, True)]
     impls = [(f"dilated[{backend or 'auto'}]", backend, dil_flops)]
+    patterns = [pattern]
+    if variant is not None:
+        impls.append((VARIANT_IMPL, backend, [dilated_flops(n, heads, head_dim, variant.segment_lengths,
+                                                            variant.dilation_rates, backward=bwd,
+                                                            segment_phases=variant.segment_phases, **kw)
+                                              for bwd in (False, True)]))
+        patterns.append(variant)
     if dense:
         impls.append(("dense-sdpa", common.DENSE, dense_fl))
     if dense_op:
         impls.append(("dense-op", common.DENSE_OP, dense_fl))
-    calls = {m: [common.attention_call(impl, m, q, k, v, do, pattern, causal) for _, impl, _ in impls]
+    patterns += [pattern] * (len(impls) - len(patterns))
+    calls = {m: [common.attention_call(impl, m, q, k, v, do, p, causal) for (_, impl, _), p in zip(impls, patterns)]
              for m in ("fwd", "fwdbwd")}
     # Dilated and dense take turns (common.interleaved_times), so load bursts hit both alike.
     t_f = [min(ts) for ts in common.interleaved_times(calls["fwd"], device, repeats, warmup)]
@@ -124,6 +142,10 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
             for (name, _, (fl_f, fl_fb)), tf, tfb, mem in zip(impls, t_f, t_fb, mems)]
     rows[0].dense_over_dilated_flops = dense_fl[0] / dil_flops[0]
     by = {r.impl: r for r in rows}
+    if variant is not None:
+        var, (v_f, v_fb) = by[VARIANT_IMPL], impls[1][2]
+        var.fwd_cost_per_flop_vs_paper = (var.fwd_ms / rows[0].fwd_ms) / (v_f / dil_flops[0])
+        var.fwdbwd_cost_per_flop_vs_paper = (var.fwdbwd_ms / rows[0].fwdbwd_ms) / (v_fb / dil_flops[1])
     if dense:
         rows[0].dense_over_dilated_fwd = by["dense-sdpa"].fwd_ms / rows[0].fwd_ms
         rows[0].dense_over_dilated_fwdbwd = by["dense-sdpa"].fwdbwd_ms / rows[0].fwdbwd_ms
@@ -171,10 +193,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--segment-lengths", default=None, help="comma-separated w_i (default: the paper's)")
     p.add_argument("--dilation-rates", default=None, help="comma-separated r_i (default: the paper's)")
-    p.add_argument("--pattern", choices=sorted(PATTERN_VARIANTS), default="paper",
+    p.add_argument("--pattern", choices=sorted(PATTERN_VARIANTS) + [COMPARE], default="paper",
                    help="paper: the pattern of --segment-lengths/--dilation-rates as it is; lw16: the same plus "
                         "the LM presets' local window (DilatedPattern.with_local_window(16): two phased r = 1 "
-                        "patterns of 16 rows)")
+                        f"patterns of 16 rows); {COMPARE}: both, timed in turn, with the local window's time "
+                        "per FLOP against the paper pattern's")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--non-causal", action="store_true", help="benchmark non-causal attention")
@@ -264,7 +287,7 @@ def _checked(args) -> Tuple[DilatedPattern, torch.device, List[int]]:
     except ValueError as e:
         raise ValueError(f"--backend {args.backend}: {e}") from None
     pattern = DilatedPattern.paper() if pattern is None else pattern
-    return PATTERN_VARIANTS[args.pattern](pattern), device, ns
+    return (pattern if args.pattern == COMPARE else PATTERN_VARIANTS[args.pattern](pattern)), device, ns
 
 
 def extrapolate_dense(rows: List[Row], ns: List[int], *, heads: int, head_dim: int, batch: int,
@@ -305,7 +328,8 @@ def _measure_all(args, pattern: DilatedPattern, device: torch.device, ns: List[i
         rows += measure(n, **shape, pattern=pattern, dtype=DTYPES[args.dtype], device=device, causal=causal,
                         backend=args.backend, repeats=repeats, warmup=warmup, dense=dense,
                         memory=not args.no_memory, fwdbwd=not args.figure5,
-                        dense_op=dense and not args.no_dense_op and not args.figure5)
+                        dense_op=dense and not args.no_dense_op and not args.figure5,
+                        variant=PATTERN_VARIANTS["lw16"](pattern) if args.pattern == COMPARE else None)
         print(f"  N={n}: done", flush=True)
     if args.figure5:
         rows += extrapolate_dense(rows, [n for n in ns if n > max_n], **shape, causal=causal)
