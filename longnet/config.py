@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Iterable, Optional, Tuple
 
+from .checks import check_int
 from .patterns import DilatedPattern, validate_pattern, validate_phases
 
 __all__ = ["LongNetConfig", "TrainConfig", "PRESETS", "preset", "apply_overrides", "parse_override",
@@ -36,11 +37,11 @@ BLOCKS = ("magneto", "gpt")
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
+    # A field of the wrong type is a TypeError here, as for _check_float and _check_bool; the range is
+    # longnet.checks.check_int's.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 def _check_float(name: str, value, lo: float = -math.inf, hi: float = math.inf, *,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .backends.numerics import default_scale
+from .checks import check_int
 from .config import LongNetConfig, xpos_max_length
 from .modules import MultiheadDilatedAttention
 from .decode import decode_attention
@@ -411,8 +412,8 @@ class LongNetLM(nn.Module):
     def _new_cache(self, lengths: List[int], capacity: Optional[int]) -> KVCache:
         """An empty cache for prompts of these lengths; it keeps only the positions a later query reads."""
         c = self.config
-        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
-            raise ValueError(f"capacity must be a positive integer or None, got {capacity!r}")
+        if capacity is not None:
+            capacity = check_int("capacity", capacity)
         starts = [max(0, n - c.max_segment + 1) for n in lengths]
         kept = max(n - s for n, s in zip(lengths, starts))
         capacity = max(kept + 1 if capacity is None else capacity, kept)
@@ -554,12 +555,11 @@ class LongNetLM(nn.Module):
 
     @staticmethod
     def _check_generation(max_new_tokens, temperature, top_k, generator, batch: int) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        if top_k is not None:
+            check_int("top_k", top_k)
         if generator is not None and not isinstance(generator, torch.Generator):
             gens = list(generator)
             if len(gens) != batch or not all(isinstance(g, torch.Generator) for g in gens):
@@ -685,10 +685,9 @@ class LongNetTransformer(LongNetLM):
     def __init__(self, dim: int, depth: int, num_tokens: int, dim_head: int = 64, heads: int = 8,
                  ff_mult: int = 4, dilation_rate: Union[int, Sequence[int]] = 2,
                  segment_size: Union[int, Sequence[int]] = 64, **kwargs):
-        for name, val in (("dim", dim), ("depth", depth), ("num_tokens", num_tokens), ("dim_head", dim_head),
-                          ("heads", heads), ("ff_mult", ff_mult)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        dim, depth, num_tokens, dim_head, heads, ff_mult = (
+            check_int(name, val) for name, val in (("dim", dim), ("depth", depth), ("num_tokens", num_tokens),
+                                                   ("dim_head", dim_head), ("heads", heads), ("ff_mult", ff_mult)))
         if heads * dim_head != dim:
             raise ValueError(f"dim must equal heads * dim_head, got dim={dim} with heads={heads}, "
                              f"dim_head={dim_head} ({heads * dim_head}); e.g. pass dim_head={dim // heads}"

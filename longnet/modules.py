@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .backends.numerics import default_scale
 from .backends.registry import check_backend_name
+from .checks import check_int
 from .functional import _dilated_attention
 from .varlen import pad, unpad
 from .patterns import broadcast_pattern, validate_pattern, validate_phases
@@ -214,9 +215,7 @@ class MultiheadDilatedAttention(nn.Module):
                  backend: Optional[str] = None, magneto_gain: float = 1.0,
                  device=None, dtype=None):
         super().__init__()
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        embed_dim, num_heads = check_int("embed_dim", embed_dim), check_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if not 0.0 <= dropout < 1.0:

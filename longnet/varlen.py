@@ -15,13 +15,13 @@ from its own first token, exactly as if run alone (docs/design.md §1-2).
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .backends.varlen_ops import check_cu_seqlens
+from .checks import check_int
 
 __all__ = ["unpad", "pad", "cu_seqlens_from_lengths", "check_cu_seqlens", "check_varlen_args"]
 
@@ -34,11 +34,7 @@ def cu_seqlens_from_lengths(lengths: Union[Sequence[int], Tensor], device=None) 
                              f"{tuple(lengths.shape)}")
         device = lengths.device if device is None else device
         lengths = lengths.tolist()
-    values = []
-    for i, n in enumerate(lengths):
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-            raise ValueError(f"lengths[{i}] must be an integer >= 0, got {n!r}")
-        values.append(int(n))
+    values = [check_int(f"lengths[{i}]", n, minimum=0) for i, n in enumerate(lengths)]
     cu = torch.zeros(len(values) + 1, dtype=torch.int64)
     if values:
         cu[1:] = torch.tensor(values, dtype=torch.int64).cumsum(0)
@@ -86,8 +82,7 @@ def check_varlen_args(q: Tensor, cu_seqlens: Optional[Tensor], max_seqlen, key_p
     if max_seqlen is not None:
         if cu_seqlens is None:
             raise ValueError("max_seqlen is only meaningful with cu_seqlens")
-        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
-            raise ValueError(f"max_seqlen must be an integer >= 0 or None, got {max_seqlen!r}")
+        check_int("max_seqlen", max_seqlen, minimum=0)
     if group is not None:
         raise ValueError("cu_seqlens / key_padding_mask with group= (sequence parallelism) is not supported: "
                          "sequence parallelism splits one long sequence across ranks; run each rank's "

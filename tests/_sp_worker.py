@@ -19,7 +19,7 @@ from torch import nn
 
 import longnet
 from longnet.distributed import (apply_sequence_parallel, comm_stats, data_parallel, make_mesh,
-                                 prepare_sequence_parallel, shard_sequence)
+                                 plan_sequence_parallel, shard_sequence)
 
 # name -> (B, H, D, L, segment_lengths, dilation_rates, use_lse_grad, backend)
 CASES = {
@@ -246,7 +246,7 @@ def _worker(rank, world, tmpdir, tasks):
             elif task[0] == "mesh":
                 res[task] = _mesh_training_parity(rank, world)
             elif task[0] == "prepare":
-                spans = prepare_sequence_parallel(dist.group.WORLD, 16, (8, 16, 32, 64), (1, 2, 4, 8))
+                spans = plan_sequence_parallel(dist.group.WORLD, 16, (8, 16, 32, 64), (1, 2, 4, 8)).spans
                 res[task] = [(sp.first, sp.count, sp.position) for sp in spans]
             elif task[0] == "errors":
                 res[task] = _errors(rank, world)

@@ -98,7 +98,7 @@ def test_paper_pattern_is_geometric_with_rates_capped_at_the_heads():
     assert p.segment_lengths == (128, 256, 512, 1024, 2048, 4096)
     assert p.dilation_rates == (1, 2, 4, 4, 4, 4)  # r <= H: every row is kept by some head
     assert paper_pattern(1024, 128, 8).dilation_rates == (1, 2, 4, 8)
-    with pytest.raises(ValueError, match="base segment"):
+    with pytest.raises(ValueError, match="base_segment"):
         paper_pattern(64, 128, 4)
 
 

@@ -278,7 +278,7 @@ def test_bad_padded_input():
 def test_cu_seqlens_from_lengths_checks():
     assert cu_seqlens_from_lengths(torch.tensor([3, 0, 2])).tolist() == [0, 3, 3, 5]
     assert cu_seqlens_from_lengths([]).tolist() == [0]
-    with pytest.raises(ValueError, match=r"lengths\[1\] must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"lengths\[1\] must be a non-negative integer"):
         cu_seqlens_from_lengths([3, -1])
 
 

@@ -108,9 +108,7 @@ def block_count_matrix(pattern, n: int, num_heads: int, *, causal: bool = False,
     """
     pat = check_pattern(pattern)
     n, num_heads, block = check_int("n", n), check_int("num_heads", num_heads), check_int("block", block)
-    if head is not None and not (isinstance(head, (int, np.integer)) and 0 <= head < num_heads):
-        raise ValueError(f"head must be an integer in [0, {num_heads}), got {head!r}")
-    heads = [int(head)] if head is not None else range(num_heads)
+    heads = [check_int("head", head, 0, num_heads - 1)] if head is not None else range(num_heads)
     nb = -(-n // block)
     cache: Dict[Tuple[int, int], np.ndarray] = {}
     out = np.zeros((len(heads), nb, nb), dtype=np.float64)

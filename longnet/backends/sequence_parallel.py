@@ -76,8 +76,8 @@ from .torch_backend import accumulate_grads, merge_partial, merge_patterns
 from .collectives import Message, all_gather_chunks, exchange, init_communicator, reduce_scatter_chunks, \
     segment_groups
 
-__all__ = ["sequence_parallel_dilated_attention", "check_sequence_parallel", "prepare_sequence_parallel",
-           "plan_sequence_parallel", "SequenceParallelPlan", "SegmentSpan", "HaloSpan"]
+__all__ = ["sequence_parallel_dilated_attention", "check_sequence_parallel", "plan_sequence_parallel",
+           "SequenceParallelPlan", "SegmentSpan", "HaloSpan"]
 
 
 class SegmentSpan(NamedTuple):
@@ -222,11 +222,13 @@ def plan_sequence_parallel(group, block_length: int, segment_lengths: Sequence[i
                            segment_phases: Optional[Sequence[int]] = None) -> SequenceParallelPlan:
     """Validate the split of blocks of ``block_length`` over ``group`` and create its segment sub-groups.
 
-    Call it on every rank of ``group`` together: sub-group creation is
-    collective (over every rank of the default group when a device id is bound
-    to it, see :func:`.collectives.segment_groups`), and with halo patterns one
-    barrier on ``group`` creates its communicator before any partial
-    point-to-point batch (:func:`.collectives.init_communicator`).
+    Call it on every rank of ``group`` together, e.g. right after building the
+    mesh so that no process group is created inside a forward pass (the op
+    does the same lazily otherwise); ``.spans`` are this rank's cross-rank
+    spans. Sub-group creation is collective (over every rank of the default
+    group when a device id is bound to it, see :func:`.collectives.segment_groups`),
+    and with halo patterns one barrier on ``group`` creates its communicator
+    before any partial point-to-point batch (:func:`.collectives.init_communicator`).
     """
     if group is None or not dist.is_initialized():
         raise ValueError("group must be a process group of an initialised torch.distributed, got "
@@ -258,18 +260,6 @@ def _span_groups(group, every, spans) -> tuple:
         made = dict(zip(segments, segment_groups(group, segments)))
         groups.append(made[(sp.first, sp.count)])
     return tuple(groups)
-
-
-def prepare_sequence_parallel(group, block_length: int, segment_lengths: Sequence[int],
-                              dilation_rates: Sequence[int],
-                              segment_phases: Optional[Sequence[int]] = None) -> Tuple[SegmentSpan, ...]:
-    """Validate and create the segment sub-groups now rather than on the first call.
-
-    Call it on every rank of ``group`` (e.g. right after building the mesh) so
-    that no process group is created inside a forward pass; returns this
-    rank's cross-rank spans. The op does the same lazily if this is skipped.
-    """
-    return plan_sequence_parallel(group, block_length, segment_lengths, dilation_rates, segment_phases).spans
 
 
 def _offset_view(x: Tensor, r: int, s: int) -> Tensor:

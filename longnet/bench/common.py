@@ -29,6 +29,8 @@ from typing import (
 
 import torch
 
+from ..checks import check_int
+
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 # --pattern of `longnet bench` and `longnet bench --lm`: the benchmarked pattern from the one the flags give
 # (lw16: plus the LM presets' local window, DilatedPattern.with_local_window(16)).
@@ -70,8 +72,8 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], device: torch.device, re
     The timed calls take turns (fns[0], fns[1], ..., fns[0], ...), so a burst of load from
     other processes slows all of them alike and their ratio stays honest on a noisy machine.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    check_int("repeats", repeats)
+    check_int("warmup", warmup, minimum=0)
     for fn in fns:
         for _ in range(warmup):
             fn()

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Dict, List
 
+from ..checks import check_int
 from ..config import PRESETS, preset
 from ..distributed.plan import (PROFILES, DeviceProfile, Layout, figure5_points, paper_pattern, plan,
                                 plan_config, project_step)
@@ -70,8 +71,8 @@ def _profile(args) -> DeviceProfile:
 def _layout(args) -> Layout:
     for name in ("seq_len", "batch", "dp", "dp_replicate", "gpus", "sp"):
         v = getattr(args, name)
-        if v is not None and v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+        if v is not None:
+            check_int(f"--{name.replace('_', '-')}", v)
     sp = args.sp or (args.gpus // args.dp if args.gpus else 1)
     if args.gpus is not None and sp * args.dp != args.gpus:
         raise ValueError(f"--sp {sp} x --dp {args.dp} = {sp * args.dp}, not --gpus {args.gpus}")

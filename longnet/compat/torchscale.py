@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checks import check_int
 from .attention import kernel_attend, per_sequence, torchscale_dilated_attention
 
 __all__ = ["EncoderConfig", "DecoderConfig", "DilatedAttention", "XPOS", "FeedForwardNetwork",
@@ -71,12 +72,7 @@ def _int_list(value, name: str) -> Optional[List[int]]:
         value = [value]
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{name} must be a non-empty list of ints, got {value!r}")
-    out = []
-    for x in value:
-        if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or int(x) < 1:
-            raise ValueError(f"{name} must hold positive ints, got {value!r}")
-        out.append(int(x))
-    return out
+    return [check_int(f"{name}[{i}]", x) for i, x in enumerate(value)]
 
 
 class _Config:

@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..checks import check_int
+
 __all__ = ["FSDPOptions", "make_fsdp_mesh", "fsdp_mesh", "apply_fsdp", "MESH_DIMS"]
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "sp")
@@ -55,8 +57,7 @@ class FSDPOptions:
     reshard_after_forward: bool = True
 
     def __post_init__(self):
-        if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 1:
-            raise ValueError(f"--dp-replicate must be a positive integer, got {self.replicate!r}")
+        check_int("--dp-replicate", self.replicate)
         if self.param_dtype not in ("fp32", "bf16"):
             raise ValueError(f"--fsdp-param-dtype must be 'fp32' or 'bf16', got {self.param_dtype!r}")
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..backends.sequence_parallel import SequenceParallelPlan, plan_sequence_parallel
+from ..checks import check_int
 from ..modules import XPOS
 
 __all__ = ["make_mesh", "sequence_group", "shard_sequence", "apply_sequence_parallel", "data_parallel",
@@ -39,9 +40,8 @@ def make_mesh(data_parallel: int, sequence_parallel: int, device_type: str = "cp
     from the torchrun environment if needed (gloo on CPU, NCCL on CUDA).
     """
     from torch.distributed.device_mesh import init_device_mesh
-    for name, val in (("data_parallel", data_parallel), ("sequence_parallel", sequence_parallel)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    data_parallel = check_int("data_parallel", data_parallel)
+    sequence_parallel = check_int("sequence_parallel", sequence_parallel)
     if dist.is_initialized() and dist.get_world_size() != data_parallel * sequence_parallel:
         raise ValueError(f"data_parallel * sequence_parallel must equal the world size "
                          f"{dist.get_world_size()}, got {data_parallel} * {sequence_parallel}")

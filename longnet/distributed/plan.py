@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..backends.collectives import comm_stats, forget_subgroups
-from ..backends.sequence_parallel import prepare_sequence_parallel
+from ..backends.sequence_parallel import plan_sequence_parallel
 from ..config import LongNetConfig, xpos_max_length
 from ..patterns import dense_flops, dilated_flops
 from .fsdp import FSDPOptions, apply_fsdp, fsdp_mesh, make_fsdp_mesh
@@ -274,8 +274,8 @@ def simulate_rank(model_cfg: LongNetConfig, seq_len: int, batch: int, layout: La
     groups = _groups(mesh, layout)  # flattened before fake mode: the mesh holds real rank tensors
     pat = model_cfg.pattern
     if layout.sp > 1:
-        prepare_sequence_parallel(sequence_group(mesh), L, pat.segment_lengths, pat.dilation_rates,
-                                  pat.segment_phases)
+        plan_sequence_parallel(sequence_group(mesh), L, pat.segment_lengths, pat.dilation_rates,
+                               pat.segment_phases)
     with (FakeTensorMode() if fake else contextlib.nullcontext()):
         torch.manual_seed(0)
         model = LongNetLM(model_cfg)

@@ -47,7 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..backends.sequence_parallel import check_sequence_parallel, prepare_sequence_parallel
+from ..backends.sequence_parallel import check_sequence_parallel, plan_sequence_parallel
+from ..checks import check_int
 from ..training.context import TrainContext
 from .fsdp import FSDPOptions, apply_fsdp, make_fsdp_mesh
 from .parallel import (apply_sequence_parallel, data_parallel, make_mesh, sequence_group,
@@ -79,10 +80,9 @@ def resolve_parallel_sizes(sequence_parallel: int = 1, data_parallel: Optional[i
     is possible; otherwise the error names the torchrun command to use.
     """
     env = os.environ if env is None else env
-    for name, val in (("--sequence-parallel", sequence_parallel), ("--data-parallel", data_parallel)):
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    S = sequence_parallel
+    S = check_int("--sequence-parallel", sequence_parallel)
+    if data_parallel is not None:
+        data_parallel = check_int("--data-parallel", data_parallel)
     world = _env_int(env, "WORLD_SIZE")
     if world is None:
         D = 1 if data_parallel is None else data_parallel
@@ -93,8 +93,7 @@ def resolve_parallel_sizes(sequence_parallel: int = 1, data_parallel: Optional[i
                              f"{launch_command(S * D, flags + ' ...')}\n(add --nnodes/--rdzv-endpoint "
                              "for several machines)")
         return S, D, 1
-    if world < 1:
-        raise ValueError(f"WORLD_SIZE={world} must be >= 1")
+    check_int("WORLD_SIZE", world)
     if data_parallel is None:
         if world % S:
             raise ValueError(f"WORLD_SIZE={world} processes (torchrun --nproc_per_node x --nnodes) is not a "
@@ -255,7 +254,7 @@ def init_distributed(sequence_parallel: int, data_parallel: int, device: torch.d
     (torchrun sets LOCAL_RANK; several nodes rendezvous through torchrun, nothing more is
     needed here). With ``fsdp`` the mesh is :func:`longnet.distributed.fsdp.make_fsdp_mesh`'s
     and checkpoints default to DCP. The segment sub-groups are created up front
-    (:func:`prepare_sequence_parallel`), so no group is created inside a forward.
+    (:func:`plan_sequence_parallel`), so no group is created inside a forward.
     """
     local_rank = _env_int(os.environ, "LOCAL_RANK") or 0
     if device.type == "cuda":
@@ -281,8 +280,8 @@ def init_distributed(sequence_parallel: int, data_parallel: int, device: torch.d
         mesh = make_mesh(data_parallel, sequence_parallel, device.type)
         dp_rank = mesh.get_local_rank("dp")
     if sequence_parallel > 1:
-        prepare_sequence_parallel(sequence_group(mesh), seq_len // sequence_parallel, segment_lengths,
-                                  dilation_rates, segment_phases)
+        plan_sequence_parallel(sequence_group(mesh), seq_len // sequence_parallel, segment_lengths,
+                               dilation_rates, segment_phases)
     return DistContext(world_size=world, rank=dist.get_rank(), local_rank=local_rank,
                        sequence_parallel=sequence_parallel, data_parallel=data_parallel,
                        sp_rank=mesh.get_local_rank("sp"), dp_rank=dp_rank, mesh=mesh,

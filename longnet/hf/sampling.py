@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessor
 
+from ..checks import check_int
+
 __all__ = ["PerSequenceSampler"]
 
 
@@ -33,9 +35,7 @@ class PerSequenceSampler(LogitsProcessor):
             raise ValueError(f"generators must be one torch.Generator per prompt, got {generators!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        self.temperature, self.top_k = float(temperature), top_k
+        self.temperature, self.top_k = float(temperature), None if top_k is None else check_int("top_k", top_k)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         if scores.shape[0] != len(self.generators):

@@ -54,6 +54,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
+from ..checks import check_int
 from ..config import LongNetConfig, TrainConfig
 from ..fileio import atomic_path, atomic_write_json, atomic_write_text, fsync_path, replace_durably
 from .data import check_sampler_state
@@ -311,9 +312,10 @@ def _read_config(ckpt: str) -> Dict[str, Any]:
         raise CheckpointError(f"{ckpt} is not a longnet checkpoint (config.json format={meta.get('format')!r})")
     if "step" not in meta:
         raise CheckpointError(f"{path} is damaged: it has no 'step'")
-    step = meta["step"]
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{path} is damaged: 'step' must be a non-negative integer, got {step!r}")
+    try:
+        step = check_int("'step'", meta["step"], minimum=0)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is damaged: {e}") from None
     try:
         mcfg, tcfg = LongNetConfig.from_dict(meta.get("model")), TrainConfig.from_dict(meta.get("train"))
     except (TypeError, ValueError) as e:

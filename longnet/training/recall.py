@@ -43,9 +43,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from ..checks import check_int
 
 __all__ = ["SEP", "QUERY", "NEEDLE", "ASSIGN", "FILLER", "KEYS", "VALUES", "RecallBatch", "RecallTask", "MQAR",
            "Copying", "VariableTracking", "Passkey", "TASKS", "make_task", "chance_accuracy"]
@@ -66,12 +67,6 @@ class RecallBatch:
     gap: Tensor
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _randint(lo: int, hi: int, shape, g: torch.Generator) -> Tensor:
     return torch.randint(lo, hi, shape, generator=g)
 
@@ -87,11 +82,11 @@ class RecallTask:
     name = "task"
 
     def __init__(self, seq_len: int):
-        self.seq_len = _check_int("seq_len", seq_len, 8)
+        self.seq_len = check_int("seq_len", seq_len, minimum=8)
 
     def batch(self, batch_size: int, generator: Optional[torch.Generator] = None) -> RecallBatch:
         """One batch of ``batch_size`` sequences of ``seq_len`` bytes (see the module docstring)."""
-        b = _check_int("batch_size", batch_size, 1)
+        b = check_int("batch_size", batch_size)
         g = generator if generator is not None else torch.Generator().manual_seed(0)
         n = self.seq_len
         seq = _randint(*FILLER, (b, n + 1), g)  # x = seq[:, :-1]; y defaults to seq[:, 1:]
@@ -120,7 +115,7 @@ class MQAR(RecallTask):
 
     def __init__(self, seq_len: int, num_pairs: int = 8, even_queries: bool = True):
         super().__init__(seq_len)
-        self.num_pairs = _check_int("num_pairs", num_pairs, 1)
+        self.num_pairs = check_int("num_pairs", num_pairs)
         if self.num_pairs > KEYS[1] - KEYS[0]:
             raise ValueError(f"num_pairs must be at most {KEYS[1] - KEYS[0]} (distinct key bytes), got {num_pairs}")
         if not isinstance(even_queries, bool):
@@ -158,9 +153,9 @@ class Copying(RecallTask):
     def __init__(self, seq_len: int, copy_len: Optional[int] = None, min_len: int = 4):
         super().__init__(seq_len)
         self.longest = self.seq_len // 2 - 1
-        self.min_len = _check_int("min_len", min_len, 1)
+        self.min_len = check_int("min_len", min_len)
         if copy_len is not None:
-            copy_len = _check_int("copy_len", copy_len, 1)
+            copy_len = check_int("copy_len", copy_len)
             if copy_len > self.longest:
                 raise ValueError(f"copy_len must be at most seq_len // 2 - 1 = {self.longest}, got {copy_len}")
         elif self.min_len > self.longest:
@@ -194,8 +189,8 @@ class VariableTracking(RecallTask):
 
     def __init__(self, seq_len: int, hops: int = 2, chains: int = 2):
         super().__init__(seq_len)
-        self.hops = _check_int("hops", hops, 1)
-        self.chains = _check_int("chains", chains, 1)
+        self.hops = check_int("hops", hops)
+        self.chains = check_int("chains", chains)
         if self.hops * self.chains > KEYS[1] - KEYS[0]:
             raise ValueError(f"hops * chains must be at most {KEYS[1] - KEYS[0]} (distinct names), "
                              f"got {hops} * {chains}")
@@ -233,7 +228,7 @@ class Passkey(RecallTask):
 
     def __init__(self, seq_len: int, digits: int = 5):
         super().__init__(seq_len)
-        self.digits = _check_int("digits", digits, 1)
+        self.digits = check_int("digits", digits)
         self.query = self.seq_len - self.digits  # position of QUERY in x
         if self.query < self.digits + 2:
             raise ValueError(f"seq_len={seq_len} is too short for a {digits}-digit passkey: needs seq_len >= "

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backends.registry import get_backend
+from ..checks import check_int
 from ..config import LongNetConfig, TrainConfig, apply_overrides, check_compatible, preset
 from ..device import check_precision, compute_dtype, pick_device
 from .checkpoint import ResumeState, load_resume_state
@@ -85,8 +86,8 @@ def warn(msg: str) -> None:
 def prepare(args: argparse.Namespace) -> TrainSetup:
     """Every check of ``longnet train``'s arguments, before anything is written."""
     device = pick_device(args.device)
-    if args.max_steps is not None and (isinstance(args.max_steps, bool) or args.max_steps < 1):
-        raise ValueError(f"--max-steps must be a positive integer, got {args.max_steps}")
+    if args.max_steps is not None:
+        check_int("--max-steps", args.max_steps)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR, the folder of the run to continue")
     out = args.out or os.path.join("runs", f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")

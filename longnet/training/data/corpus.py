@@ -51,6 +51,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ...checks import check_int
 from ...fileio import atomic_path, atomic_write_json
 
 __all__ = ["LongNetDataError", "Corpus", "open_corpus", "open_builtin", "open_enwik8", "open_text",
@@ -306,8 +307,8 @@ def open_builtin(*, root: Optional[str] = None, cache_dir: Optional[str] = None,
     if not root or not os.path.isdir(root):
         raise LongNetDataError(f"builtin corpus: standard library folder {root!r} not found (this interpreter may "
                                f"ship it zipped); use text:PATH with a folder of text or enwik8:PATH instead")
-    if max_files is not None and (not isinstance(max_files, int) or max_files < 1):
-        raise ValueError(f"max_files must be a positive int or None, got {max_files!r}")
+    if max_files is not None:
+        max_files = check_int("max_files", max_files)
     files = _walk(root, skip_dirs=_SKIP_DIRS_BUILTIN, suffix=".py")
     if max_files is not None:
         files = files[:max_files]
@@ -425,8 +426,7 @@ def open_enwik8(path: str, *, expected_size: int = ENWIK8_SIZE, split: Sequence[
     Split in proportion ``split`` of ``expected_size``: (90, 5, 5) on the real file is the
     standard 90M / 5M / 5M. ``expected_size`` exists so tests can use a small file.
     """
-    if not isinstance(expected_size, int) or expected_size < 3:
-        raise ValueError(f"expected_size must be an int >= 3, got {expected_size!r}")
+    expected_size = check_int("expected_size", expected_size, minimum=3)
     path = _find_enwik8(os.path.abspath(os.path.expanduser(path)), expected_size)
     kind = _archive_kind(path)
     if kind == "raw":

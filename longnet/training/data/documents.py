@@ -144,10 +144,8 @@ class DocumentSampler:
     def load_state_dict(self, state: Dict, *, strict: bool = True) -> None:
         """Restore ``state``; with ``strict`` the batch size, seq_len, data size and document count must match."""
         restore_state(self, self.kind, state, self._settings() if strict else None)
-        epoch, index, offset = (state.get(k) for k in ("epoch", "index", "offset"))
-        for name, value in (("epoch", epoch), ("index", index), ("offset", offset)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"sampler state {name!r} must be an integer >= 0, got {value!r}")
+        epoch, index, offset = (check_int(f"sampler state {k!r}", state.get(k), minimum=0)
+                                for k in ("epoch", "index", "offset"))
         step = self.step
         self._new_epoch(epoch)  # redraws the epoch's order from its saved generator state
         if index >= self.num_documents or offset >= self.lengths[self.order[index]]:

@@ -30,6 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import List, Tuple
 
+from ...checks import check_int
 from ...config import LongNetConfig, xpos_max_length
 from ...patterns import DilatedPattern, dense_flops
 from ..data import DEFAULT_ANSWER_WEIGHT, PasskeyTask
@@ -148,8 +149,7 @@ def paper_pattern(n: int, base_segment: int, heads: int) -> DilatedPattern:
     """The paper-style pattern for training length n: w_i = base_segment * 2^i for every w_i <= n,
     r_i = min(2^i, heads). The rate stops at the head count, as in the paper (r <= 12 = H), so in
     every segment each row is kept by some head."""
-    if base_segment < 1 or base_segment > n:
-        raise ValueError(f"base segment must be in [1, {n}], got {base_segment}")
+    base_segment = check_int("base_segment", base_segment, maximum=n)
     count = int(math.log2(n // base_segment)) + 1
     w = tuple(base_segment * 2**i for i in range(count))
     return DilatedPattern(w, tuple(min(2**i, heads, wi) for i, wi in enumerate(w)))
@@ -258,10 +258,11 @@ def passkey_distances(seq_len: int, key_digits: int) -> List[int]:
 
 
 def _positive(name: str, value, kind=int, allow_zero: bool = False) -> None:
-    bad_type = isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)
-    if bad_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        what = "a number" if kind is float else "an integer"
-        raise ValueError(f"{name} must be {what} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if kind is int:
+        check_int(name, value, minimum=0 if allow_zero else 1)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
 def check_settings(s: Settings) -> None:

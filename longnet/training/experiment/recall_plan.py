@@ -38,6 +38,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from ...checks import check_int
 from ...config import LongNetConfig
 from ...patterns import DilatedPattern, row_offset, segment_start, used_offsets
 from ..recall import make_task
@@ -197,9 +198,10 @@ def plan_recall(s: RecallSettings) -> List[RecallRun]:
 
 
 def _positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
-            or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be {'a number' if kind is float else 'an integer'} > 0, got {value!r}")
+    if kind is int:
+        check_int(name, value)
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
 def check_recall_settings(s: RecallSettings) -> None:
