@@ -115,8 +115,8 @@ RECALL_DEFAULT = RecallSettings(probes=(
     Probe("vt", 512, 1.1e14, (("hops", 2), ("chains", 2))),
     Probe("passkey", 2048, 9.4e14, (("digits", 5),)),
 ))
-# Training FLOPs per CPU-second of one core, measured on the suite's models (docs/recall.md:
-# 25 to 72 GFLOP/s by width and length); only for the dry run's time estimate.
+# Training FLOPs per CPU-second of one core, a round figure from the per-step costs in
+# docs/recall.md §3; only for the dry run's time estimate.
 CPU_FLOPS_PER_S = 5e10
 # Toy sizes: every task, model and output in under 3 minutes on 2 CPU cores.
 RECALL_QUICK = RecallSettings(
