@@ -235,9 +235,8 @@ def peak_memory_growth(fn: Callable[[], Any], device: torch.device) -> int:
     peak resident memory on CPU (:class:`PeakRSS`; the allocator's reuse of freed pages blurs
     it for small tensors)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+        base = memory_in_use(device)
         fn()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base

@@ -109,23 +109,22 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
     io_bytes = 8 * q.numel() * q.element_size()  # q, k, v, out and their gradients
     input_bytes = common.memory_in_use(device) - before
     kw = dict(causal=causal, batch=batch)
-    dil_flops = [dilated_flops(n, heads, head_dim, pattern.segment_lengths, pattern.dilation_rates,
-                               backward=bwd, segment_phases=pattern.segment_phases, **kw) for bwd in (False, True)]
+
+    def flops_of(p: DilatedPattern) -> List[float]:
+        return [dilated_flops(n, heads, head_dim, p.segment_lengths, p.dilation_rates, backward=bwd,
+                              segment_phases=p.segment_phases, **kw) for bwd in (False, True)]
+
+    dil_flops = flops_of(pattern)
     dense_fl = [dense_flops(n, heads, head_dim, backward=bwd, **kw) for bwd in (False, True)]
-    impls = [(f"dilated[{backend or 'auto'}]", backend, dil_flops)]
-    patterns = [pattern]
+    # (name, impl, (fwd FLOPs, fwd+bwd FLOPs), pattern); dense impls ignore the pattern
+    impls = [(f"dilated[{backend or 'auto'}]", backend, dil_flops, pattern)]
     if variant is not None:
-        impls.append((VARIANT_IMPL, backend, [dilated_flops(n, heads, head_dim, variant.segment_lengths,
-                                                            variant.dilation_rates, backward=bwd,
-                                                            segment_phases=variant.segment_phases, **kw)
-                                              for bwd in (False, True)]))
-        patterns.append(variant)
+        impls.append((VARIANT_IMPL, backend, flops_of(variant), variant))
     if dense:
-        impls.append(("dense-sdpa", common.DENSE, dense_fl))
+        impls.append(("dense-sdpa", common.DENSE, dense_fl, pattern))
     if dense_op:
-        impls.append(("dense-op", common.DENSE_OP, dense_fl))
-    patterns += [pattern] * (len(impls) - len(patterns))
-    calls = {m: [common.attention_call(impl, m, q, k, v, do, p, causal) for (_, impl, _), p in zip(impls, patterns)]
+        impls.append(("dense-op", common.DENSE_OP, dense_fl, pattern))
+    calls = {m: [common.attention_call(impl, m, q, k, v, do, p, causal) for _, impl, _, p in impls]
              for m in ("fwd", "fwdbwd")}
     # Dilated and dense take turns (common.interleaved_times), so load bursts hit both alike.
     t_f = [min(ts) for ts in common.interleaved_times(calls["fwd"], device, repeats, warmup)]
@@ -139,11 +138,11 @@ def measure(n: int, *, heads: int, head_dim: int, batch: int, pattern: DilatedPa
         mems = [common.peak_memory_growth(fb, device) if memory else 0 for fb in calls["fwdbwd"]]
     rows = [Row(name, n, tf * 1e3, tfb * 1e3, fl_f / tf / 1e9, fl_fb / tfb / 1e9, mem / 2**20, io_bytes / 2**20,
                 mem / io_bytes, (input_bytes + mem) / io_bytes)
-            for (name, _, (fl_f, fl_fb)), tf, tfb, mem in zip(impls, t_f, t_fb, mems)]
+            for (name, _, (fl_f, fl_fb), _), tf, tfb, mem in zip(impls, t_f, t_fb, mems)]
     rows[0].dense_over_dilated_flops = dense_fl[0] / dil_flops[0]
     by = {r.impl: r for r in rows}
     if variant is not None:
-        var, (v_f, v_fb) = by[VARIANT_IMPL], impls[1][2]
+        var, (v_f, v_fb) = by[VARIANT_IMPL], impls[1][2]  # impls[1] is the variant
         var.fwd_cost_per_flop_vs_paper = (var.fwd_ms / rows[0].fwd_ms) / (v_f / dil_flops[0])
         var.fwdbwd_cost_per_flop_vs_paper = (var.fwdbwd_ms / rows[0].fwdbwd_ms) / (v_fb / dil_flops[1])
     if dense:
