@@ -26,3 +26,11 @@ def _what(minimum: int, maximum) -> str:
     if maximum is not None:
         return f"an integer in [{minimum}, {maximum}]"
     return {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+
+
+def check_short_conv(width, name: str = "short_conv") -> int:
+    """The short convolution's width (``short_conv``): 0 (off) or an integer >= 2."""
+    width = check_int(name, width, minimum=0)
+    if width == 1:
+        raise ValueError(f"{name} must be 0 (off) or a width >= 2, got 1")
+    return width

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Iterable, Optional, Tuple
 
-from .checks import check_int
+from .checks import check_int, check_short_conv
 from .patterns import DilatedPattern, validate_pattern, validate_phases
 
 __all__ = ["LongNetConfig", "TrainConfig", "PRESETS", "preset", "apply_overrides", "parse_override",
@@ -113,6 +113,10 @@ class LongNetConfig:
             a percent of the residual stream, which kept a 2-layer model from learning
             associative recall (docs/recall.md §2). None: True for the magneto block, False for
             gpt. A config saved without this field loads as False (its model was trained so).
+        short_conv: 0 (off), or a width W >= 2: a causal depthwise convolution over the
+            last W rows of every layer's keys and values, before attention (an opt-in variant
+            for recall, docs/recall.md; :class:`longnet.MultiheadDilatedAttention`). Models with
+            it generate without the KV cache and do not run sequence-parallel.
     """
 
     vocab_size: int = 256
@@ -137,6 +141,7 @@ class LongNetConfig:
     block: str = "magneto"
     max_positions: int = 0
     scale_embedding: Optional[bool] = None
+    short_conv: int = 0
 
     def __post_init__(self) -> None:
         self.vocab_size = _check_int("vocab_size", self.vocab_size, 2)
@@ -165,6 +170,7 @@ class LongNetConfig:
         self.max_positions = _check_int("max_positions", self.max_positions, 0)
         if self.scale_embedding is not None:
             _check_bool("scale_embedding", self.scale_embedding)
+        self.short_conv = check_short_conv(self.short_conv)
         if self.attention_backend is not None and not isinstance(self.attention_backend, str):
             raise TypeError(f"attention_backend must be a string or None, got {self.attention_backend!r}")
 
@@ -192,7 +198,7 @@ class LongNetConfig:
         """Parameter count of :class:`longnet.model.LongNetLM` with this config."""
         d, f, v, b = self.d_model, self.d_ffn, self.vocab_size, int(self.bias)
         sub_ln = self.block == "magneto"
-        attn = 4 * (d * d + b * d) + 2 * d * sub_ln  # q, k, v, out + sub-LN
+        attn = 4 * (d * d + b * d) + 2 * d * sub_ln + 2 * self.short_conv * d  # q, k, v, out, sub-LN, conv
         if self.qk_norm:
             attn += 4 * self.head_dim
         ffn = d * f + b * f + 2 * f * sub_ln + f * d + b * d  # fc1, sub-LN, fc2

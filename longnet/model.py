@@ -111,7 +111,7 @@ class LongNetBlock(nn.Module):
             segment_phases=pattern.segment_phases, dropout=cfg.dropout,
             bias=cfg.bias, causal=True, qk_norm=cfg.qk_norm, sub_layernorm=magneto, xpos=cfg.xpos,
             xpos_scale_base=cfg.xpos_scale_base, layer_norm_eps=cfg.layer_norm_eps,
-            backend=cfg.attention_backend, magneto_gain=gain)
+            backend=cfg.attention_backend, magneto_gain=gain, short_conv=cfg.short_conv)
         self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.d_ffn, activation=cfg.activation, dropout=cfg.dropout,
                                bias=cfg.bias, layer_norm_eps=cfg.layer_norm_eps, gain=gain, sub_layernorm=magneto)
@@ -228,7 +228,7 @@ def _compact(buf: Tensor, src: List[int], kept: List[int], capacity: int) -> Ten
 
 def _rotated_qkv(attn: MultiheadDilatedAttention, h: Tensor, positions: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """h (B, N, E) -> q, k, v (B, N, H, D), qk-normed and XPOS-rotated by positions (N,), not decayed."""
-    q, k, v = attn.project_raw(h)
+    q, k, v = attn.project_raw(h, positions)
     if attn.xpos is not None:
         q, k = attn.xpos.rotate(q, positions), attn.xpos.rotate(k, positions)
     return q, k, v
@@ -445,6 +445,9 @@ class LongNetLM(nn.Module):
         the cache's initial number of slots (default: what it keeps of the longest prompt,
         plus one); it grows as :meth:`decode_step` needs, so it is only a hint.
         """
+        if self.config.short_conv:
+            raise ValueError("a model with short_conv has no KV cache (a new key needs the previous rows' "
+                             "projections); generate with it recomputes the whole forward instead")
         if isinstance(tokens, Tensor):
             self._check_tokens(tokens)
             b, n = tokens.shape
@@ -492,10 +495,12 @@ class LongNetLM(nn.Module):
         ``generator``: one generator for the batch, or one per prompt, with which every
         prompt's tokens equal those of that prompt generated alone with its generator (as do
         greedy results always). ``use_cache=False`` recomputes a full forward over the whole
-        sequence for each token (same result, far slower). Returns prompt and continuation
+        sequence for each token (same result, far slower); a model with ``short_conv`` always
+        does (it has no KV cache). Returns prompt and continuation
         like the prompt: (N + new,), (B, N + new), or a list of (L_b + new,). The model is put
         in eval mode for the call. :meth:`stream` yields the same tokens one at a time.
         """
+        use_cache = use_cache and not self.config.short_conv
         prompt, tokens, kind = self._prepare_prompt(prompt, max_new_tokens, temperature, top_k, use_cache,
                                                     generator)
         new = list(self._stream(tokens, max_new_tokens, temperature, top_k, use_cache, generator))
@@ -514,6 +519,7 @@ class LongNetLM(nn.Module):
         the model stays in eval mode (and on CPU may run with fewer threads); close it
         (``contextlib.closing``) if you stop early.
         """
+        use_cache = use_cache and not self.config.short_conv
         _, tokens, kind = self._prepare_prompt(prompt, max_new_tokens, temperature, top_k, use_cache, generator)
         return self._stream(tokens, max_new_tokens, temperature, top_k, use_cache, generator,
                             squeeze=kind == "1d")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .backends.numerics import default_scale
 from .backends.registry import check_backend_name
-from .checks import check_int
+from .checks import check_int, check_short_conv
 from .functional import _dilated_attention
 from .varlen import pad, unpad
 from .patterns import broadcast_pattern, validate_pattern, validate_phases
@@ -191,10 +191,29 @@ class RelativePositionBias(nn.Module):
         return self.embedding(self.bucket(rel)).movedim(-1, 0)
 
 
+def causal_short_conv(x: Tensor, weight: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    """A causal depthwise convolution along the sequence: x (B, N, E), weight (W, E) -> (B, N, E).
+
+    ``out[:, t] = sum_l weight[l] * x[:, t - l]`` over lags l < W, where only rows of the same
+    sequence count: ``positions`` (N,) is each row's position inside its own sequence (default
+    0..N-1), and lag l reaches row t only if ``positions[t] >= l``, so packed sequences
+    (cu_seqlens) do not see each other.
+    """
+    width, n = weight.shape[0], x.shape[1]
+    out = x * weight[0]
+    for lag in range(1, min(width, n)):
+        shifted = F.pad(x[:, :n - lag], (0, 0, lag, 0))
+        if positions is not None:
+            shifted = shifted * (positions >= lag).to(x.dtype)[None, :, None]
+        out = out + shifted * weight[lag]
+    return out
+
+
 class MultiheadDilatedAttention(nn.Module):
     """Multi-head dilated self-attention: x (B, N, E) -> (B, N, E).
 
-    q/k/v projections -> optional qk-norm and XPOS -> :func:`dilated_attention`
+    q/k/v projections -> optional short convolution of k and v -> optional qk-norm and XPOS
+    -> :func:`dilated_attention`
     -> dropout -> optional sub-LayerNorm (MAGNETO) -> output projection.
 
     ``dropout`` applies to the attention output (the op itself is dropout-free,
@@ -205,6 +224,12 @@ class MultiheadDilatedAttention(nn.Module):
 
     The pattern and the backend name are checked here, once; forwards call the
     op's internal entry, which does not check them again.
+
+    ``short_conv`` (0: off, or a width W >= 2): each key and value row becomes a learned
+    per-channel mix of itself and the W - 1 rows before it (:func:`causal_short_conv`,
+    initialised to the identity), so a row a dilated segment keeps also carries the rows it
+    skips (docs/recall.md). The op is unchanged, so every backend computes it exactly; the
+    convolution needs the previous rows, so it is not available with sequence parallelism.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Union[int, Sequence[int]],
@@ -212,7 +237,7 @@ class MultiheadDilatedAttention(nn.Module):
                  dropout: float = 0.0, bias: bool = True,
                  causal: bool = False, qk_norm: bool = False, sub_layernorm: bool = True,
                  xpos: bool = False, xpos_scale_base: float = 512.0, layer_norm_eps: float = 1e-5,
-                 backend: Optional[str] = None, magneto_gain: float = 1.0,
+                 backend: Optional[str] = None, magneto_gain: float = 1.0, short_conv: int = 0,
                  device=None, dtype=None):
         super().__init__()
         embed_dim, num_heads = check_int("embed_dim", embed_dim), check_int("num_heads", num_heads)
@@ -237,6 +262,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=layer_norm_eps, **fk) if qk_norm else None
         self.sub_ln = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **fk) if sub_layernorm else None
         self.xpos = XPOS(self.head_dim, xpos_scale_base) if xpos else None
+        self.short_conv = check_short_conv(short_conv)
+        # (2, W, E): the key and the value convolution's weights.
+        self.kv_conv = nn.Parameter(torch.empty(2, self.short_conv, embed_dim, **fk)) if self.short_conv else None
         # Same signature as longnet.dilated_attention; the pattern above is already validated.
         self.attention_fn: Callable = _dilated_attention
         self.position_offset: int = 0
@@ -256,12 +284,23 @@ class MultiheadDilatedAttention(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+        if self.kv_conv is not None:
+            with torch.no_grad():
+                self.kv_conv.zero_()
+                self.kv_conv[:, 0] = 1.0  # the identity: the module starts as without it
 
-    def project_raw(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """x (B, N, E) -> q, k, v (B, N, H, D), with qk-norm applied and no positions yet."""
+    def project_raw(self, x: Tensor, positions: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, E) -> q, k, v (B, N, H, D), with the short convolution and qk-norm applied
+        and no positions yet; ``positions`` (N,): each row's position in its own sequence, which
+        the short convolution needs for packed rows (default 0..N-1)."""
         b, n, _ = x.shape
-        q, k, v = (p(x).view(b, n, self.num_heads, self.head_dim)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.kv_conv is not None:
+            if self.attention_fn is not _dilated_attention or self.position_offset:
+                raise ValueError("short_conv is not supported with sequence parallelism: each block's first rows "
+                                 "would need the previous rank's last short_conv - 1 rows")
+            k, v = causal_short_conv(k, self.kv_conv[0], positions), causal_short_conv(v, self.kv_conv[1], positions)
+        q, k, v = (t.view(b, n, self.num_heads, self.head_dim) for t in (q, k, v))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
@@ -320,7 +359,7 @@ class MultiheadDilatedAttention(nn.Module):
         if getattr(self, "rel_pos_bias", None) is not None:
             raise ValueError("packed / padded input is not supported with use_rel_pos_bias=True (its biased "
                              "path has no variable-length form)")
-        q, k, v = (t[0] for t in self.project_raw(x[None]))
+        q, k, v = (t[0] for t in self.project_raw(x[None], packed_positions(cu_seqlens, x.shape[0])))
         if self.xpos is not None:
             q, k = (t[0] for t in self._xpos_packed(q[None], k[None], cu_seqlens))
         attn = self.attention_fn(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=self.causal,
@@ -329,10 +368,8 @@ class MultiheadDilatedAttention(nn.Module):
 
     def _xpos_packed(self, q: Tensor, k: Tensor, cu_seqlens: Tensor) -> Tuple[Tensor, Tensor]:
         """XPOS for packed q, k (1, T, H, D): positions from 0 in each sequence, each its own centre."""
-        starts = cu_seqlens[:-1].long()
         lengths = cu_seqlens.diff().long()
-        row_start = torch.repeat_interleave(starts, lengths, output_size=q.shape[1])
-        positions = torch.arange(q.shape[1], device=q.device) - row_start
+        positions = packed_positions(cu_seqlens, q.shape[1])
         longest = int(lengths.max()) if lengths.numel() else 0
         if self.xpos_center is not None:
             centers = torch.full_like(positions, 0, dtype=torch.float64) + float(self.xpos_center)
@@ -341,6 +378,13 @@ class MultiheadDilatedAttention(nn.Module):
             centers = (torch.repeat_interleave(lengths, lengths, output_size=q.shape[1]) - 1).double() / 2
             reach = max(0, longest - 1) / 2
         return self.xpos.forward_packed(q, k, positions, centers, reach)
+
+
+def packed_positions(cu_seqlens: Tensor, total: int) -> Tensor:
+    """(T,) each packed row's position inside its own sequence, from cu_seqlens (B + 1,)."""
+    starts, lengths = cu_seqlens[:-1].long(), cu_seqlens.diff().long()
+    row_start = torch.repeat_interleave(starts, lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - row_start
 
 
 def _one_name(name: str, value, alias: str, alias_value):

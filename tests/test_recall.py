@@ -238,6 +238,29 @@ def test_plan_refuses_bad_settings():
         plan_recall(dataclasses.replace(RECALL_QUICK, probes=(Probe("mqar", 16, 1e12, (("num_pairs", 8),)),)))
 
 
+def test_variants_and_model_filter_of_the_plan():
+    probe = Probe("mqar", 256, 3e13, (("num_pairs", 4),))
+    s = RecallSettings(probes=(probe,), d_models=(64,), lrs=(1e-3,), short_conv=4, max_rate=2)
+    runs = {r.model.name: r for r in plan_recall(s)}
+    assert set(runs) == {"dense", "longnet", "longnet+lw16", "sliding38", "dense+conv4", "longnet+conv4",
+                         "longnet+maxrate2"}
+    cfg = {n: r.model.config for n, r in runs.items()}
+    assert cfg["longnet+conv4"].short_conv == 4 and cfg["longnet+conv4"].pattern == cfg["longnet"].pattern
+    assert cfg["dense+conv4"].pattern == cfg["dense"].pattern and cfg["longnet"].short_conv == 0
+    assert cfg["longnet+maxrate2"].dilation_rates == (1, 2, 2, 2)
+    # The convolution's parameters are compute: the variant takes fewer steps on the same budget.
+    assert runs["longnet+conv4"].flops_per_token > runs["longnet"].flops_per_token
+    assert runs["longnet+conv4"].steps <= runs["longnet"].steps
+    only = plan_recall(dataclasses.replace(s, models=("longnet", "longnet+conv")))
+    assert [r.model.name for r in only] == ["longnet", "longnet+conv4"]
+    with pytest.raises(ValueError, match="--models longnet\\+conv needs --short-conv"):
+        plan_recall(dataclasses.replace(s, short_conv=0, models=("longnet+conv",)))
+    with pytest.raises(ValueError, match="--models must name models among"):
+        plan_recall(dataclasses.replace(s, models=("lstm",)))
+    with pytest.raises(ValueError, match="--short-conv"):
+        plan_recall(dataclasses.replace(s, short_conv=1))
+
+
 def test_reference_pattern_and_quick_plan():
     s = RecallSettings(probes=(Probe("mqar", 256, 1e12),))
     assert reference_pattern(s, 256).segment_lengths == (32, 64, 128, 256)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ...argtypes import positive_int_list
 from ...device import machine_name, pick_device
 from ...fileio import atomic_write_json
-from .recall_plan import BLOCKS, CPU_FLOPS_PER_S, RECALL_DEFAULT, RECALL_QUICK, RecallRun, RecallSettings, plan_recall, \
+from .recall_plan import BLOCKS, CPU_FLOPS_PER_S, MODEL_KINDS, RECALL_DEFAULT, RECALL_QUICK, RecallRun, RecallSettings, plan_recall, \
     total_flops
 from .recall_report import best_rows, format_recall_table, write_reach, write_recall_plots, write_recall_results, \
     write_recall_table
@@ -65,6 +65,12 @@ def add_recall_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pairs", type=int, default=None, help="MQAR: key-value pairs of every MQAR probe")
     g.add_argument("--mqar-queries", choices=("even", "any"), default=None,
                    help="MQAR query offsets: even (Zoology's layout, every gap odd; default) or any")
+    g.add_argument("--models", type=_names, default=None,
+                   help=f"models to train: {','.join(MODEL_KINDS)} (default all)")
+    g.add_argument("--short-conv", type=int, default=None,
+                   help="add dense+convW and longnet+convW: keys and values convolved over W rows (default 0: off)")
+    g.add_argument("--max-rate", type=int, default=None,
+                   help="add longnet+maxrateR: LongNet with every rate capped at R (default 0: off)")
     g.add_argument("--d-models", type=positive_int_list, default=None, help="widths of the sweep (default 64,128)")
     g.add_argument("--lrs", type=_floats, default=None, help="learning rates of the sweep (default 3e-4,1e-3,3e-3)")
     g.add_argument("--block", choices=BLOCKS, default=None, help="block of every model (default magneto)")
@@ -108,7 +114,7 @@ def recall_settings_from_args(args: argparse.Namespace) -> RecallSettings:
         raise ValueError(f"{', '.join(given)} only apply to --suite lm")
     base = RECALL_QUICK if args.quick else RECALL_DEFAULT
     over: Dict[str, Any] = {f: getattr(args, a) for a, f in SHARED.items() if getattr(args, a, None) is not None}
-    for flag, field in (("d_models", "d_models"), ("lrs", "lrs"), ("block", "block"), ("batch_size", "batch_size"),
+    for flag, field in (("models", "models"), ("short_conv", "short_conv"), ("max_rate", "max_rate"), ("d_models", "d_models"), ("lrs", "lrs"), ("block", "block"), ("batch_size", "batch_size"),
                         ("evals", "evals"), ("eval_sequences", "eval_sequences"), ("stop_accuracy", "stop_accuracy")):
         v = getattr(args, flag, None)
         if v is not None:

@@ -38,17 +38,23 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ...checks import check_int
+from ...checks import check_int, check_short_conv
 from ...config import LongNetConfig
 from ...patterns import DilatedPattern, row_offset, segment_start, used_offsets
 from ..recall import make_task
 from .plan import DENSE, LONGNET, SLIDING, VARIANT, ModelSpec, attention_flops, flops_per_token, matched_window, \
     paper_pattern
 
-__all__ = ["Probe", "RecallSettings", "RecallRun", "RECALL_DEFAULT", "RECALL_QUICK", "BUCKETS", "BLOCKS", "CPU_FLOPS_PER_S",
+__all__ = ["Probe", "RecallSettings", "RecallRun", "RECALL_DEFAULT", "RECALL_QUICK", "BUCKETS", "BLOCKS", "MODEL_KINDS", "DENSE_CONV", "LONGNET_CONV", "LONGNET_RATE", "CPU_FLOPS_PER_S",
            "recall_models", "plan_recall", "check_recall_settings", "gap_bucket", "gap_buckets"]
 
 BUCKETS = ("local", "dilated", "off-residue", "beyond")
+# The opt-in variants (docs/recall.md §8): the short convolution of keys and values on dense and
+# on LongNet (--short-conv), and LongNet with its rates capped (--max-rate), which gives each kept
+# row of the largest segments more heads.
+DENSE_CONV, LONGNET_CONV, LONGNET_RATE = "dense+conv", "longnet+conv", "longnet+maxrate"
+# What --models names: ModelSpec kinds of recall_models.
+MODEL_KINDS = (DENSE, LONGNET, VARIANT, SLIDING, DENSE_CONV, LONGNET_CONV, LONGNET_RATE)
 BLOCKS = ("magneto", "gpt")
 MIN_RUN_STEPS = 5
 
@@ -77,6 +83,10 @@ class RecallSettings:
     ``block``: ``magneto`` (longnet's block, :class:`~longnet.model.LongNetBlock`, XPOS, tied
     embeddings) or ``gpt`` (a plain pre-LN GPT-2 block with learned absolute positions, untied;
     config ``block="gpt"``).
+    ``models``: the model kinds to train (:data:`MODEL_KINDS`; empty: all of them).
+    ``short_conv``: 0, or a width W that adds ``dense+convW`` and ``longnet+convW`` (the short
+    convolution of keys and values, ``LongNetConfig.short_conv``). ``max_rate``: 0, or R that
+    adds ``longnet+maxrateR``, LongNet with r_i = min(r_i, R).
     ``base_segment``: w0 of the LongNet patterns (0: N / 8). ``evals``: evaluations per run,
     evenly spaced in its steps (accuracy against training FLOPs); a run stops early once it
     reaches ``stop_accuracy`` on the evaluation set. ``eval_sequences``: fixed test sequences
@@ -99,6 +109,9 @@ class RecallSettings:
     warmup_fraction: float = 0.05
     weight_decay: float = 0.1
     seed: int = 0
+    models: Tuple[str, ...] = ()
+    short_conv: int = 0
+    max_rate: int = 0
 
 
 def _mqar(n: int, pairs: int, budget: float) -> Probe:
@@ -170,7 +183,16 @@ def recall_models(s: RecallSettings, n: int, d_model: int) -> List[ModelSpec]:
     L = matched_window(n, s.heads, base.head_dim, attention_flops(longnet, n))
     sliding = dataclasses.replace(base, segment_lengths=(L, L), dilation_rates=(1, 1), segment_phases=(0, L // 2))
     specs.append(ModelSpec(f"sliding{L}", SLIDING, sliding, n, L))
-    return specs
+    if s.short_conv:
+        specs.append(ModelSpec(f"dense+conv{s.short_conv}", DENSE_CONV,
+                               dataclasses.replace(base, short_conv=s.short_conv), n, b0))
+        specs.append(ModelSpec(f"longnet+conv{s.short_conv}", LONGNET_CONV,
+                               dataclasses.replace(longnet, short_conv=s.short_conv), n, b0))
+    if s.max_rate:
+        capped = tuple(min(r, s.max_rate) for r in p.dilation_rates)
+        specs.append(ModelSpec(f"longnet+maxrate{s.max_rate}", LONGNET_RATE,
+                               dataclasses.replace(longnet, dilation_rates=capped), n, b0))
+    return [m for m in specs if not s.models or m.kind in s.models]
 
 
 def reference_pattern(s: RecallSettings, n: int) -> DilatedPattern:
@@ -218,6 +240,15 @@ def check_recall_settings(s: RecallSettings) -> None:
             raise ValueError(f"--d-models: each width must be a multiple of 2 * --heads = {2 * s.heads}, got {d}")
     for lr in s.lrs:
         _positive("--lrs", lr, float)
+    unknown = [m for m in s.models if m not in MODEL_KINDS]
+    if unknown:
+        raise ValueError(f"--models must name models among {', '.join(MODEL_KINDS)}, got {', '.join(unknown)}")
+    for kind, flag, value in ((VARIANT, "--local-window", s.local_window), (DENSE_CONV, "--short-conv", s.short_conv),
+                              (LONGNET_CONV, "--short-conv", s.short_conv), (LONGNET_RATE, "--max-rate", s.max_rate)):
+        if kind in s.models and not value:
+            raise ValueError(f"--models {kind} needs {flag} > 0")
+    check_short_conv(s.short_conv, "--short-conv")
+    check_int("--max-rate", s.max_rate, minimum=0)
     if s.block not in BLOCKS:
         raise ValueError(f"--block must be one of {', '.join(BLOCKS)}, got {s.block!r}")
     if s.local_window == 1 or s.local_window % 2 or s.local_window < 0:
