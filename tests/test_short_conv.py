@@ -130,3 +130,19 @@ def test_parameter_count_and_config_round_trip():
     assert LongNetLM(cfg).num_parameters() == cfg.num_parameters()
     assert LongNetConfig.from_dict(cfg.to_dict()) == cfg
     assert LongNetConfig.from_dict(_cfg(short_conv=0).to_dict()).short_conv == 0
+
+
+def test_training_command_refuses_sequence_parallel_before_any_process_group():
+    import dataclasses
+    from longnet.commands.train import _check_mesh
+    from longnet.config import TrainConfig
+    from longnet.training.setup import TrainData, TrainSetup
+    mcfg = _cfg(n_layers=1)
+    tcfg = TrainConfig(seq_len=64, batch_size=2)
+
+    def setup(cfg):
+        return TrainSetup(cfg, tcfg, "builtin", TrainData("corpus", None, ""), "out", torch.device("cpu"))
+    with pytest.raises(ValueError, match="model.short_conv = 4 cannot run with --sequence-parallel 2"):
+        _check_mesh(setup(mcfg), (2, 1, 2))
+    _check_mesh(setup(mcfg), (1, 2, 2))  # data parallelism is fine
+    _check_mesh(setup(dataclasses.replace(mcfg, short_conv=0)), (2, 1, 2))

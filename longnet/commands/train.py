@@ -198,6 +198,9 @@ def _check_mesh(setup: TrainSetup, parallel: Tuple[int, int, int],
         pat = mcfg.pattern
         check_parallel_config(tcfg.seq_len, tcfg.batch_size, pat.segment_lengths, pat.dilation_rates, S, D,
                               segment_phases=pat.segment_phases)
+        if mcfg.short_conv and S > 1:
+            raise ValueError(f"model.short_conv = {mcfg.short_conv} cannot run with --sequence-parallel {S}: each "
+                             "block's first rows would need the previous rank's last rows; set model.short_conv=0")
         if compile_model and S > 1:
             raise ValueError("--compile cannot be combined with --sequence-parallel > 1: the sequence-parallel "
                              "attention runs collectives (all-gather, halo exchange, reduce-scatter) inside a "
