@@ -323,12 +323,14 @@ def test_cli_refuses_lm_flags_and_prints_the_plan(capsys):
 
 
 @pytest.mark.slow
-def test_quick_suite_end_to_end(tmp_path):
+def test_quick_suite_end_to_end(tmp_path, capsys):
     import csv
     from longnet.cli import main
     out = tmp_path / "rq"
     assert main(["experiment", "--suite", "recall", "--quick", "--out", str(out), "--threads", "1",
                  "--no-progress"]) == 0
+    # Each evaluation is reported as it happens (2 per run).
+    assert capsys.readouterr().out.count(", accuracy ") == 2 * 16
     for name in ("runs.csv", "best.csv", "curve.csv", "gaps.csv", "reach.csv", "frontier.png", "gaps.png",
                  "table.txt", "plan.json"):
         assert (out / name).stat().st_size > 0, name

@@ -181,7 +181,7 @@ class _Suite:
             for i, r in enumerate(self.runs):
                 self.bar.set_description(f"[{i + 1}/{len(self.runs)}] {r.name}")
                 self.results.append(train_recall_run(r, self.s, self.data[r.probe.name], self.bar.update,
-                                                     self.device))
+                                                     self.device, self._reporter(r)))
                 self._write(final=False)
         except KeyboardInterrupt:
             code = 130
@@ -194,6 +194,13 @@ class _Suite:
         print(f"[longnet] recall suite {status}: {len(self.results)} of {len(self.runs)} runs, "
               f"{time.perf_counter() - t0:.0f} s wall time; outputs in {self.out}")
         return code
+
+    def _reporter(self, r: RecallRun) -> Callable[[int, float, float], None]:
+        def report(step: int, accuracy: float, loss: float) -> None:
+            # Above the bar (or alone with --no-progress), so a long run shows its curve as it goes.
+            self.bar.write(f"[longnet] {r.name}: step {step}/{r.steps}, accuracy {accuracy:.3f}, "
+                           f"answer loss {loss:.3f}")
+        return report
 
     def _write(self, final: bool) -> str:
         if not self.results:

@@ -109,9 +109,11 @@ def _eval_steps(steps: int, evals: int) -> List[int]:
 
 def train_recall_run(run: RecallRun, s: RecallSettings, data: RecallBatch,
                      advance: Callable[[float], None] = lambda flops: None,
-                     device: torch.device = torch.device("cpu")) -> RunResult:
+                     device: torch.device = torch.device("cpu"),
+                     report: Callable[[int, float, float], None] = lambda step, accuracy, loss: None) -> RunResult:
     """Train ``run`` (fresh weights from ``s.seed``) on ``device`` and evaluate it on ``data``;
-    ``advance(flops)`` is called after each step and evaluation (the plan's progress bar)."""
+    ``advance(flops)`` is called after each step and evaluation (the plan's progress bar),
+    ``report(step, accuracy, answer loss)`` after each evaluation."""
     torch.manual_seed(s.seed)
     model = LongNetLM(run.model.config).to(device)
     opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=run.lr, betas=(0.9, 0.98))
@@ -136,6 +138,7 @@ def train_recall_run(run: RecallRun, s: RecallSettings, data: RecallBatch,
             correct, loss = evaluate(model, data)
             curve.append((step, step * run.flops_per_step, float(correct.mean())))
             advance(eval_cost)
+            report(step, float(correct.mean()), loss)
             if correct.mean() >= s.stop_accuracy:
                 break
     wall = time.perf_counter() - t0
