@@ -374,3 +374,57 @@ def test_scale_embedding_defaults_and_legacy_configs():
     assert LongNetConfig.from_dict(LongNetConfig().to_dict()).embed_scale == 16.0
     with pytest.raises(TypeError, match="scale_embedding"):
         LongNetConfig(scale_embedding="yes")
+
+
+def _suite_folder(path, layers, runs):
+    """A recall output folder as the suite writes it; runs: (model, lr, accuracy, train_flops)."""
+    import json
+    from longnet.training.experiment.recall_report import write_recall_results
+    path.mkdir()
+    (path / "plan.json").write_text(json.dumps({"settings": {"layers": layers, "block": "magneto"}}))
+    rows, curve, gaps = [], [], []
+    for model, lr, acc, flops in runs:
+        rows.append({"probe": "mqar@64/2p", "model": model, "layers": layers, "d_model": 32, "lr": lr,
+                     "steps": 10, "train_flops": flops, "accuracy": acc, "chance": 0.5})
+        curve += [{"probe": "mqar@64/2p", "model": model, "d_model": 32, "lr": lr, "step": s, "train_flops": f,
+                   "accuracy": a} for s, f, a in ((5, flops / 2, acc / 2), (10, flops, acc))]
+    best = {}
+    for r in rows:  # the folder's own best per model, as the suite keeps it
+        if r["model"] not in best or r["accuracy"] > best[r["model"]]["accuracy"]:
+            best[r["model"]] = r
+    for r in best.values():
+        gaps += [{"probe": r["probe"], "model": r["model"], "by": "bucket", "bin": b, "answers": 4,
+                  "accuracy": r["accuracy"]} for b in BUCKETS[:2]]
+    write_recall_results(str(path), rows, list(best.values()), curve, gaps)
+
+
+def test_merge_keeps_each_models_best_and_tells_depths_apart(tmp_path, capsys):
+    import csv
+    from longnet.cli import main
+    _suite_folder(tmp_path / "a", 2, [("dense", 1e-3, 1.0, 2e9), ("longnet", 1e-3, 0.5, 2e9),
+                                      ("longnet", 3e-3, 0.75, 2e9)])
+    _suite_folder(tmp_path / "b", 2, [("longnet", 1e-3, 0.625, 6e9)])
+    _suite_folder(tmp_path / "c", 3, [("longnet", 1e-3, 0.875, 3e9)])
+    out = tmp_path / "m"
+    assert main(["experiment", "--suite", "recall", "--merge", str(tmp_path / "a"), str(tmp_path / "b"),
+                 str(tmp_path / "c"), "--out", str(out)]) == 0
+    with open(out / "best.csv", newline="") as f:
+        best = {r["model"]: r for r in csv.DictReader(f)}
+    assert set(best) == {"dense 2L", "longnet 2L", "longnet 3L"}
+    assert float(best["longnet 2L"]["accuracy"]) == 0.75 and float(best["longnet 2L"]["lr"]) == 3e-3
+    assert float(best["longnet 3L"]["acc_local"]) == 0.875
+    with open(out / "curve.csv", newline="") as f:
+        curves = list(csv.DictReader(f))
+    assert {(c["model"], c["lr"]) for c in curves} >= {("longnet 2L", "0.003"), ("longnet 3L", "0.001")}
+    with open(out / "runs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 5
+    for name in ("frontier.png", "gaps.png", "table.txt"):
+        assert (out / name).stat().st_size > 0
+    assert "longnet 3L" in capsys.readouterr().out
+    # A folder that is not a finished output, and --out among the merged, are refused with a message.
+    (tmp_path / "empty").mkdir()
+    assert main(["experiment", "--suite", "recall", "--merge", str(tmp_path / "empty"), "--out",
+                 str(tmp_path / "m2")]) == 2
+    assert "is not a finished recall suite output" in capsys.readouterr().err
+    assert main(["experiment", "--suite", "recall", "--merge", str(tmp_path / "a"), "--out", str(tmp_path / "a")]) == 2
+    assert "must be a new folder" in capsys.readouterr().err

@@ -4,6 +4,7 @@
     longnet experiment --suite recall --quick --out runs/rq        # every task and model, toy size (< 3 min)
     longnet experiment --suite recall --dry-run                    # the plan, its FLOPs; trains nothing
     longnet experiment --suite recall --tasks mqar --lengths 256   # a part of the plan
+    longnet experiment --suite recall --merge runs/a runs/b --out runs/ab   # one report from several
 
 Trains dense attention, LongNet's paper pattern, LongNet with the local window and a sliding
 window of LongNet's attention FLOPs, at equal training FLOPs, on byte-level recall probes
@@ -28,8 +29,8 @@ from ...device import machine_name, pick_device
 from ...fileio import atomic_write_json
 from .recall_plan import BLOCKS, CPU_FLOPS_PER_S, MODEL_KINDS, RECALL_DEFAULT, RECALL_QUICK, RecallRun, RecallSettings, plan_recall, \
     total_flops
-from .recall_report import best_rows, format_recall_table, write_reach, write_recall_plots, write_recall_results, \
-    write_recall_table
+from .recall_report import best_rows, curve_rows, format_recall_table, merge_recall, write_reach, write_recall_plots, \
+    write_recall_results, write_recall_table
 from .recall_suite import FORWARD_SHARE, RunResult, best_runs, eval_set, gap_rows, reach_rows, train_recall_run
 
 __all__ = ["add_recall_arguments", "recall_settings_from_args", "run_recall", "LM_ONLY"]
@@ -78,6 +79,8 @@ def add_recall_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 32)")
     g.add_argument("--evals", type=int, default=None, help="evaluations per run (accuracy against FLOPs)")
     g.add_argument("--eval-sequences", type=int, default=None, help="evaluation sequences per probe")
+    g.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="train nothing: combine the outputs of earlier recall runs (folders) into --out")
     g.add_argument("--stop-accuracy", type=float, default=None, help="stop a run at this accuracy (default 0.99)")
 
 
@@ -142,6 +145,8 @@ def _plan_text(s: RecallSettings, runs: List[RecallRun]) -> str:
 
 def run_recall(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], str]) -> int:
     """The recall suite's command; ``out_dir(args)`` gives (and checks) the output folder."""
+    if args.merge:
+        return _merge(args, out_dir)
     try:
         s = recall_settings_from_args(args)
         runs = plan_recall(s)
@@ -161,6 +166,22 @@ def run_recall(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace],
         "runs": [{"run": r.name, "pattern": str(r.model.config.pattern), "steps": r.steps, "flops": r.flops}
                  for r in runs]})
     return _Suite(s, runs, out, device, progress=not args.no_progress).run()
+
+
+def _merge(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], str]) -> int:
+    """--merge: one report (CSVs, table, plots) in --out from the folders of earlier runs."""
+    try:
+        for folder in args.merge:
+            if os.path.abspath(folder) == os.path.abspath(args.out or ""):
+                raise ValueError(f"--merge: --out {args.out} must be a new folder, not one of the merged ones")
+        out = out_dir(args)
+        text = merge_recall(args.merge, out)
+    except (ValueError, OSError) as e:
+        print(f"longnet experiment: error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"[longnet] merged {len(args.merge)} recall outputs into {out}")
+    return 0
 
 
 class _Suite:
@@ -207,13 +228,13 @@ class _Suite:
             return ""
         best = best_runs(self.results)
         gaps = [g for (probe, _), r in best.items() for g in gap_rows(self.s, r, self.data[probe])]
-        rows = best_rows(best, gaps)
-        write_recall_results(self.out, self.results, rows, gaps)
+        rows, curve = best_rows(best, gaps), curve_rows(self.results)
+        write_recall_results(self.out, [r.row() for r in self.results], rows, curve, gaps)
         text = format_recall_table(rows)
         write_recall_table(self.out, text)
         if final:
             title = f"{self.s.layers}L, block {self.s.block}; {self.machine}"
-            write_recall_plots(self.out, best, self.results, gaps, title)
+            write_recall_plots(self.out, rows, curve, gaps, title)
             reach = [row for p in self.s.probes for row in reach_rows(self.s, p, self.data[p.name])]
             write_reach(self.out, reach)
         return text

@@ -57,6 +57,7 @@ class RunResult:
         r = self.run
         return {"probe": r.probe.name, "task": r.probe.task, "seq_len": r.probe.seq_len, "model": r.model.name,
                 "kind": r.model.kind, "pattern": str(r.model.config.pattern), "block": r.model.config.block,
+                "layers": r.model.config.n_layers,
                 "d_model": r.d_model, "lr": r.lr, "params": r.model.config.num_parameters(),
                 "planned_steps": r.steps, "steps": self.steps, "batch": r.batch_size,
                 "flops_per_token": r.flops_per_token, "train_flops": self.train_flops, "accuracy": self.accuracy,
