@@ -427,4 +427,4 @@ def test_merge_keeps_each_models_best_and_tells_depths_apart(tmp_path, capsys):
                  str(tmp_path / "m2")]) == 2
     assert "is not a finished recall suite output" in capsys.readouterr().err
     assert main(["experiment", "--suite", "recall", "--merge", str(tmp_path / "a"), "--out", str(tmp_path / "a")]) == 2
-    assert "must be a new folder" in capsys.readouterr().err
+    assert "is not empty" in capsys.readouterr().err

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from ...argtypes import positive_int_list
 from ...device import machine_name, pick_device
 from ...fileio import atomic_write_json
-from .recall_plan import BLOCKS, CPU_FLOPS_PER_S, MODEL_KINDS, RECALL_DEFAULT, RECALL_QUICK, RecallRun, RecallSettings, plan_recall, \
-    total_flops
+from .recall_plan import BLOCKS, CPU_FLOPS_PER_S, MODEL_KINDS, RECALL_DEFAULT, RECALL_QUICK, RecallRun, \
+    RecallSettings, plan_recall, total_flops
 from .recall_report import best_rows, curve_rows, format_recall_table, merge_recall, write_reach, write_recall_plots, \
     write_recall_results, write_recall_table
 from .recall_suite import FORWARD_SHARE, RunResult, best_runs, eval_set, gap_rows, reach_rows, train_recall_run
@@ -117,7 +117,8 @@ def recall_settings_from_args(args: argparse.Namespace) -> RecallSettings:
         raise ValueError(f"{', '.join(given)} only apply to --suite lm")
     base = RECALL_QUICK if args.quick else RECALL_DEFAULT
     over: Dict[str, Any] = {f: getattr(args, a) for a, f in SHARED.items() if getattr(args, a, None) is not None}
-    for flag, field in (("models", "models"), ("short_conv", "short_conv"), ("max_rate", "max_rate"), ("d_models", "d_models"), ("lrs", "lrs"), ("block", "block"), ("batch_size", "batch_size"),
+    for flag, field in (("models", "models"), ("short_conv", "short_conv"), ("max_rate", "max_rate"),
+                        ("d_models", "d_models"), ("lrs", "lrs"), ("block", "block"), ("batch_size", "batch_size"),
                         ("evals", "evals"), ("eval_sequences", "eval_sequences"), ("stop_accuracy", "stop_accuracy")):
         v = getattr(args, flag, None)
         if v is not None:
@@ -171,10 +172,7 @@ def run_recall(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace],
 def _merge(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], str]) -> int:
     """--merge: one report (CSVs, table, plots) in --out from the folders of earlier runs."""
     try:
-        for folder in args.merge:
-            if os.path.abspath(folder) == os.path.abspath(args.out or ""):
-                raise ValueError(f"--merge: --out {args.out} must be a new folder, not one of the merged ones")
-        out = out_dir(args)
+        out = out_dir(args)  # new or empty, so never one of the merged folders
         text = merge_recall(args.merge, out)
     except (ValueError, OSError) as e:
         print(f"longnet experiment: error: {e}", file=sys.stderr)

@@ -45,8 +45,9 @@ from ..recall import make_task
 from .plan import DENSE, LONGNET, SLIDING, VARIANT, ModelSpec, attention_flops, flops_per_token, matched_window, \
     paper_pattern
 
-__all__ = ["Probe", "RecallSettings", "RecallRun", "RECALL_DEFAULT", "RECALL_QUICK", "BUCKETS", "BLOCKS", "MODEL_KINDS", "DENSE_CONV", "LONGNET_CONV", "LONGNET_RATE", "CPU_FLOPS_PER_S",
-           "recall_models", "plan_recall", "check_recall_settings", "gap_bucket", "gap_buckets"]
+__all__ = ["Probe", "RecallSettings", "RecallRun", "RECALL_DEFAULT", "RECALL_QUICK", "BUCKETS", "BLOCKS", "MODEL_KINDS",
+           "DENSE_CONV", "LONGNET_CONV", "LONGNET_RATE", "CPU_FLOPS_PER_S", "recall_models", "plan_recall",
+           "check_recall_settings", "gap_bucket", "gap_buckets"]
 
 BUCKETS = ("local", "dilated", "off-residue", "beyond")
 # The opt-in variants (docs/recall.md §8): the short convolution of keys and values on dense and

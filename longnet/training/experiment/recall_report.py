@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 from ...report import Column, Panel, Series, format_table, plot_panels, write_csv
 from ...fileio import atomic_write_text
 from .recall_plan import BUCKETS
-from .recall_suite import RunResult
+from .recall_suite import RunResult, rank
 
 __all__ = ["RUN_FIELDS", "best_rows", "curve_rows", "write_recall_results", "format_recall_table",
            "write_recall_plots", "write_reach", "write_recall_table", "merge_recall"]
@@ -92,8 +92,8 @@ def _probe_panels(best: Sequence[Dict[str, Any]], curve: Sequence[Dict[str, Any]
     panels = []
     for p in dict.fromkeys(b["probe"] for b in best):
         panel = Panel(p, "training FLOPs", "answer accuracy", xscale=("log", {}))
-        for b in best:
-            pts = [c for c in curve if b["probe"] == p and all(c[k] == b[k] for k in ("probe", "model", "d_model", "lr"))]
+        for b in (b for b in best if b["probe"] == p):
+            pts = [c for c in curve if all(c[k] == b[k] for k in ("probe", "model", "d_model", "lr"))]
             if pts:
                 panel.series.append(Series(f"{b['model']} (d{b['d_model']}, lr {b['lr']:g})",
                                            [c["train_flops"] for c in pts], [c["accuracy"] for c in pts]))
@@ -182,7 +182,8 @@ def merge_recall(folders: Sequence[str], out: str) -> str:
     best: Dict[Tuple[str, str], Dict[str, Any]] = {}
     for r in all_runs:
         key = (r["probe"], r["model"])
-        if key not in best or (r["accuracy"], -r["train_flops"]) > (best[key]["accuracy"], -best[key]["train_flops"]):
+        if key not in best or rank(r["accuracy"], r["train_flops"]) > rank(best[key]["accuracy"],
+                                                                       best[key]["train_flops"]):
             best[key] = r
     # gaps.csv holds each folder's best run per (probe, model); keep the folder whose best won.
     gaps = [g for g in all_gaps if g["source"] == best[(g["probe"], g["model"])]["source"]]

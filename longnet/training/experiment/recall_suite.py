@@ -29,7 +29,7 @@ from ...model import LongNetLM
 from ..recall import RecallBatch, chance_accuracy
 from .recall_plan import BUCKETS, Probe, RecallRun, RecallSettings, gap_buckets, reference_pattern
 
-__all__ = ["RunResult", "eval_set", "evaluate", "train_recall_run", "best_runs", "gap_rows", "reach_rows",
+__all__ = ["RunResult", "eval_set", "evaluate", "train_recall_run", "best_runs", "rank", "gap_rows", "reach_rows",
            "EVAL_CHUNK", "REACH_MAX_LEN"]
 
 EVAL_CHUNK = 32  # sequences per evaluation forward
@@ -153,9 +153,14 @@ def best_runs(results: List[RunResult]) -> Dict[Tuple[str, str], RunResult]:
     best: Dict[Tuple[str, str], RunResult] = {}
     for r in results:
         key = (r.run.probe.name, r.run.model.name)
-        if key not in best or (r.accuracy, -r.train_flops) > (best[key].accuracy, -best[key].train_flops):
+        if key not in best or rank(r.accuracy, r.train_flops) > rank(best[key].accuracy, best[key].train_flops):
             best[key] = r
     return best
+
+
+def rank(accuracy: float, train_flops: float) -> Tuple[float, float]:
+    """What makes a run a model's best: the higher accuracy, then the fewer training FLOPs."""
+    return accuracy, -train_flops
 
 
 def _answer_positions(data: RecallBatch) -> Tuple[np.ndarray, np.ndarray]:
