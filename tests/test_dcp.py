@@ -98,7 +98,8 @@ def test_an_unfinished_dcp_save_never_becomes_latest(dcp_run, tmp_path, monkeypa
     resume = load_resume_state(str(run))
     model = resume.model
     from longnet.training.checkpoint import load_dcp_state
-    opt = torch.optim.AdamW(train_mod._param_groups(model, 0.1))  # the trainer's two groups
+    from longnet.training.optim import decay_groups
+    opt = torch.optim.AdamW(decay_groups(model, 0.1))  # the trainer's two groups
     load_dcp_state(model, opt, resume.dir)
     kw = dict(ctx=TrainContext(torch.device("cpu")), model=model, optimizer=opt, train_config=resume.train_config,
               data_spec=resume.data, step=8, data_state=resume.data_state)

@@ -44,6 +44,7 @@ from ..argtypes import (
 from ..device import machine_name, memory_bytes
 from ..patterns import DilatedPattern, dilated_flops
 from ..report import Column, Panel, Series
+from ..training.optim import decay_groups
 from . import common
 
 NAN = float("nan")
@@ -124,8 +125,8 @@ def train_step(model, n: int, precision: str, device: torch.device) -> Callable[
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, model.config.vocab_size, (1, n + 1), generator=gen).to(device)
     x, y = data[:, :-1], data[:, 1:]  # (1, n) each
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps,
-                            weight_decay=tcfg.weight_decay)
+    opt = torch.optim.AdamW(decay_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                            eps=tcfg.eps)
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)

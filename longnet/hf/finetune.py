@@ -34,6 +34,7 @@ from ..argtypes import nonneg_int, output_dir, positive_int
 from ..fileio import fsync_path, replace_durably
 from ..training.data import RandomWindowSampler, iter_eval_windows, open_corpus
 from ..training.evaluate import mean_loss, next_token_loss
+from ..training.optim import decay_groups
 from .attention import use_dilated_attention
 
 __all__ = ["FinetuneConfig", "build_model", "evaluate", "train", "run", "build_parser", "main"]
@@ -104,7 +105,7 @@ def train(model, data: np.ndarray, seq_len: int, batch_size: int, steps: int, cf
           log=print, label: str = "") -> float:
     """AdamW with linear warm-up and cosine decay; returns the last step's training loss."""
     sampler = RandomWindowSampler(data, batch_size, seq_len, seed=cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(decay_groups(model, 0.01), lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup)
                                               * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     model.train()

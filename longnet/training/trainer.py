@@ -43,6 +43,7 @@ from .checkpoint import (
 from .context import TrainContext
 from .setup import TrainData, warn
 from .signals import StopFlag
+from .optim import decay_groups
 from .evaluate import evaluate_lm, evaluate_passkey, next_token_loss, weighted_loss
 from .runfolder import NoLog, RunLog, plot_loss_curve
 from .runlock import FolderLock
@@ -52,18 +53,6 @@ __all__ = ["train"]
 LN2 = math.log(2.0)
 def _after_step(step: int) -> None:
     """Called after every completed optimiser step (a seam for tests); does nothing."""
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    # Decay matrices of linear layers only; biases, norms and the (tied) embedding are exempt.
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        is_linear_weight = p.ndim == 2 and not name.startswith("embed") and "lm_head" not in name
-        (decay if is_linear_weight else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _decode(tokens) -> str:
@@ -139,7 +128,7 @@ class _Trainer:
         # optimizer is built after this, on the shards.
         self.train_module = self.ctx.prepare(self.model)
         self.pending = None  # a DCP save still being written (async_save)
-        self.optimizer = torch.optim.AdamW(_param_groups(self.model, tcfg.weight_decay), lr=tcfg.lr,
+        self.optimizer = torch.optim.AdamW(decay_groups(self.model, tcfg.weight_decay), lr=tcfg.lr,
                                            betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

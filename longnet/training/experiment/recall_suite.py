@@ -26,6 +26,7 @@ from torch import nn
 
 from ...analysis.reach import depth_matrix
 from ...model import LongNetLM
+from ..optim import decay_groups
 from ..recall import RecallBatch, chance_accuracy
 from .recall_plan import BUCKETS, Probe, RecallRun, RecallSettings, gap_buckets, reference_pattern
 
@@ -87,14 +88,6 @@ def evaluate(model: nn.Module, data: RecallBatch) -> Tuple[np.ndarray, float]:
     return np.concatenate(correct), float(np.concatenate(losses).mean())
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Weight decay on the weights of linear layers only (not embeddings, norms or biases)."""
-    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    params = list(dict.fromkeys(model.parameters()))  # tied weights once
-    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
-
-
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0.1 at the last step."""
     if step < warmup:
@@ -117,7 +110,7 @@ def train_recall_run(run: RecallRun, s: RecallSettings, data: RecallBatch,
     ``report(step, accuracy, answer loss)`` after each evaluation."""
     torch.manual_seed(s.seed)
     model = LongNetLM(run.model.config).to(device)
-    opt = torch.optim.AdamW(_param_groups(model, s.weight_decay), lr=run.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(decay_groups(model, s.weight_decay), lr=run.lr, betas=(0.9, 0.98))
     task, g = run.probe.make(), torch.Generator().manual_seed(s.seed)
     warmup = max(1, round(s.warmup_fraction * run.steps))
     eval_at, curve = set(_eval_steps(run.steps, s.evals)), []
