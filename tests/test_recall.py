@@ -428,3 +428,75 @@ def test_merge_keeps_each_models_best_and_tells_depths_apart(tmp_path, capsys):
     assert "is not a finished recall suite output" in capsys.readouterr().err
     assert main(["experiment", "--suite", "recall", "--merge", str(tmp_path / "a"), "--out", str(tmp_path / "a")]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_settings_and_run_records_round_trip():
+    from longnet.training.experiment.recall_plan import settings_from_dict
+    from longnet.training.experiment.recall_suite import RunResult, result_from_record, result_record
+    s = dataclasses.replace(RECALL_DEFAULT, models=("dense", "longnet"), lrs=(1e-3,), short_conv=4)
+    import json
+    back = settings_from_dict(json.loads(json.dumps(dataclasses.asdict(s))))
+    assert back == s and plan_recall(back) == plan_recall(s)
+    with pytest.raises(ValueError, match="not the settings of a recall suite"):
+        settings_from_dict({"probes": [{"task": "mqar"}]})
+    with pytest.raises(ValueError, match="--lrs"):
+        settings_from_dict({**dataclasses.asdict(s), "lrs": [-1.0]})
+    run = plan_recall(s)[0]
+    correct = np.random.default_rng(0).random(1021) < 0.5  # not a multiple of 8
+    res = RunResult(run, 0.5, 1.25, 7, 3e9, 1.5, [(3, 1e9, 0.25), (7, 3e9, 0.5)], correct)
+    rec = json.loads(json.dumps(result_record(res)))
+    again = result_from_record(rec, run)
+    assert np.array_equal(again.correct, correct) and again.curve == res.curve
+    assert (again.accuracy, again.loss, again.steps, again.train_flops) == (0.5, 1.25, 7, 3e9)
+    with pytest.raises(ValueError, match="is not the run"):
+        result_from_record(rec, plan_recall(s)[1])
+    with pytest.raises(ValueError, match="damaged"):
+        result_from_record({**rec, "correct": "zz"}, run)
+
+
+def test_resume_skips_finished_runs_and_keeps_their_results(tmp_path, capsys, monkeypatch):
+    """A suite stopped after its first run goes on with --resume: only the second run trains, and
+    the report holds both; flags that would change the plan are refused."""
+    import csv
+    import json
+    import longnet.training.experiment.recall_command as rc
+    from longnet.cli import main
+    real, calls = rc.train_recall_run, []
+
+    def stop_on_second(run, *a, **kw):
+        calls.append(run.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(run, *a, **kw)
+
+    out = tmp_path / "r"
+    base = ["experiment", "--suite", "recall", "--threads", "1", "--no-progress", "--out", str(out)]
+    plan = ["--quick", "--tasks", "mqar", "--models", "dense,longnet"]
+    monkeypatch.setattr(rc, "train_recall_run", stop_on_second)
+    assert main(base + plan) == 130
+    assert f"--resume --out {out} goes on" in capsys.readouterr().out
+    first = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in first] == calls[:1]
+
+    assert main(base + ["--resume", "--lrs", "1e-3"]) == 2
+    assert "--lrs: a resumed suite keeps the plan" in capsys.readouterr().err
+
+    calls.clear()
+    monkeypatch.setattr(rc, "train_recall_run", lambda run, *a, **kw: calls.append(run.name) or real(run, *a, **kw))
+    assert main(base + ["--resume"]) == 0
+    assert "1 of 2 runs finished, 1 to go" in capsys.readouterr().out
+    assert len(calls) == 1 and calls[0] != first[0]["run"]
+    with open(out / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows] == ["dense", "longnet"]
+    assert float(rows[0]["accuracy"]) == first[0]["accuracy"]
+    assert (out / "frontier.png").stat().st_size > 0 and (out / "gaps.csv").stat().st_size > 0
+
+    calls.clear()  # a finished suite: nothing to train, the report is rewritten
+    assert main(base + ["--resume"]) == 0 and calls == []
+
+    (out / "results.json").write_text("[{\"run\": \"" + first[0]["run"] + "\", \"accuracy\": \"x\"}]")
+    assert main(base + ["--resume"]) == 2
+    assert "is damaged" in capsys.readouterr().err
+    assert main(["experiment", "--suite", "recall", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "holds no" in capsys.readouterr().err

@@ -5,6 +5,7 @@
     longnet experiment --suite recall --dry-run                    # the plan, its FLOPs; trains nothing
     longnet experiment --suite recall --tasks mqar --lengths 256   # a part of the plan
     longnet experiment --suite recall --merge runs/a runs/b --out runs/ab   # one report from several
+    longnet experiment --suite recall --resume --out runs/recall   # go on after a stop, skipping finished runs
 
 Trains dense attention, LongNet's paper pattern, LongNet with the local window and a sliding
 window of LongNet's attention FLOPs, at equal training FLOPs, on byte-level recall probes
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -28,16 +30,23 @@ from ...argtypes import positive_int_list
 from ...device import machine_name, pick_device
 from ...fileio import atomic_write_json
 from .recall_plan import BLOCKS, CPU_FLOPS_PER_S, MODEL_KINDS, RECALL_DEFAULT, RECALL_QUICK, RecallRun, \
-    RecallSettings, plan_recall, total_flops
+    RecallSettings, plan_recall, settings_from_dict, total_flops
 from .recall_report import best_rows, curve_rows, format_recall_table, merge_recall, write_reach, write_recall_plots, \
     write_recall_results, write_recall_table
-from .recall_suite import FORWARD_SHARE, RunResult, best_runs, eval_set, gap_rows, reach_rows, train_recall_run
+from .recall_suite import FORWARD_SHARE, RunResult, best_runs, eval_set, gap_rows, reach_rows, result_from_record, \
+    result_record, train_recall_run
 
 __all__ = ["add_recall_arguments", "recall_settings_from_args", "run_recall", "LM_ONLY"]
 
 # Flags of the LM experiment that the recall suite shares (same dest, same meaning).
 SHARED = {"layers": "layers", "heads": "heads", "local_window": "local_window", "base_segment": "base_segment",
           "seed": "seed"}
+# The suite's own flags that shape its plan (argparse dest: flag); --resume refuses them.
+PLAN_FLAGS = {"tasks": "--tasks", "lengths": "--lengths", "pairs": "--pairs", "mqar_queries": "--mqar-queries",
+              "models": "--models", "short_conv": "--short-conv", "max_rate": "--max-rate", "d_models": "--d-models",
+              "lrs": "--lrs", "block": "--block", "batch_size": "--batch-size", "evals": "--evals",
+              "eval_sequences": "--eval-sequences", "stop_accuracy": "--stop-accuracy"}
+PLAN_NAME, RESULTS_NAME = "plan.json", "results.json"
 # Flags of the LM experiment that mean nothing to the recall suite.
 LM_ONLY = ("context", "d_model", "d_ffn", "budget", "passkey_budget", "batch_tokens", "lr", "eval_tokens",
            "position_tokens", "passkey_weight", "passkey_curriculum", "passkey_sequences")
@@ -110,11 +119,15 @@ def _probes(base: RecallSettings, args: argparse.Namespace) -> tuple:
     return tuple(probes)
 
 
-def recall_settings_from_args(args: argparse.Namespace) -> RecallSettings:
-    """The quick or full recall settings with the flags given; raises ValueError naming a bad flag."""
+def _refuse_lm_flags(args: argparse.Namespace) -> None:
     given = [f"--{k.replace('_', '-')}" for k in LM_ONLY if getattr(args, k, None) is not None]
     if given:
         raise ValueError(f"{', '.join(given)} only apply to --suite lm")
+
+
+def recall_settings_from_args(args: argparse.Namespace) -> RecallSettings:
+    """The quick or full recall settings with the flags given; raises ValueError naming a bad flag."""
+    _refuse_lm_flags(args)
     base = RECALL_QUICK if args.quick else RECALL_DEFAULT
     over: Dict[str, Any] = {f: getattr(args, a) for a, f in SHARED.items() if getattr(args, a, None) is not None}
     for flag, field in (("models", "models"), ("short_conv", "short_conv"), ("max_rate", "max_rate"),
@@ -145,13 +158,27 @@ def _plan_text(s: RecallSettings, runs: List[RecallRun]) -> str:
 
 
 def run_recall(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], str]) -> int:
-    """The recall suite's command; ``out_dir(args)`` gives (and checks) the output folder."""
-    if args.merge:
-        return _merge(args, out_dir)
+    """The recall suite's command; ``out_dir(args)`` gives (and checks, under its lock) the output
+    folder, new or empty, or with ``--resume`` a suite's folder to go on in."""
     try:
-        s = recall_settings_from_args(args)
+        if args.merge:
+            return _merge(args, out_dir)
+        return _run_plan(args, out_dir)
+    finally:
+        lock = getattr(args, "out_lock", None)
+        if lock is not None:
+            lock.release()
+
+
+def _run_plan(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], str]) -> int:
+    try:
+        if args.resume:
+            s, done = _resumed(args)
+        else:
+            s, done = recall_settings_from_args(args), {}
         runs = plan_recall(s)
         out = None if args.dry_run else out_dir(args)
+        finished = [result_from_record(done[r.name], r) for r in runs if r.name in done]
     except (ValueError, TypeError) as e:
         print(f"longnet experiment: error: {e}", file=sys.stderr)
         return 2
@@ -162,11 +189,51 @@ def run_recall(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace],
         torch.set_num_threads(args.threads)
     os.makedirs(out, exist_ok=True)
     device = pick_device(args.device)
-    atomic_write_json(os.path.join(out, "plan.json"), {
-        "settings": dataclasses.asdict(s), "device": machine_name(device), "threads": torch.get_num_threads(),
-        "runs": [{"run": r.name, "pattern": str(r.model.config.pattern), "steps": r.steps, "flops": r.flops}
-                 for r in runs]})
-    return _Suite(s, runs, out, device, progress=not args.no_progress).run()
+    if args.resume:
+        print(f"[longnet] resuming {out}: {len(finished)} of {len(runs)} runs finished, {len(runs) - len(finished)} to go")
+    else:
+        atomic_write_json(os.path.join(out, PLAN_NAME), {
+            "settings": dataclasses.asdict(s), "device": machine_name(device), "threads": torch.get_num_threads(),
+            "runs": [{"run": r.name, "pattern": str(r.model.config.pattern), "steps": r.steps, "flops": r.flops}
+                     for r in runs]})
+    return _Suite(s, runs, out, device, progress=not args.no_progress, finished=finished).run()
+
+
+def _resumed(args: argparse.Namespace):
+    """(settings, {run name: record}) of the suite in ``--out``: its plan.json and the finished
+    runs of its results.json. A flag that would change the plan is refused."""
+    _refuse_lm_flags(args)
+    if not args.out:
+        raise ValueError("--resume needs --out DIR, the folder of the recall suite to go on with")
+    given = [flag for dest, flag in PLAN_FLAGS.items() if getattr(args, dest, None) is not None]
+    given += [f"--{dest.replace('_', '-')}" for dest in SHARED if getattr(args, dest, None) is not None]
+    given += ["--quick"] * bool(args.quick) + ["--budget-scale"] * (args.budget_scale != 1.0)
+    if given:
+        raise ValueError(f"{', '.join(given)}: a resumed suite keeps the plan of {args.out}; drop the flags "
+                         "(or start a new --out)")
+    plan = _read_json(os.path.join(args.out, PLAN_NAME), "--resume: --out holds no recall suite to resume")
+    if "settings" not in plan or "probes" not in plan["settings"]:
+        raise ValueError(f"{os.path.join(args.out, PLAN_NAME)} is not a recall suite's plan; drop --resume")
+    s = settings_from_dict(plan["settings"])
+    planned = [(r.name, r.steps) for r in plan_recall(s)]
+    if planned != [(r.get("run"), r.get("steps")) for r in plan.get("runs", [])]:
+        raise ValueError(f"the plan in {args.out} is not what this version of longnet plans from its settings; "
+                         "start a new --out")
+    path = os.path.join(args.out, RESULTS_NAME)
+    records = _read_json(path, None) if os.path.exists(path) else []
+    if not isinstance(records, list):
+        raise ValueError(f"{path} is not a list of finished runs")
+    return s, {rec.get("run"): rec for rec in records if isinstance(rec, dict)}
+
+
+def _read_json(path: str, missing: Any) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{missing} (no {path})") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({' '.join(str(e).split())[:200]})") from None
 
 
 def _merge(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], str]) -> int:
@@ -183,22 +250,26 @@ def _merge(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], str
 
 
 class _Suite:
-    """The plan's runs in order; results and plots rewritten after each run."""
+    """The plan's runs in order, after those already ``finished`` (``--resume``); results, their
+    records (results.json) and the table are rewritten after each run, the plots at the end."""
 
-    def __init__(self, s: RecallSettings, runs: List[RecallRun], out: str, device: torch.device, progress: bool):
+    def __init__(self, s: RecallSettings, runs: List[RecallRun], out: str, device: torch.device, progress: bool,
+                 finished: Sequence[RunResult] = ()):
         self.s, self.runs, self.out, self.device, self.machine = s, runs, out, device, machine_name(device)
         self.data = {p.name: eval_set(p, s.eval_sequences, s.seed) for p in s.probes}
-        self.results: List[RunResult] = []
-        total = sum(r.flops + s.evals * FORWARD_SHARE * r.flops_per_token * s.eval_sequences * r.probe.seq_len
-                    for r in runs)
-        self.bar = tqdm(total=total, unit="FLOP", unit_scale=True, desc="recall", disable=not progress,
-                        dynamic_ncols=True, mininterval=0.5)
+        self.results: List[RunResult] = list(finished)
+        self.todo = [r for r in runs if r.name not in {f.run.name for f in finished}]
+
+        def cost(r: RecallRun) -> float:
+            return r.flops + s.evals * FORWARD_SHARE * r.flops_per_token * s.eval_sequences * r.probe.seq_len
+        self.bar = tqdm(total=sum(map(cost, runs)), initial=sum(cost(f.run) for f in finished), unit="FLOP",
+                        unit_scale=True, desc="recall", disable=not progress, dynamic_ncols=True, mininterval=0.5)
 
     def run(self) -> int:
         t0, code = time.perf_counter(), 0
         try:
-            for i, r in enumerate(self.runs):
-                self.bar.set_description(f"[{i + 1}/{len(self.runs)}] {r.name}")
+            for r in self.todo:
+                self.bar.set_description(f"[{len(self.results) + 1}/{len(self.runs)}] {r.name}")
                 self.results.append(train_recall_run(r, self.s, self.data[r.probe.name], self.bar.update,
                                                      self.device, self._reporter(r)))
                 self._write(final=False)
@@ -209,7 +280,8 @@ class _Suite:
         text = self._write(final=True)
         if text:
             print(text)
-        status = "done" if code == 0 else "stopped; the results above are the finished runs'"
+        status = "done" if code == 0 else (f"stopped; the results above are the finished runs' "
+                                            f"(--resume --out {self.out} goes on)")
         print(f"[longnet] recall suite {status}: {len(self.results)} of {len(self.runs)} runs, "
               f"{time.perf_counter() - t0:.0f} s wall time; outputs in {self.out}")
         return code
@@ -228,6 +300,7 @@ class _Suite:
         gaps = [g for (probe, _), r in best.items() for g in gap_rows(self.s, r, self.data[probe])]
         rows, curve = best_rows(best, gaps), curve_rows(self.results)
         write_recall_results(self.out, [r.row() for r in self.results], rows, curve, gaps)
+        atomic_write_json(os.path.join(self.out, RESULTS_NAME), [result_record(r) for r in self.results])
         text = format_recall_table(rows)
         write_recall_table(self.out, text)
         if final:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -47,7 +47,7 @@ from .plan import DENSE, LONGNET, SLIDING, VARIANT, ModelSpec, attention_flops, 
 
 __all__ = ["Probe", "RecallSettings", "RecallRun", "RECALL_DEFAULT", "RECALL_QUICK", "BUCKETS", "BLOCKS", "MODEL_KINDS",
            "DENSE_CONV", "LONGNET_CONV", "LONGNET_RATE", "CPU_FLOPS_PER_S", "recall_models", "plan_recall",
-           "check_recall_settings", "gap_bucket", "gap_buckets"]
+           "check_recall_settings", "gap_bucket", "gap_buckets", "settings_from_dict"]
 
 BUCKETS = ("local", "dilated", "off-residue", "beyond")
 # The opt-in variants (docs/recall.md §8): the short convolution of keys and values on dense and
@@ -218,6 +218,20 @@ def plan_recall(s: RecallSettings) -> List[RecallRun]:
                 runs += [RecallRun(probe, spec, d, lr, s.batch_size, steps, fpt) for lr in s.lrs]
     order = {m: i for i, m in enumerate(dict.fromkeys(r.model.name for r in runs))}
     return sorted(runs, key=lambda r: (s.probes.index(r.probe), order[r.model.name], r.d_model, r.lr))
+
+
+def settings_from_dict(d: Dict[str, Any]) -> RecallSettings:
+    """The settings that ``dataclasses.asdict`` turned into ``d`` (a suite's plan.json), checked;
+    raises ValueError for a dict that is not one."""
+    try:
+        probes = tuple(Probe(str(p["task"]), int(p["seq_len"]), float(p["budget"]),
+                             tuple((str(k), v) for k, v in p["knobs"])) for p in d["probes"])
+        seqs = {f: tuple(d[f]) for f in ("d_models", "lrs", "models") if f in d}
+        s = RecallSettings(**{**d, **seqs, "probes": probes})
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"not the settings of a recall suite ({' '.join(str(e).split())[:200]})") from None
+    check_recall_settings(s)
+    return s
 
 
 def _positive(name: str, value, kind=int) -> None:

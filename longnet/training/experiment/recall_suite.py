@@ -31,7 +31,7 @@ from ..recall import RecallBatch, chance_accuracy
 from .recall_plan import BUCKETS, Probe, RecallRun, RecallSettings, gap_buckets, reference_pattern
 
 __all__ = ["RunResult", "eval_set", "evaluate", "train_recall_run", "best_runs", "rank", "gap_rows", "reach_rows",
-           "EVAL_CHUNK", "REACH_MAX_LEN"]
+           "result_record", "result_from_record", "EVAL_CHUNK", "REACH_MAX_LEN"]
 
 EVAL_CHUNK = 32  # sequences per evaluation forward
 REACH_MAX_LEN = 4096  # depth_matrix is (N, N) int32: 64 MiB here
@@ -139,6 +139,32 @@ def train_recall_run(run: RecallRun, s: RecallSettings, data: RecallBatch,
     # What an early stop leaves of the plan still moves the bar, so it ends at 100%.
     advance((run.steps - step) * run.flops_per_step + eval_cost * (len(eval_at) - len(curve)))
     return RunResult(run, float(correct.mean()), loss, step, step * run.flops_per_step, wall, curve, correct)
+
+
+def result_record(res: RunResult) -> Dict[str, Any]:
+    """A finished run as JSON (``results.json``, what ``--resume`` reads back): its measurements,
+    curve and, packed into hex, which answers of the evaluation set it got right."""
+    c = res.correct
+    return {"run": res.run.name, "accuracy": res.accuracy, "loss": res.loss, "steps": res.steps,
+            "train_flops": res.train_flops, "wall_s": res.wall_s, "curve": [list(t) for t in res.curve],
+            "answers": None if c is None else int(c.size),
+            "correct": None if c is None else np.packbits(c.astype(bool)).tobytes().hex()}
+
+
+def result_from_record(rec: Dict[str, Any], run: RecallRun) -> RunResult:
+    """The :class:`RunResult` that :func:`result_record` wrote for ``run``; raises ValueError."""
+    if rec.get("run") != run.name:
+        raise ValueError(f"the record of {rec.get('run')!r} is not the run {run.name!r}")
+    try:
+        correct = None
+        if rec["correct"] is not None:
+            bits = np.unpackbits(np.frombuffer(bytes.fromhex(rec["correct"]), dtype=np.uint8))
+            correct = bits[:int(rec["answers"])].astype(bool)
+        curve = [(int(st), float(fl), float(acc)) for st, fl, acc in rec["curve"]]
+        return RunResult(run, float(rec["accuracy"]), float(rec["loss"]), int(rec["steps"]),
+                         float(rec["train_flops"]), float(rec["wall_s"]), curve, correct)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"the record of run {run.name!r} is damaged ({' '.join(str(e).split())[:200]})") from None
 
 
 def best_runs(results: List[RunResult]) -> Dict[Tuple[str, str], RunResult]:
