@@ -234,3 +234,14 @@ def test_attention_backward_on_cuda_uses_the_flash_backward(fake_cuda, monkeypat
         grads = ts_attn._KernelAttention.backward(ctx, dout, dlse)
     assert log.of(FLASH_BWD) and not (log.ops() & NOT_ON_CUDA_HALF)
     assert [g.shape for g in grads[:3]] == [q.shape] * 3 and all(g.dtype == torch.bfloat16 for g in grads[:3])
+
+
+def test_fractional_or_small_segment_lengths_and_rates_are_refused():
+    q = torch.randn(1, 8, 2, 4)
+    for w, r, name in (([4.5], [1], "segment_lengths"), ([4], [2.0], "dilation_rates"), ([0], [1], "segment_lengths"),
+                       ([4], [True], "dilation_rates")):
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+            ts_attn.torchscale_dilated_attention(q, q, q, w, r)
+    # numpy integers, as a parsed config may hold, are integers
+    out = ts_attn.torchscale_dilated_attention(q, q, q, [np.int64(4)], [np.int64(2)])
+    assert torch.equal(out, ts_attn.torchscale_dilated_attention(q, q, q, [4], [2]))

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import kernels
+from ..checks import check_int
 from ..backends.lse_grad import backward_grads, backward_inputs
 from ..backends.numerics import acc_dtype, default_scale, last_dim_contiguous
 
@@ -150,14 +151,14 @@ def torchscale_dilated_attention(q: Tensor, k: Tensor, v: Tensor, segment_length
     if len(segment_lengths) != len(dilation_rates) or not segment_lengths:
         raise ValueError("segment_lengths and dilation_rates must be non-empty and of equal length, got "
                          f"{list(segment_lengths)} and {list(dilation_rates)}")
-    for w, r in zip(segment_lengths, dilation_rates):
-        if int(w) < 1 or int(r) < 1:
-            raise ValueError(f"segment lengths and dilation rates must be >= 1, got w={w}, r={r}")
+    # torchscale slices with these, so a fractional one fails there too; never truncate it here.
+    segment_lengths = [check_int("segment_lengths", w) for w in segment_lengths]
+    dilation_rates = [check_int("dilation_rates", r) for r in dilation_rates]
     scale = default_scale(q.shape[-1]) if scale is None else float(scale)
     acc = acc_dtype(q.dtype)
     run_max = total = mixed = None
     for w, r in zip(segment_lengths, dilation_rates):
-        o, lse = _pattern(q, k, v, int(w), int(r), is_causal, scale, attend)
+        o, lse = _pattern(q, k, v, w, r, is_causal, scale, attend)
         lse = lse.unsqueeze(-1)
         if run_max is None:
             run_max, total, mixed = lse, torch.ones_like(lse), o.to(acc)
