@@ -498,5 +498,8 @@ def test_resume_skips_finished_runs_and_keeps_their_results(tmp_path, capsys, mo
     (out / "results.json").write_text("[{\"run\": \"" + first[0]["run"] + "\", \"accuracy\": \"x\"}]")
     assert main(base + ["--resume"]) == 2
     assert "is damaged" in capsys.readouterr().err
+    (out / "results.json").unlink()  # finished runs without records: never trained again over their rows
+    assert main(base + ["--resume"]) == 2
+    assert "holds finished runs but no results.json" in capsys.readouterr().err
     assert main(["experiment", "--suite", "recall", "--resume", "--out", str(tmp_path / "none")]) == 2
     assert "holds no" in capsys.readouterr().err

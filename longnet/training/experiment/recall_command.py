@@ -220,6 +220,11 @@ def _resumed(args: argparse.Namespace):
         raise ValueError(f"the plan in {args.out} is not what this version of longnet plans from its settings; "
                          "start a new --out")
     path = os.path.join(args.out, RESULTS_NAME)
+    if not os.path.exists(path) and os.path.exists(os.path.join(args.out, "runs.csv")):
+        # Runs finished without their records (an older longnet): resuming would train them again
+        # and overwrite their rows.
+        raise ValueError(f"{args.out} holds finished runs but no {RESULTS_NAME} to resume from; --merge it with a "
+                         "new suite that runs the rest")
     records = _read_json(path, None) if os.path.exists(path) else []
     if not isinstance(records, list):
         raise ValueError(f"{path} is not a list of finished runs")
