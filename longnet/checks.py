@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["check_int"]
+__all__ = ["check_int", "one_line"]
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, at most ``limit`` characters (then "..."), for error
+    messages that quote it."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def check_int(name: str, value, minimum: int = 1, maximum=None) -> int:

@@ -13,8 +13,10 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+from .checks import one_line
+
 __all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_savefig", "fsync_path",
-           "replace_durably"]
+           "replace_durably", "read_json"]
 
 
 def fsync_path(path: str) -> None:
@@ -78,3 +80,15 @@ def atomic_savefig(fig, path: str, **savefig_kwargs) -> str:
     finally:
         plt.close(fig)
     return path
+
+
+def read_json(path: str) -> Any:
+    """The JSON value in ``path``. A missing file raises FileNotFoundError; one that cannot be read
+    or parsed raises ValueError naming the path."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path} is damaged: not readable JSON ({one_line(e)})") from None

@@ -36,6 +36,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 
+from ..checks import one_line
 from ..fileio import atomic_path, atomic_write_json
 
 try:
@@ -201,7 +202,7 @@ def _load_locked(name: str, source: str, folder: str, cflags, ldflags, what: str
         if problem is not None:
             raise
         # The library matched its record but does not load here (another system library?): build anew.
-        _say(f"{what} in {folder} does not load ({' '.join(str(e).split())[:200]}); rebuilding it{hint}")
+        _say(f"{what} in {folder} does not load ({one_line(e)}); rebuilding it{hint}")
         _scrub(folder)
         from torch.utils import cpp_extension
         cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(name, None)  # else torch skips the build step

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backends import kernels
-from ..checks import check_int
 from ..backends.lse_grad import backward_grads, backward_inputs
 from ..backends.numerics import acc_dtype, default_scale, last_dim_contiguous
+from ..checks import check_int
 
 __all__ = ["torchscale_dilated_attention", "kernel_attend", "dense_attend", "per_sequence", "UNCOVERED_LSE",
            "head_offsets"]

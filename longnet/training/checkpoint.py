@@ -39,7 +39,6 @@ run's checkpoints newest first and falls back to the newest complete one.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -54,9 +53,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as _st_load_model
 from safetensors.torch import save_model as _st_save_model
 
-from ..checks import check_int
+from ..checks import check_int, one_line
 from ..config import LongNetConfig, TrainConfig
-from ..fileio import atomic_path, atomic_write_json, atomic_write_text, fsync_path, replace_durably
+from ..fileio import atomic_path, atomic_write_json, atomic_write_text, fsync_path, read_json, replace_durably
 from .data import check_sampler_state
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model", "load_weights", "resolve_checkpoint",
@@ -290,17 +289,11 @@ def _no_checkpoint_message(path: str) -> str:
 
 def _read_json(path: str):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return read_json(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{path} is damaged: not readable JSON ({_one_line(e)})") from None
-
-
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def _read_config(ckpt: str) -> Dict[str, Any]:
@@ -319,7 +312,7 @@ def _read_config(ckpt: str) -> Dict[str, Any]:
     try:
         mcfg, tcfg = LongNetConfig.from_dict(meta.get("model")), TrainConfig.from_dict(meta.get("train"))
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path} is damaged: {_one_line(e)}") from None
+        raise CheckpointError(f"{path} is damaged: {one_line(e)}") from None
     return {"dir": ckpt, "step": step, "data": meta.get("data"), "model_config": mcfg, "train_config": tcfg,
             "metrics": meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}}
 
@@ -351,7 +344,7 @@ def load_weights(model: torch.nn.Module, ckpt: str, *, device="cpu") -> None:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except (SafetensorError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e)}") from None
+        raise CheckpointError(f"{path} is damaged or does not match config.json: {one_line(e)}") from None
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise CheckpointError(f"{path} is damaged: {name} holds non-finite values")
@@ -374,7 +367,7 @@ def _read_trainer_state(ckpt: str, step: int, n_params: Optional[int] = None) ->
         raise CheckpointError(f"{path} is missing") from None
     except Exception as e:  # noqa: BLE001  (torch.load raises many types on damaged files)
         raise CheckpointError(f"{path} is damaged: torch.load cannot read it ({type(e).__name__}: "
-                              f"{_one_line(e, 120)})") from None
+                              f"{one_line(e, 120)})") from None
     if not isinstance(state, dict) or any(k not in state for k in _TRAINER_KEYS):
         raise CheckpointError(f"{path} is damaged: expected a dict with {', '.join(_TRAINER_KEYS)}")
     if state["step"] != step:
@@ -588,7 +581,7 @@ def load_dcp_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optim
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=_no_dist())
     except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
-        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e, 300)}") from None
+        raise CheckpointError(f"{path} is damaged or does not match config.json: {one_line(e, 300)}") from None
     if optimizer is None:
         return
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -603,7 +596,7 @@ def _load_dcp_weights(model: torch.nn.Module, ckpt: str) -> None:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=True)
     except (RuntimeError, ValueError, KeyError, OSError, CheckpointException) as e:
-        raise CheckpointError(f"{path} is damaged or does not match config.json: {_one_line(e, 300)}") from None
+        raise CheckpointError(f"{path} is damaged or does not match config.json: {one_line(e, 300)}") from None
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise CheckpointError(f"{path} is damaged: {name} holds non-finite values")

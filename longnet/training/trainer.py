@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import one_line
 from ..config import (
     LongNetConfig,
     TrainConfig,
@@ -154,7 +155,7 @@ class _Trainer:
                 self.scaler.load_state_dict(state["scaler"])
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{os.path.join(resume.dir, 'trainer_state.pt')} does not fit the model: "
-                                  f"{' '.join(str(e).split())[:200]}") from None
+                                  f"{one_line(e)}") from None
         # The lambda follows the (possibly changed) max_steps and lr; LambdaLR keeps its step count.
         factor = lr_factor(self.scheduler.last_epoch, tcfg.warmup_steps, tcfg.max_steps, tcfg.lr_power,
                            tcfg.min_lr_ratio)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -30,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ...argtypes import nonneg_int, output_dir, positive_int
 from ...device import machine_name, pick_device
-from ...fileio import atomic_write_json
+from ...checks import one_line
+from ...fileio import atomic_write_json, read_json
 from ..checkpoint import checkpoint_steps
 from ..data import open_corpus
 from ..evaluate import boundary_spike
@@ -45,6 +45,7 @@ from .execute import (
 from .plan import (
     DEFAULT,
     LM,
+    PLAN,
     QUICK,
     Run,
     Settings,
@@ -57,7 +58,6 @@ from .report import format_results, write_plots, write_results, write_table
 
 __all__ = ["add_arguments", "run", "settings_from_args"]
 
-PLAN = "plan.json"
 RESULT = "result.json"  # in each run folder: the run's fields of the table, once trained and evaluated
 
 # flag -> (Settings field, argparse type, help)
@@ -145,14 +145,13 @@ def _resumed_settings(args: argparse.Namespace) -> Settings:
         raise ValueError("--resume needs --out DIR, the folder of the experiment to continue")
     path = os.path.join(args.out, PLAN)
     try:
-        with open(path, encoding="utf-8") as f:
-            plan = json.load(f)
+        plan = read_json(path)
         s = Settings(**plan["settings"])
     except FileNotFoundError:
         raise ValueError(f"--out {args.out} holds no experiment to resume (no {PLAN}); drop --resume to start "
                          "one") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not an experiment's plan ({' '.join(str(e).split())[:200]})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not an experiment's plan ({one_line(e)})") from None
     for flag, (field, _, _) in _FLAGS.items():
         given = getattr(args, field)
         if given is not None and given != getattr(s, field):
@@ -332,9 +331,8 @@ def _plain(x: Any) -> Any:
 def _finished_result(r: Run, run_dir: str) -> Optional[Dict[str, Any]]:
     """The stored result of a run that finished and was evaluated (None: train or evaluate it)."""
     try:
-        with open(os.path.join(run_dir, RESULT), encoding="utf-8") as f:
-            result = json.load(f)
-    except (OSError, ValueError):
+        result = read_json(os.path.join(run_dir, RESULT))
+    except (OSError, ValueError):  # missing or damaged: train or evaluate it again
         return None
     done = result.get("run") == r.name and result.get("steps") == r.steps and r.steps in checkpoint_steps(run_dir)
     return result if done else None

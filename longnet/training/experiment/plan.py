@@ -35,6 +35,8 @@ from ...config import LongNetConfig, xpos_max_length
 from ...patterns import DilatedPattern, dense_flops
 from ..data import DEFAULT_ANSWER_WEIGHT, PasskeyTask
 
+PLAN = "plan.json"  # in an experiment's --out (either suite): its settings and runs
+
 __all__ = ["Settings", "DEFAULT", "QUICK", "ModelSpec", "Run", "paper_pattern", "attention_flops", "flops_per_token",
            "non_embedding_params", "matched_window", "model_specs", "plan_runs", "passkey_fits", "passkey_distances",
            "check_settings", "DENSE", "LONGNET", "VARIANT", "SLIDING", "LM", "PASSKEY", "MIN_STEPS"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -28,7 +27,8 @@ from tqdm.auto import tqdm
 
 from ...argtypes import positive_int_list
 from ...device import machine_name, pick_device
-from ...fileio import atomic_write_json
+from ...fileio import atomic_write_json, read_json
+from .plan import PLAN
 from .recall_plan import BLOCKS, CPU_FLOPS_PER_S, MODEL_KINDS, RECALL_DEFAULT, RECALL_QUICK, RecallRun, \
     RecallSettings, plan_recall, settings_from_dict, total_flops
 from .recall_report import best_rows, curve_rows, format_recall_table, merge_recall, write_reach, write_recall_plots, \
@@ -46,7 +46,7 @@ PLAN_FLAGS = {"tasks": "--tasks", "lengths": "--lengths", "pairs": "--pairs", "m
               "models": "--models", "short_conv": "--short-conv", "max_rate": "--max-rate", "d_models": "--d-models",
               "lrs": "--lrs", "block": "--block", "batch_size": "--batch-size", "evals": "--evals",
               "eval_sequences": "--eval-sequences", "stop_accuracy": "--stop-accuracy"}
-PLAN_NAME, RESULTS_NAME = "plan.json", "results.json"
+RESULTS_NAME = "results.json"  # beside plan.json: the finished runs, for --resume
 # Flags of the LM experiment that mean nothing to the recall suite.
 LM_ONLY = ("context", "d_model", "d_ffn", "budget", "passkey_budget", "batch_tokens", "lr", "eval_tokens",
            "position_tokens", "passkey_weight", "passkey_curriculum", "passkey_sequences")
@@ -190,9 +190,10 @@ def _run_plan(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], 
     os.makedirs(out, exist_ok=True)
     device = pick_device(args.device)
     if args.resume:
-        print(f"[longnet] resuming {out}: {len(finished)} of {len(runs)} runs finished, {len(runs) - len(finished)} to go")
+        print(f"[longnet] resuming {out}: {len(finished)} of {len(runs)} runs finished, "
+              f"{len(runs) - len(finished)} to go")
     else:
-        atomic_write_json(os.path.join(out, PLAN_NAME), {
+        atomic_write_json(os.path.join(out, PLAN), {
             "settings": dataclasses.asdict(s), "device": machine_name(device), "threads": torch.get_num_threads(),
             "runs": [{"run": r.name, "pattern": str(r.model.config.pattern), "steps": r.steps, "flops": r.flops}
                      for r in runs]})
@@ -211,12 +212,16 @@ def _resumed(args: argparse.Namespace):
     if given:
         raise ValueError(f"{', '.join(given)}: a resumed suite keeps the plan of {args.out}; drop the flags "
                          "(or start a new --out)")
-    plan = _read_json(os.path.join(args.out, PLAN_NAME), "--resume: --out holds no recall suite to resume")
-    if "settings" not in plan or "probes" not in plan["settings"]:
-        raise ValueError(f"{os.path.join(args.out, PLAN_NAME)} is not a recall suite's plan; drop --resume")
+    path = os.path.join(args.out, PLAN)
+    try:
+        plan = read_json(path)
+    except FileNotFoundError:
+        raise ValueError(f"--out {args.out} holds no recall suite to resume (no {PLAN}); drop --resume") from None
+    if not isinstance(plan, dict) or "probes" not in plan.get("settings", {}):
+        raise ValueError(f"{path} is not a recall suite's plan; drop --resume")
     s = settings_from_dict(plan["settings"])
     planned = [(r.name, r.steps) for r in plan_recall(s)]
-    if planned != [(r.get("run"), r.get("steps")) for r in plan.get("runs", [])]:
+    if planned != [(r.get("run"), r.get("steps")) for r in plan.get("runs", []) if isinstance(r, dict)]:
         raise ValueError(f"the plan in {args.out} is not what this version of longnet plans from its settings; "
                          "start a new --out")
     path = os.path.join(args.out, RESULTS_NAME)
@@ -225,20 +230,10 @@ def _resumed(args: argparse.Namespace):
         # and overwrite their rows.
         raise ValueError(f"{args.out} holds finished runs but no {RESULTS_NAME} to resume from; --merge it with a "
                          "new suite that runs the rest")
-    records = _read_json(path, None) if os.path.exists(path) else []
+    records = read_json(path) if os.path.exists(path) else []
     if not isinstance(records, list):
         raise ValueError(f"{path} is not a list of finished runs")
     return s, {rec.get("run"): rec for rec in records if isinstance(rec, dict)}
-
-
-def _read_json(path: str, missing: Any) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{missing} (no {path})") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} cannot be read ({' '.join(str(e).split())[:200]})") from None
 
 
 def _merge(args: argparse.Namespace, out_dir: Callable[[argparse.Namespace], str]) -> int:

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ...checks import check_int, check_short_conv
+from ...checks import check_int, check_short_conv, one_line
 from ...config import LongNetConfig
 from ...patterns import DilatedPattern, row_offset, segment_start, used_offsets
 from ..recall import make_task
@@ -229,7 +229,7 @@ def settings_from_dict(d: Dict[str, Any]) -> RecallSettings:
         seqs = {f: tuple(d[f]) for f in ("d_models", "lrs", "models") if f in d}
         s = RecallSettings(**{**d, **seqs, "probes": probes})
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"not the settings of a recall suite ({' '.join(str(e).split())[:200]})") from None
+        raise ValueError(f"not the settings of a recall suite ({one_line(e)})") from None
     check_recall_settings(s)
     return s
 

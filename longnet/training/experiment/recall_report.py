@@ -17,13 +17,13 @@ at different times or places, other depths or variants) into one set of these fi
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 from ...report import Column, Panel, Series, format_table, plot_panels, write_csv
-from ...fileio import atomic_write_text
+from ...fileio import atomic_write_text, read_json
+from .plan import PLAN
 from .recall_plan import BUCKETS
 from .recall_suite import RunResult, rank
 
@@ -144,12 +144,11 @@ def _read_rows(path: str) -> List[Dict[str, Any]]:
 def _read_folder(folder: str) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], List[Dict[str, Any]], str]:
     """One suite output folder: (runs, curve, gaps rows, block); rows get ``layers`` from plan.json
     when runs.csv predates the column."""
-    need = [os.path.join(folder, n) for n in ("plan.json", "runs.csv", "curve.csv", "gaps.csv")]
+    need = [os.path.join(folder, n) for n in (PLAN, "runs.csv", "curve.csv", "gaps.csv")]
     missing = [p for p in need if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"--merge: {folder} is not a finished recall suite output (missing {', '.join(missing)})")
-    with open(need[0]) as f:
-        settings = json.load(f)["settings"]
+    settings = read_json(need[0])["settings"]
     runs, curve, gaps = (_read_rows(p) for p in need[1:])
     for row in runs:
         row["layers"] = row.get("layers") or settings["layers"]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...analysis.reach import depth_matrix
+from ...checks import one_line
 from ...model import LongNetLM
 from ..optim import decay_groups
 from ..recall import RecallBatch, chance_accuracy
@@ -164,7 +165,7 @@ def result_from_record(rec: Dict[str, Any], run: RecallRun) -> RunResult:
         return RunResult(run, float(rec["accuracy"]), float(rec["loss"]), int(rec["steps"]),
                          float(rec["train_flops"]), float(rec["wall_s"]), curve, correct)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"the record of run {run.name!r} is damaged ({' '.join(str(e).split())[:200]})") from None
+        raise ValueError(f"the record of run {run.name!r} is damaged ({one_line(e)})") from None
 
 
 def best_runs(results: List[RunResult]) -> Dict[Tuple[str, str], RunResult]:
